@@ -1,0 +1,107 @@
+"""LibraryIndex deployment: the read path, multiplexed by library.
+
+The multiplexed id is ``"<library_name>:<uid>"`` (``LibraryInfo.key``), so a library that is deleted and
+created again never reuses a stale reader. Routing by id is only a preference: any replica may load any
+library, and every answer first catches up with the store, so all replicas agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from index.catalog import Catalog, iso_time
+from index.errors import ImageNotFound, LibraryNotFound
+from index.reader import LibraryReader, record_object, result_objects
+from index.scores import ScoreCalibration
+
+MAX_LIBRARIES_PER_REPLICA = 8
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
+class LibraryIndex:
+    def __init__(self, storage_root: str, calibration: ScoreCalibration) -> None:
+        self.catalog = Catalog(storage_root)
+        self.calibration = calibration
+
+    @serve.multiplexed(max_num_models_per_replica=MAX_LIBRARIES_PER_REPLICA)
+    async def reader(self, key: str) -> LibraryReader:
+        name, _, uid = key.partition(":")
+        info = self.catalog.get(name)
+        if info.uid != uid:
+            raise LibraryNotFound(name)
+        return await asyncio.to_thread(
+            LibraryReader, self.catalog.library_dir(name), model_identity=info.model_identity
+        )
+
+    async def _reader(self) -> LibraryReader:
+        return await self.reader(serve.get_multiplexed_model_id())
+
+    async def search(
+        self,
+        vector: np.ndarray,
+        *,
+        query_kind: str,
+        top_k: int,
+        node: object,
+        vector_kind: str | None,
+        min_score: float | None,
+        return_frame: bool,
+    ) -> dict[str, Any]:
+        """``{"results": [...], "replica": id, "applied_seq": n}``: the replica and the sequence it had
+        caught up to travel with the answer, for logs and for the read-your-writes tests."""
+        reader = await self._reader()
+        results = await asyncio.to_thread(
+            self._search, reader, vector, query_kind, top_k, node, vector_kind, min_score, return_frame
+        )
+        return {
+            "results": results,
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "applied_seq": reader.applied_seq,
+        }
+
+    async def search_by_id(self, image_id: str, image_uri: str | None, **kwargs: Any) -> dict[str, Any]:
+        """Search with the vector of a stored record (its first uri when image_uri is None)."""
+        reader = await self._reader()
+        library = serve.get_multiplexed_model_id().partition(":")[0]
+        records = await asyncio.to_thread(reader.get, image_id, image_uri)
+        vector = await asyncio.to_thread(reader.vector_of, records[0].row_id) if records else None
+        if vector is None:
+            raise ImageNotFound(library, image_id, image_uri)
+        return await self.search(vector, vector_kind=records[0].vector_kind, **kwargs)
+
+    async def get_images(
+        self, image_id: str, image_uri: str | None, return_frame: bool
+    ) -> list[dict[str, Any]]:
+        reader = await self._reader()
+
+        def read() -> list[dict[str, Any]]:
+            return [
+                record_object(reader, rec, return_frame=return_frame)
+                | {
+                    "vector_kind": rec.vector_kind,
+                    "created_at": iso_time(rec.created_at),
+                    "updated_at": iso_time(rec.updated_at),
+                }
+                for rec in reader.get(image_id, image_uri)
+            ]
+
+        return await asyncio.to_thread(read)
+
+    def _search(
+        self,
+        reader: LibraryReader,
+        vector: np.ndarray,
+        query_kind: str,
+        top_k: int,
+        node: object,
+        vector_kind: str | None,
+        min_score: float | None,
+        return_frame: bool,
+    ) -> list[dict[str, Any]]:
+        hits = reader.search(vector, top_k, node, vector_kind)
+        scores = self.calibration.for_query(query_kind, hits.cosines)
+        return result_objects(reader, hits, scores, min_score=min_score, return_frame=return_frame)

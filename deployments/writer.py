@@ -1,0 +1,39 @@
+"""LibraryWriter deployment: the single writer (one replica) that every mutation goes through."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ray import serve
+
+from index.store import NewRecord
+from index.writer import LibraryWriter
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+class Writer:
+    def __init__(self, storage_root: str, max_libraries: int) -> None:
+        self.core = LibraryWriter(storage_root, max_libraries=max_libraries)
+
+    async def create_library(
+        self, name: str, mode: str, description: str | None, model: dict[str, Any]
+    ) -> dict[str, Any]:
+        return await asyncio.to_thread(self.core.create_library, name, mode, description, model)
+
+    async def delete_library(self, name: str) -> None:
+        await asyncio.to_thread(self.core.delete_library, name)
+
+    async def add_images(self, name: str, uid: str, records: list[NewRecord]) -> list[bool]:
+        return await asyncio.to_thread(self.core.add_images, name, uid, records)
+
+    async def update_tags(
+        self, name: str, uid: str, image_id: str, image_uri: str | None, tags: dict[str, Any]
+    ) -> int:
+        return await asyncio.to_thread(self.core.update_tags, name, uid, image_id, image_uri, tags)
+
+    async def delete_images(self, name: str, uid: str, image_id: str, image_uri: str | None) -> int:
+        return await asyncio.to_thread(self.core.delete_images, name, uid, image_id, image_uri)
+
+    def __del__(self) -> None:
+        self.core.close()

@@ -1,0 +1,227 @@
+"""The library catalog: one directory per library under the storage root.
+
+Layout::
+
+    <root>/libraries/<name>/library.json     immutable after create (written before the rename)
+    <root>/libraries/<name>/records.sqlite   source of truth (see index/store.py)
+    <root>/libraries/<name>/frames/          stored original image bytes, content-addressed
+    <root>/libraries/<name>/snapshots/       rebuildable FAISS/tag cache (see index/snapshot.py)
+
+Create and delete are atomic renames, so a crash never leaves a half-made library visible: a library
+is built in ``<root>/staging/`` and renamed into place; a deleted one is renamed into ``<root>/trash/``
+before its files are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from index.errors import InvalidParameter, LibraryAlreadyExists, LibraryLimitReached, LibraryNotFound
+from index.store import LibraryStore
+
+logger = logging.getLogger(__name__)
+
+#: 1-64 characters of [A-Za-z0-9_-], starting with a letter or digit: never a path on disk.
+LIBRARY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+MODES = ("general_search", "item_search", "adaptive_search")
+MAX_DESCRIPTION_LENGTH = 1024
+
+
+def check_library_name(name: object) -> str:
+    """Return ``name`` if it is a valid library name.
+
+    Raises:
+        InvalidParameter: (a ValueError) naming the rule that was broken.
+    """
+    if not isinstance(name, str):
+        raise InvalidParameter("library_name must be a string")
+    if not LIBRARY_NAME_RE.fullmatch(name):
+        raise InvalidParameter(
+            f"library_name {name[:80]!r} is invalid: use 1-64 characters of A-Z, a-z, 0-9, '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class LibraryInfo:
+    """What ``library.json`` holds. ``uid`` changes when a library is deleted and created again."""
+
+    name: str
+    mode: str
+    description: str | None
+    created_at: float
+    model: str
+    pretrained: str
+    model_identity: str
+    dim: int
+    uid: str
+    index_kind: str = "auto"
+
+    @property
+    def key(self) -> str:
+        """The multiplexing key: a re-created library never reuses a replica's cached reader."""
+        return f"{self.name}:{self.uid}"
+
+
+class Catalog:
+    """Creates, lists, describes and deletes libraries under one storage root.
+
+    Only the writer deployment calls ``create`` and ``delete``; any process may read.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, max_libraries: int = 1000) -> None:
+        self.root = Path(root)
+        self.max_libraries = max_libraries
+        self._libraries = self.root / "libraries"
+        self._staging = self.root / "staging"
+        self._trash = self.root / "trash"
+        for d in (self._libraries, self._staging, self._trash):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def library_dir(self, name: str) -> Path:
+        return self._libraries / check_library_name(name)
+
+    def create(
+        self,
+        name: str,
+        mode: str,
+        description: str | None,
+        *,
+        model: str,
+        pretrained: str,
+        model_identity: str,
+        dim: int,
+        index_kind: str = "auto",
+    ) -> LibraryInfo:
+        """Create an empty library.
+
+        Raises:
+            ValueError: bad name or mode.
+            LibraryAlreadyExists: a library of that name exists.
+            LibraryLimitReached: the deployment already holds ``max_libraries`` libraries.
+        """
+        check_library_name(name)
+        if mode not in MODES:
+            raise InvalidParameter(f"mode {mode!r} is invalid; expected one of {', '.join(MODES)}")
+        final = self._libraries / name
+        if final.exists():
+            raise LibraryAlreadyExists(name)
+        if len(self.names()) >= self.max_libraries:
+            raise LibraryLimitReached(self.max_libraries)
+        info = LibraryInfo(
+            name=name,
+            mode=mode,
+            description=description,
+            created_at=time.time(),
+            model=model,
+            pretrained=pretrained,
+            model_identity=model_identity,
+            dim=dim,
+            uid=uuid.uuid4().hex[:12],
+            index_kind=index_kind,
+        )
+        staging = self._staging / f"{name}-{info.uid}"
+        staging.mkdir()
+        _write_json_durably(staging / "library.json", asdict(info))
+        LibraryStore.initialise(staging, dim=dim)
+        try:
+            os.rename(staging, final)  # atomic; fails if a concurrent create won
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if final.exists():
+                raise LibraryAlreadyExists(name) from exc
+            raise
+        _fsync_dir(self._libraries)
+        logger.info("created library %s (mode=%s, model=%s, dim=%d)", name, mode, model_identity, dim)
+        return info
+
+    def get(self, name: str) -> LibraryInfo:
+        """Read a library's descriptor. Raises LibraryNotFound."""
+        path = self.library_dir(name) / "library.json"
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise LibraryNotFound(name) from None
+        return LibraryInfo(**raw)
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self._libraries.iterdir() if (p / "library.json").exists())
+
+    def list(self) -> list[LibraryInfo]:
+        out = []
+        for name in self.names():
+            try:
+                out.append(self.get(name))
+            except LibraryNotFound:  # deleted between listing and reading
+                continue
+        return out
+
+    def delete(self, name: str) -> None:
+        """Delete a library with every record, vector, frame and snapshot. Raises LibraryNotFound."""
+        src = self.library_dir(name)
+        info = self.get(name)
+        dst = self._trash / f"{name}-{info.uid}-{uuid.uuid4().hex[:6]}"
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            raise LibraryNotFound(name) from None
+        _fsync_dir(self._libraries)
+        shutil.rmtree(dst, ignore_errors=True)
+        logger.info("deleted library %s", name)
+
+    def empty_trash(self) -> None:
+        """Finish deletes and creates interrupted by a crash (called when the writer starts)."""
+        for d in (self._trash, self._staging):
+            for p in d.iterdir():
+                shutil.rmtree(p, ignore_errors=True)
+
+    def describe(self, info: LibraryInfo) -> dict[str, Any]:
+        """The library object of the API (image count read from the store)."""
+        with LibraryStore(self.library_dir(info.name), readonly=True) as store:
+            count = store.count()
+        return library_object(info, count)
+
+
+def library_object(info: LibraryInfo, image_count: int) -> dict[str, Any]:
+    return {
+        "library_name": info.name,
+        "mode": info.mode,
+        "description": info.description,
+        "image_count": image_count,
+        "created_at": iso_time(info.created_at),
+        "model": {"name": info.model, "pretrained": info.pretrained, "dim": info.dim},
+        "index": {"kind": "flat", "configured": info.index_kind},
+        # Detection pipelines for item/adaptive modes are not built yet: both embed the whole image.
+        "embedding": "whole_image",
+    }
+
+
+def iso_time(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _write_json_durably(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,396 @@
+"""The durable store of one library: SQLite in WAL mode, the source of truth.
+
+Every mutation is one ``BEGIN IMMEDIATE`` transaction that stamps each row it touches with
+``seq = last_seq + 1`` and commits with ``synchronous=FULL``: once a call returns, the change survives a
+``kill -9`` or a power cut. Deletes leave a tombstone (``deleted = 1``, no vector) carrying the new seq,
+so a reader learns of them from the same ``seq > applied`` query that brings it new rows.
+
+Frames (original image bytes) are content-addressed files under ``frames/``, written and fsynced before
+the row that names them commits; a frame no live row names any more is unlinked after the commit. A
+crash between those two steps leaves an unreferenced file, never a row without its frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DB_NAME = "records.sqlite"
+FRAMES_DIR = "frames"
+VECTOR_KINDS = ("whole", "item", "face")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    last_seq INTEGER NOT NULL,
+    dim INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    row_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    image_id TEXT NOT NULL,
+    image_uri TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    vector BLOB,
+    vector_kind TEXT NOT NULL,
+    frame TEXT,
+    extra TEXT,
+    seq INTEGER NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    UNIQUE (image_id, image_uri)
+);
+CREATE INDEX IF NOT EXISTS records_seq ON records (seq);
+CREATE INDEX IF NOT EXISTS records_frame ON records (frame) WHERE frame IS NOT NULL;
+"""
+
+
+@dataclass(frozen=True)
+class NewRecord:
+    """One image to upsert. ``vector`` is an L2-normalised float32 vector of the library's dim."""
+
+    image_id: str
+    image_uri: str
+    vector: np.ndarray
+    tags: dict[str, Any] = field(default_factory=dict)
+    vector_kind: str = "whole"
+    frame: bytes | None = None
+    extra: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    row_id: int
+    image_id: str
+    image_uri: str
+    tags: dict[str, Any]
+    vector_kind: str
+    frame: str | None
+    extra: dict[str, Any] | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Change:
+    """A row as the change feed sends it to readers; ``vector`` is None for tombstones."""
+
+    row_id: int
+    seq: int
+    deleted: bool
+    vector: np.ndarray | None
+    vector_kind: str
+    tags: dict[str, Any]
+
+
+class LibraryStore:
+    """SQLite access for one library directory.
+
+    One connection, guarded by a lock so the store can be used from ``asyncio.to_thread`` workers.
+    ``readonly=True`` sets ``PRAGMA query_only``: readers never write, yet see every committed change
+    (WAL gives each read transaction the latest committed snapshot).
+    """
+
+    def __init__(self, library_dir: str | os.PathLike[str], *, readonly: bool = False) -> None:
+        self.dir = Path(library_dir)
+        path = self.dir / DB_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"no store at {path}")
+        self._lock = threading.RLock()  # re-entrant: changes_since holds it while its consumer runs
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        if readonly:
+            self._conn.execute("PRAGMA query_only=1")
+        self.readonly = readonly
+        row = self._conn.execute("SELECT dim FROM state WHERE id = 1").fetchone()
+        self.dim = int(row[0])
+
+    @staticmethod
+    def initialise(library_dir: Path, *, dim: int) -> None:
+        """Create the schema in a new library directory."""
+        (library_dir / FRAMES_DIR).mkdir(exist_ok=True)
+        conn = sqlite3.connect(library_dir / DB_NAME, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(_SCHEMA)
+            conn.execute("INSERT OR IGNORE INTO state (id, last_seq, dim) VALUES (1, 0, ?)", (dim,))
+        finally:
+            conn.close()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> LibraryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    def upsert(self, records: Sequence[NewRecord]) -> list[bool]:
+        """Insert or overwrite records keyed by (image_id, image_uri), all under one new seq.
+
+        Returns:
+            For each record, True when it was created, False when it overwrote a live record.
+        Raises:
+            ValueError: a vector of the wrong shape or a vector kind that is not known.
+        """
+        if not records:
+            return []
+        rows = []
+        for r in records:
+            vec = np.ascontiguousarray(r.vector, dtype=np.float32)
+            if vec.shape != (self.dim,):
+                raise ValueError(f"vector for {r.image_id!r} has shape {vec.shape}, expected ({self.dim},)")
+            if r.vector_kind not in VECTOR_KINDS:
+                raise ValueError(f"vector_kind {r.vector_kind!r} is not one of {VECTOR_KINDS}")
+            frame = self._write_frame(r.frame) if r.frame is not None else None
+            rows.append((r, vec.tobytes(), frame))
+        now = time.time()
+        created: list[bool] = []
+        with self._write() as (conn, seq):
+            old_frames = []
+            for r, blob, frame in rows:
+                prev = conn.execute(
+                    "SELECT row_id, deleted, frame FROM records WHERE image_id = ? AND image_uri = ?",
+                    (r.image_id, r.image_uri),
+                ).fetchone()
+                tags = json.dumps(r.tags, ensure_ascii=False, allow_nan=False)
+                extra = json.dumps(r.extra) if r.extra is not None else None
+                if prev is None:
+                    conn.execute(
+                        "INSERT INTO records (image_id, image_uri, tags, vector, vector_kind, frame, extra,"
+                        " seq, deleted, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,0,?,?)",
+                        (r.image_id, r.image_uri, tags, blob, r.vector_kind, frame, extra, seq, now, now),
+                    )
+                    created.append(True)
+                else:
+                    conn.execute(
+                        "UPDATE records SET tags=?, vector=?, vector_kind=?, frame=?, extra=?, seq=?,"
+                        " deleted=0, updated_at=?, created_at=CASE WHEN deleted THEN ? ELSE created_at END"
+                        " WHERE row_id=?",
+                        (tags, blob, r.vector_kind, frame, extra, seq, now, now, prev[0]),
+                    )
+                    created.append(bool(prev[1]))
+                    if prev[2] is not None and prev[2] != frame:
+                        old_frames.append(prev[2])
+        self._collect_frames(old_frames)
+        return created
+
+    def update_tags(self, image_id: str, image_uri: str | None, tags: dict[str, Any]) -> int:
+        """Replace the whole tag object of the matching live records; returns how many changed."""
+        payload = json.dumps(tags, ensure_ascii=False, allow_nan=False)
+        where, args = _match(image_id, image_uri)
+        with self._write() as (conn, seq):
+            cur = conn.execute(
+                f"UPDATE records SET tags=?, seq=?, updated_at=? WHERE deleted=0 AND {where}",
+                (payload, seq, time.time(), *args),
+            )
+            return cur.rowcount
+
+    def delete(self, image_id: str, image_uri: str | None) -> int:
+        """Delete the matching live records (every uri of the id when image_uri is None)."""
+        where, args = _match(image_id, image_uri)
+        with self._write() as (conn, seq):
+            frames = [
+                r[0]
+                for r in conn.execute(
+                    f"SELECT frame FROM records WHERE deleted=0 AND frame IS NOT NULL AND {where}", args
+                )
+            ]
+            cur = conn.execute(
+                f"UPDATE records SET deleted=1, vector=NULL, frame=NULL, tags='{{}}', extra=NULL, seq=?,"
+                f" updated_at=? WHERE deleted=0 AND {where}",
+                (seq, time.time(), *args),
+            )
+            n = cur.rowcount
+        self._collect_frames(frames)
+        return n
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def last_seq(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT last_seq FROM state WHERE id = 1").fetchone()[0])
+
+    def count(self) -> int:
+        """Number of live records."""
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM records WHERE deleted = 0").fetchone()[0])
+
+    def count_changed_since(self, seq: int) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM records WHERE seq > ?", (seq,)).fetchone()[0])
+
+    def get(self, image_id: str, image_uri: str | None = None) -> list[StoredRecord]:
+        """Live records of an image id (one uri, or all of them), in insertion order."""
+        where, args = _match(image_id, image_uri)
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_RECORD_COLS} FROM records WHERE deleted=0 AND {where} ORDER BY row_id", args
+            ).fetchall()
+        return [_record(r) for r in rows]
+
+    def fetch(self, row_ids: Sequence[int]) -> dict[int, StoredRecord]:
+        """Live records by row id (rows deleted meanwhile are simply absent)."""
+        out: dict[int, StoredRecord] = {}
+        ids = [int(i) for i in row_ids]
+        with self._lock:
+            for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for r in self._conn.execute(
+                    f"SELECT {_RECORD_COLS} FROM records WHERE deleted=0 AND row_id IN ({marks})", chunk
+                ):
+                    rec = _record(r)
+                    out[rec.row_id] = rec
+        return out
+
+    def vector_of(self, row_id: int) -> np.ndarray | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT vector FROM records WHERE row_id=? AND deleted=0", (row_id,)
+            ).fetchone()
+        return None if row is None else np.frombuffer(row[0], dtype=np.float32).copy()
+
+    def changes_since(self, seq: int, *, live_only: bool = False, batch: int = 5000) -> Iterator[Change]:
+        """Rows with ``seq > seq`` in seq order (tombstones included unless ``live_only``).
+
+        The whole scan runs in one read transaction, so it sees one consistent state of the library.
+        """
+        sql = (
+            "SELECT row_id, seq, deleted, vector, vector_kind, tags FROM records WHERE seq > ?"
+            + (" AND deleted = 0" if live_only else "")
+            + " ORDER BY seq, row_id"
+        )
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                cur = self._conn.execute(sql, (seq,))
+                while True:
+                    rows = cur.fetchmany(batch)
+                    if not rows:
+                        break
+                    for row_id, s, deleted, blob, kind, tags in rows:
+                        yield Change(
+                            row_id=row_id,
+                            seq=s,
+                            deleted=bool(deleted),
+                            vector=None if blob is None else np.frombuffer(blob, dtype=np.float32),
+                            vector_kind=kind,
+                            tags=json.loads(tags),
+                        )
+            finally:
+                self._conn.execute("COMMIT")
+
+    def read_frame(self, frame: str) -> bytes | None:
+        try:
+            return self._frame_path(frame).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    # -- internals -------------------------------------------------------------------------------
+
+    class _WriteTxn:
+        def __init__(self, store: LibraryStore) -> None:
+            self.store = store
+
+        def __enter__(self) -> tuple[sqlite3.Connection, int]:
+            if self.store.readonly:
+                raise PermissionError("this store was opened read-only")
+            self.store._lock.acquire()
+            conn = self.store._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                seq = int(conn.execute("SELECT last_seq FROM state WHERE id = 1").fetchone()[0]) + 1
+                conn.execute("UPDATE state SET last_seq = ? WHERE id = 1", (seq,))
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                self.store._lock.release()
+                raise
+            return conn, seq
+
+        def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+            conn = self.store._conn
+            try:
+                conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+            finally:
+                self.store._lock.release()
+
+    def _write(self) -> LibraryStore._WriteTxn:
+        return LibraryStore._WriteTxn(self)
+
+    def _frame_path(self, frame: str) -> Path:
+        return self.dir / FRAMES_DIR / frame[:2] / frame
+
+    def _write_frame(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        path = self._frame_path(digest)
+        if path.exists():
+            return digest
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return digest
+
+    def _collect_frames(self, frames: Sequence[str]) -> None:
+        """Unlink frames that no live record names any more."""
+        for frame in set(frames):
+            with self._lock:
+                used = self._conn.execute(
+                    "SELECT 1 FROM records WHERE frame = ? AND deleted = 0 LIMIT 1", (frame,)
+                ).fetchone()
+            if used is None:
+                self._frame_path(frame).unlink(missing_ok=True)
+
+
+_RECORD_COLS = "row_id, image_id, image_uri, tags, vector_kind, frame, extra, created_at, updated_at"
+
+
+def _record(r: tuple[Any, ...]) -> StoredRecord:
+    return StoredRecord(
+        row_id=r[0],
+        image_id=r[1],
+        image_uri=r[2],
+        tags=json.loads(r[3]),
+        vector_kind=r[4],
+        frame=r[5],
+        extra=json.loads(r[6]) if r[6] is not None else None,
+        created_at=r[7],
+        updated_at=r[8],
+    )
+
+
+def _match(image_id: str, image_uri: str | None) -> tuple[str, tuple[str, ...]]:
+    if image_uri is None:
+        return "image_id = ?", (image_id,)
+    return "image_id = ? AND image_uri = ?", (image_id, image_uri)

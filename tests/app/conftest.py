@@ -1,0 +1,132 @@
+"""One Ray instance and one Serve app (tiny random-weight model) shared by the whole app test session.
+
+Every replica asks for 0 CPUs so the graph always fits on a 2-core machine (an unschedulable replica
+would hang ``serve.run`` silently); readiness is polled with a deadline instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from deployments.app import build_app  # noqa: E402
+
+PREFIX = "/api/v1/operators/image-search"
+APP = "imgsearch"
+API_KEY = "test-key-123"
+ZERO_CPU = {"ray_actor_options": {"num_cpus": 0}}
+
+
+def app_args(storage_root: str, **overrides: Any) -> dict[str, Any]:
+    """Builder args for tests: tiny model, small limits, two LibraryIndex replicas."""
+    args: dict[str, Any] = {
+        "model": "tiny-random",
+        "storage_root": storage_root,
+        "limits": {"max_body_bytes": 2_000_000, "max_image_bytes": 1_500_000, "max_image_pixels": 4_000_000},
+        "deployment_options": {
+            "Ingress": ZERO_CPU,
+            "Encoder": ZERO_CPU,
+            "LibraryIndex": {**ZERO_CPU, "num_replicas": 2, "max_ongoing_requests": 4},
+            "Writer": ZERO_CPU,
+        },
+    }
+    args.update(overrides)
+    return args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_port() -> Iterator[int]:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+class Client:
+    """Thin HTTP client returning (http status, envelope) pairs."""
+
+    def __init__(self, base: str, headers: dict[str, str] | None = None) -> None:
+        self.base = base
+        self.session = requests.Session()
+        self.session.headers.update(headers or {})
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> tuple[int, dict[str, Any]]:
+        r = self.session.post(self.base + PREFIX + path, json=body, timeout=60, **kw)
+        return r.status_code, r.json()
+
+    def get(self, path: str, *, prefix: bool = True) -> tuple[int, dict[str, Any]]:
+        r = self.session.get(self.base + (PREFIX if prefix else "") + path, timeout=60)
+        return r.status_code, r.json()
+
+    def raw(self, method: str, path: str, **kw: Any) -> requests.Response:
+        return self.session.request(method, self.base + PREFIX + path, timeout=60, **kw)
+
+    def ok(self, path: str, body: Any = None) -> dict[str, Any]:
+        code, env = self.post(path, body)
+        assert code == 200 and env["status"] == "SUCCESS", (code, env)
+        assert env["message"] is None
+        return env["data"]
+
+
+def wait_ready(base: str, deadline_s: float = 120.0) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            if requests.get(base + "/health", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"app at {base} not ready after {deadline_s}s: {serve.status()}")
+
+
+def deploy(storage_root: str, name: str = APP, route_prefix: str = "/", **overrides: Any) -> str:
+    serve.run(build_app(app_args(storage_root, **overrides)), name=name, route_prefix=route_prefix)
+    return name
+
+
+@pytest.fixture(scope="session")
+def storage_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("storage"))
+
+
+@pytest.fixture(scope="session")
+def base_url(serve_port: int, storage_root: str) -> str:
+    deploy(storage_root, api_keys=[API_KEY])
+    base = f"http://127.0.0.1:{serve_port}"
+    wait_ready(base)
+    return base
+
+
+@pytest.fixture(scope="session")
+def client(base_url: str) -> Client:
+    return Client(base_url, {"Authorization": f"Bearer {API_KEY}"})
+
+
+_counter = iter(range(10**6))
+
+
+@pytest.fixture
+def library(client: Client) -> str:
+    """A fresh general_search library per test."""
+    name = f"lib{next(_counter)}_{os.getpid()}"
+    client.ok("/library/create", {"library_name": name, "mode": "general_search"})
+    return name

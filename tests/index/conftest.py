@@ -1,0 +1,36 @@
+"""Shared fixtures for the index tests: the tiny random-weight model and a few real photos."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import skimage.data
+
+from index.embedder import ClipEmbedder, ModelSpec, resolve_model_spec
+
+
+@pytest.fixture(scope="session")
+def tiny_spec() -> ModelSpec:
+    """The bundled tiny-random model on the CPU (fp32), seed 0."""
+    return resolve_model_spec("tiny-random", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder(tiny_spec: ModelSpec) -> ClipEmbedder:
+    """One tiny-random embedder for the whole session (loading is deterministic, so sharing is safe)."""
+    return ClipEmbedder.load(tiny_spec)
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    """Named RGB uint8 photos of different sizes and aspect ratios (real photos from scikit-image)."""
+    coffee = skimage.data.coffee()
+    rng = np.random.default_rng(0)
+    return {
+        "astronaut_square": skimage.data.astronaut(),
+        "coffee_wide": coffee,
+        "coffee_tall": np.ascontiguousarray(coffee.transpose(1, 0, 2)),
+        "chelsea": skimage.data.chelsea(),
+        "noise_small": rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8),
+        "strip": rng.integers(0, 256, size=(3, 200, 3), dtype=np.uint8),
+    }

@@ -1,0 +1,419 @@
+"""index.embedder: model resolution, loading, and encoding with the tiny random-weight model.
+
+Nothing here downloads weights: trained-weight paths are exercised with checkpoints written to tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from index.embedder import (
+    ClipEmbedder,
+    ModelLoadError,
+    ModelSpec,
+    PreprocessSpec,
+    resolve_model_spec,
+    tiny_random_dir,
+)
+from index.imaging import prepare_for_model
+
+TINY_DIM = 64
+
+
+def _random_images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 64, 64, 3), dtype=np.uint8)
+
+
+def _reference_model(spec: ModelSpec) -> tuple[Any, Any, Any]:
+    """open_clip's own model, eval transform and tokenizer for `spec`, built independently of ClipEmbedder."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(spec.seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(spec.open_clip_name)
+    return model.eval(), preprocess, open_clip.get_tokenizer(spec.open_clip_name)
+
+
+def _copy_tiny_config(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny_random_dir() / "open_clip_config.json", directory / "open_clip_config.json")
+    return directory
+
+
+# --- resolve_model_spec ------------------------------------------------------------------------------
+
+
+def test_tiny_random_spec_comes_from_the_bundled_local_dir_config(tiny_spec: ModelSpec) -> None:
+    config = json.loads((tiny_random_dir() / "open_clip_config.json").read_text())
+    assert tiny_spec.open_clip_name == f"local-dir:{tiny_random_dir()}"
+    assert tiny_spec.pretrained == "random"
+    assert tiny_spec.weights_source == "random"
+    assert tiny_spec.random_weights is True
+    assert tiny_spec.identity == "tiny-random/random-seed-0"
+    assert tiny_spec.dim == config["model_cfg"]["embed_dim"] == TINY_DIM
+    assert tiny_spec.preprocess.size == (64, 64)
+    assert tiny_spec.preprocess.mean == tuple(config["preprocess_cfg"]["mean"])
+    assert tiny_spec.preprocess.std == tuple(config["preprocess_cfg"]["std"])
+
+
+def test_identity_records_the_seed() -> None:
+    assert resolve_model_spec("tiny-random", seed=7).identity == "tiny-random/random-seed-7"
+    assert resolve_model_spec("tiny-random", pretrained="random").identity == "tiny-random/random-seed-0"
+
+
+@pytest.mark.parametrize(
+    ("model", "typed_tag", "canonical_tag"),
+    [
+        ("ViT-B-32", "laion2b_s34b_b79k", "laion2b_s34b_b79k"),
+        ("ViT-B-32", "LAION2B-S34B-B79K", "laion2b_s34b_b79k"),
+        ("ViT-B-16-SigLIP-256", "webli", "webli"),
+        ("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k", "laion5b_s13b_b90k"),
+    ],
+)
+def test_tag_spec_takes_preprocessing_from_open_clip(model: str, typed_tag: str, canonical_tag: str) -> None:
+    spec = resolve_model_spec(model, pretrained=typed_tag)
+    tag_cfg = open_clip.get_pretrained_cfg(model, canonical_tag)
+    image_size = open_clip.get_model_config(model)["vision_cfg"]["image_size"]
+    assert spec.pretrained == canonical_tag
+    assert spec.weights_source == "tag"
+    assert spec.random_weights is False
+    assert spec.identity == f"{model}/{canonical_tag}"
+    assert spec.dim == open_clip.get_model_config(model)["embed_dim"]
+    assert spec.preprocess.size == (image_size, image_size)
+    assert spec.preprocess.mean == tuple(tag_cfg["mean"])
+    assert spec.preprocess.std == tuple(tag_cfg["std"])
+    assert spec.preprocess.resize_mode == tag_cfg["resize_mode"]
+    assert spec.preprocess.interpolation == tag_cfg["interpolation"]
+
+
+def test_random_init_of_a_real_architecture_is_explicit() -> None:
+    spec = resolve_model_spec("ViT-B-32", pretrained="random", seed=3)
+    assert spec.random_weights is True
+    assert spec.identity == "ViT-B-32/random-seed-3"
+    assert spec.preprocess.size == (224, 224)
+
+
+def test_checkpoint_file_spec(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "my_clip.safetensors"
+    checkpoint.write_bytes(b"0123456789")
+    spec = resolve_model_spec("ViT-B-32", pretrained=str(checkpoint))
+    assert spec.weights_source == "file"
+    assert spec.pretrained == str(checkpoint.resolve())
+    assert spec.identity == "ViT-B-32/file:my_clip.safetensors:10"
+    assert spec.random_weights is False
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"model": "ViT-B-32"},
+            "needs pretrained weights: set pretrained to one of its open_clip tags (openai",
+        ),
+        ({"model": "ViT-B-32", "pretrained": "no_such_tag"}, "known tags: openai, "),
+        (
+            {"model": "ViT-B-32", "pretrained": "/nonexistent/clip.safetensors"},
+            "/nonexistent/clip.safetensors",
+        ),
+        ({"model": "ViT-B-32", "pretrained": "./missing.pt"}, "checkpoint file not found"),
+        ({"model": "ViT-B/32", "pretrained": "openai"}, "Did you mean 'ViT-B-32'"),
+        ({"model": "no-such-model", "pretrained": "openai"}, "open_clip.list_models()"),
+        ({"model": "tiny-random", "pretrained": "openai"}, "only has random weights"),
+        ({"model": "hf-hub:org/repo"}, "local-dir"),
+        ({"model": "local-dir:"}, "needs a directory"),
+        ({"model": "local-dir:/nonexistent/dir"}, "model directory not found"),
+        ({"model": "tiny-random", "device": "gpu"}, "device must be"),
+        ({"model": "tiny-random", "precision": "fp8"}, "precision must be"),
+        ({"model": "tiny-random", "seed": -1}, "seed must be"),
+        ({"model": "tiny-random", "seed": True}, "seed must be"),
+        ({"model": ""}, "model must be"),
+    ],
+)
+def test_resolve_errors_say_what_to_set(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        resolve_model_spec(**kwargs)
+    assert message in str(caught.value)
+
+
+def test_pretrained_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is a directory"):
+        resolve_model_spec("ViT-B-32", pretrained=str(tmp_path))
+
+
+def test_local_dir_needs_exactly_one_checkpoint_or_explicit_random(tmp_path: Path) -> None:
+    directory = _copy_tiny_config(tmp_path / "clip")
+    with pytest.raises(ValueError, match="no checkpoint file"):
+        resolve_model_spec(f"local-dir:{directory}")
+    spec = resolve_model_spec(f"local-dir:{directory}", pretrained="random")
+    assert spec.random_weights is True
+    assert spec.identity == "local-dir:clip/random-seed-0"
+    (directory / "a.safetensors").write_bytes(b"x")
+    (directory / "b.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="2 checkpoint files"):
+        resolve_model_spec(f"local-dir:{directory}")
+    with pytest.raises(ValueError, match="leave pretrained unset"):
+        resolve_model_spec(f"local-dir:{directory}", pretrained="openai")
+
+
+@pytest.mark.parametrize(
+    ("config_text", "message"),
+    [
+        (None, "open_clip_config.json"),
+        ("{not json", "cannot read"),
+        ('{"preprocess_cfg": {}}', "must hold"),
+    ],
+)
+def test_local_dir_config_errors(tmp_path: Path, config_text: str | None, message: str) -> None:
+    if config_text is not None:
+        (tmp_path / "open_clip_config.json").write_text(config_text)
+    with pytest.raises(ValueError, match=message):
+        resolve_model_spec(f"local-dir:{tmp_path}", pretrained="random")
+
+
+def test_preprocess_spec_validates() -> None:
+    with pytest.raises(ValueError, match="resize_mode"):
+        PreprocessSpec((64, 64), (0.5,) * 3, (0.5,) * 3, "bicubic", "stretch")
+    with pytest.raises(ValueError, match="std"):
+        PreprocessSpec((64, 64), (0.5,) * 3, (0.5, 0.0, 0.5), "bicubic", "shortest")
+    assert PreprocessSpec.from_open_clip({"size": 32}).size == (32, 32)
+
+
+# --- ClipEmbedder.load -------------------------------------------------------------------------------
+
+
+def test_tiny_random_loads_and_reports_itself(tiny_embedder: ClipEmbedder) -> None:
+    assert tiny_embedder.dim == TINY_DIM
+    assert tiny_embedder.info == {
+        "model": "tiny-random",
+        "pretrained": "random",
+        "identity": "tiny-random/random-seed-0",
+        "dim": TINY_DIM,
+        "device": "cpu",
+        "precision": "fp32",
+        "random_weights": True,
+        "image_size": [64, 64],
+    }
+
+
+def test_random_weights_are_announced_loudly(tiny_spec: ModelSpec, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="index.embedder"):
+        ClipEmbedder.load(tiny_spec)
+    assert any(
+        r.levelno == logging.WARNING and "RANDOM WEIGHTS: search results are meaningless" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_same_seed_gives_identical_vectors_and_other_seeds_differ(tiny_embedder: ClipEmbedder) -> None:
+    images = _random_images(4)
+    texts = ["a cat", "a dog"]
+    again = ClipEmbedder.load(resolve_model_spec("tiny-random", device="cpu", seed=0))
+    other = ClipEmbedder.load(resolve_model_spec("tiny-random", device="cpu", seed=1))
+    np.testing.assert_array_equal(again.encode_images(images), tiny_embedder.encode_images(images))
+    np.testing.assert_array_equal(again.encode_texts(texts), tiny_embedder.encode_texts(texts))
+    assert not np.allclose(other.encode_images(images), tiny_embedder.encode_images(images), atol=1e-3)
+    assert not np.allclose(other.encode_texts(texts), tiny_embedder.encode_texts(texts), atol=1e-3)
+
+
+def test_loading_leaves_the_global_rng_alone(tiny_spec: ModelSpec) -> None:
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    ClipEmbedder.load(tiny_spec)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_corrupt_checkpoint_in_local_dir_raises_model_load_error(tmp_path: Path) -> None:
+    directory = _copy_tiny_config(tmp_path / "broken")
+    (directory / "open_clip_model.safetensors").write_bytes(b"this is not a safetensors file")
+    spec = resolve_model_spec(f"local-dir:{directory}", device="cpu")
+    assert spec.weights_source == "file" and spec.random_weights is False
+    with pytest.raises(ModelLoadError) as caught:
+        ClipEmbedder.load(spec)
+    message = str(caught.value)
+    for advice in (
+        "network access",
+        "cache_dir",
+        "set `pretrained` to its local path",
+        "model='tiny-random'",
+    ):
+        assert advice in message
+    assert "open_clip_model.safetensors" in message
+
+
+def test_corrupt_checkpoint_file_for_builtin_model_raises_model_load_error(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "vit.pt"
+    checkpoint.write_bytes(b"\x00garbage" * 64)
+    with pytest.raises(ModelLoadError, match="network access"):
+        ClipEmbedder.load(resolve_model_spec("ViT-B-32", pretrained=str(checkpoint), device="cpu"))
+
+
+def test_real_checkpoint_in_local_dir_loads_those_weights(tmp_path: Path, tiny_spec: ModelSpec) -> None:
+    source = ClipEmbedder.load(resolve_model_spec("tiny-random", device="cpu", seed=5))
+    reference, _, _ = _reference_model(resolve_model_spec("tiny-random", seed=5))
+    directory = _copy_tiny_config(tmp_path / "trained")
+    save_file(reference.state_dict(), str(directory / "open_clip_model.safetensors"))
+
+    loaded = ClipEmbedder.load(resolve_model_spec(f"local-dir:{directory}", device="cpu"))
+    assert loaded.info["random_weights"] is False
+    assert loaded.info["identity"].startswith("local-dir:trained/file:open_clip_model.safetensors:")
+    images = _random_images(3)
+    np.testing.assert_array_equal(loaded.encode_images(images), source.encode_images(images))
+    np.testing.assert_array_equal(loaded.encode_texts(["x", "y"]), source.encode_texts(["x", "y"]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_requested_without_cuda() -> None:
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        ClipEmbedder.load(resolve_model_spec("tiny-random", device="cuda"))
+
+
+# --- encoding ----------------------------------------------------------------------------------------
+
+
+def test_image_vectors_are_unit_float32_rows(tiny_embedder: ClipEmbedder) -> None:
+    vectors = tiny_embedder.encode_images(_random_images(5))
+    assert vectors.shape == (5, TINY_DIM)
+    assert vectors.dtype == np.float32
+    assert vectors.flags.c_contiguous
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_batching_does_not_change_vectors(tiny_embedder: ClipEmbedder) -> None:
+    images = _random_images(4)
+    one_by_one = np.concatenate([tiny_embedder.encode_images(images[i : i + 1]) for i in range(4)])
+    np.testing.assert_allclose(tiny_embedder.encode_images(images), one_by_one, atol=1e-5)
+
+
+def test_read_only_and_non_contiguous_batches(tiny_embedder: ClipEmbedder) -> None:
+    images = _random_images(2)
+    expected = tiny_embedder.encode_images(images)
+    read_only = images.copy()
+    read_only.setflags(write=False)
+    flipped = np.ascontiguousarray(images[:, :, ::-1])[:, :, ::-1]  # negative strides, same pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(tiny_embedder.encode_images(read_only), expected)
+    np.testing.assert_allclose(tiny_embedder.encode_images(flipped), expected, atol=1e-6)
+
+
+def test_empty_batches(tiny_embedder: ClipEmbedder) -> None:
+    images = tiny_embedder.encode_images(np.zeros((0, 64, 64, 3), dtype=np.uint8))
+    texts = tiny_embedder.encode_texts([])
+    for result in (images, texts):
+        assert result.shape == (0, TINY_DIM)
+        assert result.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        np.zeros((1, 64, 64, 3), dtype=np.float32),
+        np.zeros((1, 64, 64, 3), dtype=np.int64),
+        np.zeros((64, 64, 3), dtype=np.uint8),
+        np.zeros((1, 32, 32, 3), dtype=np.uint8),
+        np.zeros((1, 64, 64, 4), dtype=np.uint8),
+        np.zeros((1, 3, 64, 64), dtype=np.uint8),
+        [[0]],
+    ],
+    ids=["float32", "int64", "no-batch-axis", "wrong-size", "rgba", "channels-first", "list"],
+)
+def test_bad_image_batches_are_refused(tiny_embedder: ClipEmbedder, batch: object) -> None:
+    with pytest.raises(ValueError, match=r"uint8 array of shape \(B, 64, 64, 3\)"):
+        tiny_embedder.encode_images(batch)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("texts", ["a single string", ["ok", 3], None, ["ok", None]])
+def test_bad_text_batches_are_refused(tiny_embedder: ClipEmbedder, texts: object) -> None:
+    with pytest.raises(ValueError, match="list of str"):
+        tiny_embedder.encode_texts(texts)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "name", ["astronaut_square", "coffee_wide", "coffee_tall", "chelsea", "noise_small", "strip"]
+)
+def test_split_preprocessing_matches_open_clip(
+    tiny_embedder: ClipEmbedder, tiny_spec: ModelSpec, photos: dict[str, np.ndarray], name: str
+) -> None:
+    """prepare_for_model (CPU, uint8) + encode_images (normalise on device) == open_clip's own pipeline."""
+    model, preprocess, _ = _reference_model(tiny_spec)
+    image = Image.fromarray(photos[name])
+    with torch.inference_mode():
+        expected = model.encode_image(preprocess(image).unsqueeze(0), normalize=True).numpy()
+    ours = tiny_embedder.encode_images(prepare_for_model(image, tiny_spec.preprocess)[None])
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+
+
+def test_texts_match_open_clip_and_are_distinct_unit_vectors(
+    tiny_embedder: ClipEmbedder, tiny_spec: ModelSpec
+) -> None:
+    texts = [
+        "a photo of a cat",
+        "dog",
+        "a very long description of a mountain lake at sunrise with mist over the water and pine trees",
+        "Ein Hund läuft im Schnee",
+        "猫の写真",
+        "кошка на диване",
+        "",
+    ]
+    vectors = tiny_embedder.encode_texts(texts)
+    assert vectors.shape == (len(texts), TINY_DIM)
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert len(np.unique(vectors.round(5), axis=0)) == len(texts)
+
+    model, _, tokenizer = _reference_model(tiny_spec)
+    with torch.inference_mode():
+        expected = model.encode_text(tokenizer(texts), normalize=True).numpy()
+    np.testing.assert_allclose(vectors, expected, atol=1e-4)
+
+
+def test_text_longer_than_the_context_is_truncated(tiny_embedder: ClipEmbedder) -> None:
+    long_text = " ".join(["word"] * 500)
+    longer_text = " ".join(["word"] * 900)
+    vectors = tiny_embedder.encode_texts([long_text, longer_text])
+    assert vectors.shape == (2, TINY_DIM)
+    # Both are cut to the same 77 tokens.
+    np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_on_cpu(tiny_embedder: ClipEmbedder, precision: str) -> None:
+    embedder = ClipEmbedder.load(resolve_model_spec("tiny-random", device="cpu", precision=precision))
+    assert embedder.info["precision"] == precision
+    images = _random_images(3)
+    vectors = embedder.encode_images(images)
+    text_vectors = embedder.encode_texts(["a cat", "a dog"])
+    assert vectors.dtype == np.float32 and text_vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    cosines = (vectors * tiny_embedder.encode_images(images)).sum(axis=1)
+    assert cosines.min() > 0.98
+
+
+def test_warmup_runs(tiny_embedder: ClipEmbedder) -> None:
+    tiny_embedder.warmup()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_device_uses_cuda_fp16_and_agrees_with_cpu(tiny_embedder: ClipEmbedder) -> None:
+    embedder = ClipEmbedder.load(resolve_model_spec("tiny-random"))
+    assert embedder.info["device"] == "cuda"
+    assert embedder.info["precision"] == "fp16"
+    images = _random_images(8)
+    cosines = (embedder.encode_images(images) * tiny_embedder.encode_images(images)).sum(axis=1)
+    assert cosines.min() > 0.99
+    text_cosines = (embedder.encode_texts(["a", "b c"]) * tiny_embedder.encode_texts(["a", "b c"])).sum(
+        axis=1
+    )
+    assert text_cosines.min() > 0.99

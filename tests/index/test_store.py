@@ -1,0 +1,100 @@
+"""LibraryStore: upsert semantics, sequence numbers, tombstones, frames."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from index.store import LibraryStore, NewRecord
+
+DIM = 8
+
+
+def unit(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+@pytest.fixture
+def store(tmp_path):
+    LibraryStore.initialise(tmp_path, dim=DIM)
+    with LibraryStore(tmp_path) as s:
+        yield s
+
+
+def rec(image_id: str, uri: str = "u", seed: int = 0, **kw) -> NewRecord:
+    return NewRecord(image_id=image_id, image_uri=uri, vector=unit(seed), **kw)
+
+
+def test_upsert_creates_then_overwrites(store):
+    assert store.upsert([rec("a", tags={"c": "red"})]) == [True]
+    assert store.upsert([rec("a", tags={"c": "blue"}, seed=1)]) == [False]
+    [r] = store.get("a")
+    assert r.tags == {"c": "blue"}
+    assert np.allclose(store.vector_of(r.row_id), unit(1))
+    assert store.count() == 1
+
+
+def test_one_id_many_uris(store):
+    store.upsert([rec("a", "u1"), rec("a", "u2", seed=1)])
+    assert [r.image_uri for r in store.get("a")] == ["u1", "u2"]
+    assert len(store.get("a", "u2")) == 1
+    assert store.delete("a", "u1") == 1
+    assert [r.image_uri for r in store.get("a")] == ["u2"]
+
+
+def test_each_mutation_gets_next_seq(store):
+    assert store.last_seq() == 0
+    store.upsert([rec("a"), rec("b")])
+    assert store.last_seq() == 1
+    store.update_tags("a", None, {"x": 1})
+    assert store.last_seq() == 2
+    store.delete("b", None)
+    assert store.last_seq() == 3
+    changes = list(store.changes_since(1))
+    assert [(c.row_id, c.seq, c.deleted) for c in changes] == [(1, 2, False), (2, 3, True)]
+    assert changes[0].tags == {"x": 1}
+    assert changes[1].vector is None
+
+
+def test_delete_of_missing_is_zero_and_readd_is_created(store):
+    assert store.delete("nope", None) == 0
+    store.upsert([rec("a")])
+    store.delete("a", None)
+    assert store.get("a") == []
+    assert store.upsert([rec("a")]) == [True]
+
+
+def test_update_tags_counts_only_live(store):
+    store.upsert([rec("a", "1"), rec("a", "2", seed=1)])
+    assert store.update_tags("a", None, {"k": True}) == 2
+    store.delete("a", "1")
+    assert store.update_tags("a", None, {"k": False}) == 1
+    assert store.update_tags("zzz", None, {}) == 0
+
+
+def test_wrong_dim_is_rejected_and_nothing_written(store):
+    with pytest.raises(ValueError, match="shape"):
+        store.upsert([rec("a"), NewRecord("b", "u", np.zeros(3, np.float32))])
+    assert store.count() == 0
+    assert store.last_seq() == 0
+
+
+def test_frames_are_shared_and_collected(store, tmp_path):
+    store.upsert([rec("a", frame=b"same bytes"), rec("b", frame=b"same bytes")])
+    [a] = store.get("a")
+    assert store.read_frame(a.frame) == b"same bytes"
+    store.delete("a", None)
+    assert store.read_frame(a.frame) == b"same bytes"  # b still names it
+    store.upsert([rec("b", frame=b"other bytes")])
+    assert store.read_frame(a.frame) is None
+    [b] = store.get("b")
+    assert store.read_frame(b.frame) == b"other bytes"
+
+
+def test_readonly_store_cannot_write(store, tmp_path):
+    with LibraryStore(tmp_path, readonly=True) as ro:
+        with pytest.raises(PermissionError):
+            ro.upsert([rec("a")])
+        store.upsert([rec("a")])
+        assert ro.count() == 1  # a reader sees the writer's commit at once

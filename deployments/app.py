@@ -41,9 +41,13 @@ def build_app(raw_args: dict[str, Any]) -> Application:
     if spec.random_weights:
         logger.warning("model %s uses RANDOM WEIGHTS: search results will not be meaningful", spec.identity)
     opts = args.deployment_options
-    encoder = Encoder.options(**opts.get("Encoder", {})).bind(spec)
-    index = LibraryIndex.options(**opts.get("LibraryIndex", {})).bind(
+    # Serve's decorators return Deployment objects the type checker cannot see through.
+    encoder = Encoder.options(**opts.get("Encoder", {})).bind(spec)  # type: ignore[attr-defined]
+    index = LibraryIndex.options(**opts.get("LibraryIndex", {})).bind(  # type: ignore[attr-defined]
         args.storage_root, ScoreCalibration(args.text_score_center, args.text_score_scale)
     )
-    writer = Writer.options(**opts.get("Writer", {})).bind(args.storage_root, args.limits.max_libraries)
-    return Ingress.options(**opts.get("Ingress", {})).bind(encoder, index, writer, args, spec.preprocess)
+    writer = Writer.options(**opts.get("Writer", {})).bind(  # type: ignore[attr-defined]
+        args.storage_root, args.limits.max_libraries
+    )
+    ingress = Ingress.options(**opts.get("Ingress", {}))  # type: ignore[attr-defined]
+    return ingress.bind(encoder, index, writer, args, spec.preprocess)

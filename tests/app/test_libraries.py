@@ -11,27 +11,27 @@ pytestmark = pytest.mark.ray
 
 def test_create_get_list_delete(client):
     data = client.ok(
-        "/library/create", {"library_name": "shop_a_tops", "mode": "general_search", "description": "tops"}
+        "/library/create", {"library_name": "crud_lib", "mode": "general_search", "description": "tops"}
     )
-    assert data["library_name"] == "shop_a_tops"
+    assert data["library_name"] == "crud_lib"
     assert data["mode"] == "general_search"
     assert data["description"] == "tops"
     assert data["image_count"] == 0
     assert data["model"] == {"name": "tiny-random", "pretrained": "random", "dim": 64}
     assert data["index"]["kind"] == "flat"
 
-    code, env = client.get("/library/shop_a_tops")
-    assert code == 200 and env["data"]["library_name"] == "shop_a_tops"
+    code, env = client.get("/library/crud_lib")
+    assert code == 200 and env["data"]["library_name"] == "crud_lib"
     code, env = client.get("/library/list")
-    assert "shop_a_tops" in [lib["library_name"] for lib in env["data"]["libraries"]]
+    assert "crud_lib" in [lib["library_name"] for lib in env["data"]["libraries"]]
 
-    code, env = client.post("/library/create", {"library_name": "shop_a_tops", "mode": "general_search"})
+    code, env = client.post("/library/create", {"library_name": "crud_lib", "mode": "general_search"})
     assert (code, env["status"]) == (409, "LIBRARY_ALREADY_EXISTS")
 
-    assert client.ok("/library/delete", {"library_name": "shop_a_tops"}) == {"library_name": "shop_a_tops"}
-    code, env = client.get("/library/shop_a_tops")
+    assert client.ok("/library/delete", {"library_name": "crud_lib"}) == {"library_name": "crud_lib"}
+    code, env = client.get("/library/crud_lib")
     assert (code, env["status"]) == (404, "LIBRARY_NOT_FOUND")
-    code, env = client.post("/library/delete", {"library_name": "shop_a_tops"})
+    code, env = client.post("/library/delete", {"library_name": "crud_lib"})
     assert (code, env["status"]) == (404, "LIBRARY_NOT_FOUND")
 
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def shop(client):
     """The seed's shop_a_tops library, with tags from the seed's examples."""
-    name = "seed_shop_a_tops"
+    name = "shop_a_tops"
     client.ok("/library/create", {"library_name": name, "mode": "general_search"})
     colors = ["red", "blue", "white", "beige"]
     seasons = ["summer", "winter"]
@@ -36,9 +36,9 @@ def shop(client):
 
 
 def test_seed_search_by_image_example(client, shop):
-    # the seed's request, verbatim but for the library name and a real base64 image
+    # the seed's request verbatim, with a real image instead of the elided base64
     body = {
-        "library_name": shop,
+        "library_name": "shop_a_tops",
         "image_base64": image_b64(4),
         "top_k": 5,
         "tag_filter": [

@@ -66,6 +66,8 @@ class Failure:
 
 @dataclass
 class ImportSummary:
+    """Counts and failures of an import done from here."""
+
     total: int = 0
     succeeded: int = 0
     created: int = 0
@@ -126,6 +128,7 @@ def print_summary(summary: ImportSummary, errors_file: str | None, out: IO[str])
 
 
 def print_failures(failures: list[Failure], errors_file: str | None, out: IO[str]) -> None:
+    """The first failures as a table; all of them to ``errors_file`` (JSON lines) when given."""
     if failures:
         rows = [[f.where, f.image_id or "", f.reason] for f in failures[:SHOWN_FAILURES]]
         print(format_table(["where", "image_id", "reason"], rows, max_width=100), file=out)
@@ -173,6 +176,7 @@ def find_images(folder: Path, recursive: bool) -> list[Path]:
 
 
 def import_folder(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
+    """``import folder``: every image file with ``/image/add``, concurrently; returns the exit status."""
     folder = Path(args.folder)
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder")
@@ -234,6 +238,7 @@ def local_path(source: str) -> Path | None:
 
 
 def import_jsonl(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
+    """``import jsonl``: through an import task when the service can, else line by line from here."""
     client.get_library(args.library)  # fail fast (404, 401)
     local = local_path(args.source)
     if not is_url(args.source) and local is None:
@@ -411,9 +416,10 @@ def format_table(header: list[str], rows: list[list[str]], max_width: int = 60) 
 
 
 def print_results(results: list[SearchResult], as_json: bool, out: IO[str]) -> None:
+    """Search results as a table (rank, score, id, uri, tags), or as JSON without the frames."""
     if as_json:
-        rows = [r.model_dump(exclude={"image_base64"}) for r in results]
-        print(json.dumps(rows, ensure_ascii=False, indent=2), file=out)
+        dumped = [r.model_dump(exclude={"image_base64"}) for r in results]
+        print(json.dumps(dumped, ensure_ascii=False, indent=2), file=out)
         return
     if not results:
         print("no results", file=out)
@@ -439,18 +445,18 @@ def parse_filter_option(value: str | None) -> Any:
 # -- commands ----------------------------------------------------------------------------------------
 
 
-def cmd_health(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
+def _cmd_health(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
     print(json.dumps(client.health().model_dump(), indent=2), file=out)
     return 0
 
 
-def cmd_library_create(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
+def _cmd_library_create(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
     lib = client.create_library(args.name, args.mode, args.description)
     print(f"created library {lib.library_name} ({lib.mode}, model {lib.model.name})", file=out)
     return 0
 
 
-def cmd_library_list(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
+def _cmd_library_list(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
     libs = client.list_libraries()
     if args.json:
         print(json.dumps([lib.model_dump() for lib in libs], indent=2), file=out)
@@ -474,12 +480,12 @@ def cmd_library_list(client: ImageSearchClient, args: argparse.Namespace, out: I
     return 0
 
 
-def cmd_library_get(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
+def _cmd_library_get(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
     print(json.dumps(client.get_library(args.name).model_dump(), indent=2), file=out)
     return 0
 
 
-def cmd_library_delete(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
+def _cmd_library_delete(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
     if not args.yes:
         lib = client.get_library(args.name)
         if not sys.stdin.isatty():
@@ -493,15 +499,7 @@ def cmd_library_delete(client: ImageSearchClient, args: argparse.Namespace, out:
     return 0
 
 
-def cmd_import_folder(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
-    return import_folder(client, args, out)
-
-
-def cmd_import_jsonl(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
-    return import_jsonl(client, args, out)
-
-
-def cmd_task_status(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
+def _cmd_task_status(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
     print(json.dumps(client.get_import_task(args.task_id).model_dump(), indent=2), file=out)
     return 0
 
@@ -515,12 +513,12 @@ def _search_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def cmd_search_text(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
+def _cmd_search_text(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
     print_results(client.search_by_text(args.library, args.query, **_search_kwargs(args)), args.json, out)
     return 0
 
 
-def cmd_search_image(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
+def _cmd_search_image(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
@@ -528,19 +526,19 @@ def cmd_search_image(client: ImageSearchClient, args: argparse.Namespace, out: I
     return 0
 
 
-def cmd_search_id(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
+def _cmd_search_id(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
     results = client.search_by_id(args.library, args.image_id, args.uri, **_search_kwargs(args))
     print_results(results, args.json, out)
     return 0
 
 
-def cmd_image_get(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
+def _cmd_image_get(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
     records = client.get_images(args.library, args.image_id, args.uri)
     print(json.dumps([r.model_dump(exclude={"image_base64"}) for r in records], indent=2), file=out)
     return 0
 
 
-def cmd_image_delete(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
+def _cmd_image_delete(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
     n = client.delete_image(args.library, args.image_id, args.uri)
     print(f"deleted {n} image{'s' if n != 1 else ''}", file=out)
     return 0
@@ -550,6 +548,7 @@ def cmd_image_delete(client: ImageSearchClient, args: argparse.Namespace, out: I
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``image-search`` argument parser (each sub-command sets ``func``)."""
     parser = argparse.ArgumentParser(
         prog="image-search", description="Command-line client of the image-search service."
     )
@@ -569,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = groups.add_parser("health", help="is the service ready; its model and device")
-    p.set_defaults(func=cmd_health)
+    p.set_defaults(func=_cmd_health)
 
     lib = groups.add_parser("library", help="create, list, show, delete libraries").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -580,17 +579,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode", default="general_search", choices=["general_search", "item_search", "adaptive_search"]
     )
     p.add_argument("--description")
-    p.set_defaults(func=cmd_library_create)
+    p.set_defaults(func=_cmd_library_create)
     p = lib.add_parser("list", help="list the libraries")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=cmd_library_list)
+    p.set_defaults(func=_cmd_library_list)
     p = lib.add_parser("get", help="show one library")
     p.add_argument("name")
-    p.set_defaults(func=cmd_library_get)
+    p.set_defaults(func=_cmd_library_get)
     p = lib.add_parser("delete", help="delete a library and everything in it")
     p.add_argument("name")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    p.set_defaults(func=cmd_library_delete)
+    p.set_defaults(func=_cmd_library_delete)
 
     imp = groups.add_parser("import", help="import a folder of images or a JSONL file").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -621,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tag every image: key=value (a string) or key:=json (number, boolean, list); repeatable",
     )
     p.add_argument("--dir-tag", metavar="KEY", help="tag each image with its sub-folder's relative path")
-    p.set_defaults(func=cmd_import_folder)
+    p.set_defaults(func=import_folder)
     p = imp.add_parser(
         "jsonl",
         parents=[common],
@@ -634,10 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a local file, or a URI the service can read (http(s)://, s3://, ...)")
     p.add_argument("--via", choices=["auto", "task", "client"], default="auto")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between task status polls")
-    p.set_defaults(func=cmd_import_jsonl)
+    p.set_defaults(func=import_jsonl)
     p = imp.add_parser("status", help="show an import task")
     p.add_argument("task_id")
-    p.set_defaults(func=cmd_task_status)
+    p.set_defaults(func=_cmd_task_status)
 
     search = groups.add_parser("search", help="search a library by text, image file or stored image")
     kinds = search.add_subparsers(dest="action", required=True, metavar="KIND")
@@ -649,16 +648,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = kinds.add_parser("text", parents=[sc], help="search by text (general_search libraries)")
     p.add_argument("library")
     p.add_argument("query")
-    p.set_defaults(func=cmd_search_text)
+    p.set_defaults(func=_cmd_search_text)
     p = kinds.add_parser("image", parents=[sc], help="search by an image file")
     p.add_argument("library")
     p.add_argument("file")
-    p.set_defaults(func=cmd_search_image)
+    p.set_defaults(func=_cmd_search_image)
     p = kinds.add_parser("id", parents=[sc], help="search with a stored image's vector")
     p.add_argument("library")
     p.add_argument("image_id")
     p.add_argument("--uri", help="which image_uri of the id (default: its first)")
-    p.set_defaults(func=cmd_search_id)
+    p.set_defaults(func=_cmd_search_id)
 
     img = groups.add_parser("image", help="show or delete stored images").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -667,12 +666,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("library")
     p.add_argument("image_id")
     p.add_argument("--uri")
-    p.set_defaults(func=cmd_image_get)
+    p.set_defaults(func=_cmd_image_get)
     p = img.add_parser("delete", help="delete an image id (every uri, or --uri)")
     p.add_argument("library")
     p.add_argument("image_id")
     p.add_argument("--uri")
-    p.set_defaults(func=cmd_image_delete)
+    p.set_defaults(func=_cmd_image_delete)
     return parser
 
 

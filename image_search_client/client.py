@@ -25,7 +25,7 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 import requests
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 PREFIX = "/api/v1/operators/image-search"
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -191,7 +191,8 @@ class AddResult(_Model):
 
 
 class _HasFrame(_Model):
-    image_base64: str | None = None
+    # Left out of repr(): a frame is often hundreds of kilobytes of base64.
+    image_base64: str | None = Field(None, repr=False)
 
     def image_bytes(self) -> bytes | None:
         """The stored frame decoded, or ``None`` when the service returned none."""

@@ -144,6 +144,10 @@ def test_cli_libraries(base_url, capsys):
     assert "cli_lib" in [lib["library_name"] for lib in json.loads(capsys.readouterr().out)]
     assert main(cli(base_url, "library", "create", "cli_lib")) == 1
     assert "LIBRARY_ALREADY_EXISTS (HTTP 409)" in capsys.readouterr().err
+    assert main(cli(base_url, "library", "delete", "cli_lib")) == 2  # no terminal to confirm on
+    assert "needs --yes" in capsys.readouterr().err
+    assert main(cli(base_url, "library", "get", "cli_lib")) == 0
+    assert json.loads(capsys.readouterr().out)["description"] == "from the CLI"
     assert main(cli(base_url, "library", "delete", "cli_lib", "--yes")) == 0
     assert main(cli(base_url, "library", "get", "cli_lib")) == 1
     assert "LIBRARY_NOT_FOUND" in capsys.readouterr().err

@@ -178,10 +178,32 @@ async def send_envelope(
     await send({"type": "http.response.body", "body": body})
 
 
-#: Paths answered without an API key: liveness for orchestrators and the public schema.
+#: Paths answered without an API key: liveness for orchestrators, the public schema, and the web page
+#: (``/``). The page holds no data: every API call it makes sends the key the user typed in.
 OPEN_PATHS = frozenset(
-    {"/health", "/api/v1/operators/image-search/health", "/docs", "/openapi.json", "/redoc"}
+    {"/", "/health", "/api/v1/operators/image-search/health", "/docs", "/openapi.json", "/redoc"}
 )
+#: Path prefixes answered without an API key: the web page's static files (HTML, JS, CSS only).
+OPEN_PREFIXES = ("/static/",)
+
+
+def route_path(scope: Scope) -> str:
+    """The request path relative to the application's mount point.
+
+    Under a Serve ``route_prefix`` such as ``/shop``, ``scope["path"]`` is the full path
+    (``/shop/health``) and ``root_path`` is ``/shop``: compare the part after the prefix.
+    """
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and (path == root or path.startswith(root.rstrip("/") + "/")):
+        path = path[len(root.rstrip("/")) :] or "/"
+    return path
+
+
+def is_open_path(scope: Scope) -> bool:
+    """Whether the request may pass without an API key (see ``OPEN_PATHS``, ``OPEN_PREFIXES``)."""
+    path = route_path(scope)
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 class ApiKeyAuth:
@@ -198,7 +220,7 @@ class ApiKeyAuth:
         keys: frozenset[str] = (
             getattr(scope["app"].state, "api_keys", frozenset()) if "app" in scope else frozenset()
         )
-        if scope["type"] != "http" or not keys or scope.get("path", "") in OPEN_PATHS:
+        if scope["type"] != "http" or not keys or is_open_path(scope):
             await self.app(scope, receive, send)
             return
         given = ""

@@ -10,11 +10,13 @@ route signatures that Serve's class-based view rewrites.
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -59,6 +61,10 @@ api = FastAPI(
     "Every response is the envelope {status, message, data}.",
 )
 install_error_handlers(api)
+#: The web page's files (plain HTML/JS/CSS, no build step), installed as package data.
+STATIC_DIR = Path(__file__).parent / "static"
+# Mounted at /static (not /): a catch-all mount would shadow the API routes Serve appends after it.
+api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
 api.add_middleware(BodyLimit)
 api.add_middleware(ApiKeyAuth)  # added last = runs first: no body is read for a refused caller
 
@@ -85,6 +91,13 @@ class Ingress:
         # Read per request by the middlewares (they are installed when the module is imported).
         api.state.max_body_bytes = args.limits.max_body_bytes
         api.state.api_keys = args.load_api_keys()
+
+    # -- web page --------------------------------------------------------------------------------
+
+    @api.get("/", include_in_schema=False)
+    async def page(self) -> FileResponse:
+        """The search page; it loads ``/static/*`` and calls the API with the key the user enters."""
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     # -- operations ------------------------------------------------------------------------------
 

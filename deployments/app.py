@@ -21,6 +21,7 @@ from deployments.encoder import Encoder
 from deployments.ingress import Ingress
 from deployments.library_index import LibraryIndex
 from deployments.writer import Writer
+from index.detect import cascade_path
 from index.embedder import resolve_model_spec
 from index.scores import ScoreCalibration
 
@@ -40,6 +41,13 @@ def build_app(raw_args: dict[str, Any]) -> Application:
     )
     if spec.random_weights:
         logger.warning("model %s uses RANDOM WEIGHTS: search results will not be meaningful", spec.identity)
+        if args.item_detector.kind == "clip-regions":
+            logger.warning("item_detector clip-regions scores regions with RANDOM WEIGHTS: its choices are arbitrary")
+    # Fail the build, not a replica, on bad detection settings (numbers, cascade files).
+    detection = args.detection_config()
+    cascade_path(detection.face.cascade)
+    if detection.face.align:
+        cascade_path(detection.face.eye_cascade)
     opts = args.deployment_options
     encoder = Encoder.options(**opts.get("Encoder", {})).bind(spec)
     index = LibraryIndex.options(**opts.get("LibraryIndex", {})).bind(

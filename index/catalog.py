@@ -33,6 +33,12 @@ logger = logging.getLogger(__name__)
 #: 1-64 characters of [A-Za-z0-9_-], starting with a letter or digit: never a path on disk.
 LIBRARY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MODES = ("general_search", "item_search", "adaptive_search")
+#: What a library of each mode embeds (``embedding`` of the library object; see ``index/modes.py``).
+EMBEDDING_OF_MODE = {
+    "general_search": "whole_image",
+    "item_search": "item_crop",
+    "adaptive_search": "face_crop_or_whole_image",
+}
 MAX_DESCRIPTION_LENGTH = 1024
 
 
@@ -154,6 +160,13 @@ class Catalog:
             raise LibraryNotFound(name) from None
         return LibraryInfo(**raw)
 
+    def mode_of(self, name: str) -> str | None:
+        """The mode of library ``name``, or None when there is no such library (or the name is invalid)."""
+        try:
+            return self.get(name).mode
+        except (LibraryNotFound, InvalidParameter):
+            return None
+
     def names(self) -> list[str]:
         return sorted(p.name for p in self._libraries.iterdir() if (p / "library.json").exists())
 
@@ -201,8 +214,7 @@ def library_object(info: LibraryInfo, image_count: int) -> dict[str, Any]:
         "created_at": iso_time(info.created_at),
         "model": {"name": info.model, "pretrained": info.pretrained, "dim": info.dim},
         "index": {"kind": "flat", "configured": info.index_kind},
-        # Detection pipelines for item/adaptive modes are not built yet: both embed the whole image.
-        "embedding": "whole_image",
+        "embedding": EMBEDDING_OF_MODE[info.mode],
     }
 
 

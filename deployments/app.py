@@ -42,7 +42,7 @@ def build_app(raw_args: dict[str, Any]) -> Application:
     if spec.random_weights:
         logger.warning("model %s uses RANDOM WEIGHTS: search results will not be meaningful", spec.identity)
         if args.item_detector.kind == "clip-regions":
-            logger.warning("item_detector clip-regions scores regions with RANDOM WEIGHTS: its choices are arbitrary")
+            logger.warning("item_detector clip-regions scores regions with RANDOM WEIGHTS: arbitrary choices")
     # Fail the build, not a replica, on bad detection settings (numbers, cascade files).
     detection = args.detection_config()
     cascade_path(detection.face.cascade)

@@ -167,7 +167,10 @@ class SaliencyConfig:
 
     def __post_init__(self) -> None:
         _check(self.work_size >= 32, f"work_size must be >= 32; got {self.work_size}")
-        _check(0 < self.border_fraction <= 0.2, f"border_fraction must be in (0, 0.2]; got {self.border_fraction}")
+        _check(
+            0 < self.border_fraction <= 0.2,
+            f"border_fraction must be in (0, 0.2]; got {self.border_fraction}",
+        )
         _check(
             0 < self.min_area_fraction < 1,
             f"min_area_fraction must be in (0, 1); got {self.min_area_fraction}",
@@ -215,7 +218,7 @@ class SaliencyItemDetector:
         fg = ~self._background(lab)
         side = min(h, w)
         open_k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
-        close_size = max(3, int(round(0.02 * side)) | 1)
+        close_size = max(3, round(0.02 * side) | 1)
         close_k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (close_size, close_size))
         mask = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_OPEN, open_k)
         mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, close_k)
@@ -225,12 +228,18 @@ class SaliencyItemDetector:
         cfg = self.config
         h, w = lab.shape[:2]
         step = _step_map(cv2.GaussianBlur(lab, (5, 5), 0))
-        b = max(2, int(round(cfg.border_fraction * min(h, w))))
-        bands = [(slice(0, b), slice(None)), (slice(h - b, h), slice(None)),
-                 (slice(None), slice(0, b)), (slice(None), slice(w - b, w))]
+        b = max(2, round(cfg.border_fraction * min(h, w)))
+        bands = [
+            (slice(0, b), slice(None)),
+            (slice(h - b, h), slice(None)),
+            (slice(None), slice(0, b)),
+            (slice(None), slice(w - b, w)),
+        ]
         pixels = np.concatenate([lab[band].reshape(-1, 3) for band in bands])
         steps = np.concatenate([step[band].reshape(-1) for band in bands])
-        sides = np.concatenate([np.full(lab[band].shape[0] * lab[band].shape[1], i) for i, band in enumerate(bands)])
+        sides = np.concatenate(
+            [np.full(lab[band].shape[0] * lab[band].shape[1], i) for i, band in enumerate(bands)]
+        )
         centers, assign = _kmeans(pixels, k=6)
         side_sizes = np.bincount(sides, minlength=4)
         keep: list[int] = []
@@ -549,7 +558,9 @@ class HaarFaceDetector:
         roi = gray[y : y + int(0.6 * fh), x : x + fw]
         lo, hi = max(6, fw // 8), max(7, fw // 2)
         with self._lock:
-            eyes = self._eyes.detectMultiScale(roi, scaleFactor=1.1, minNeighbors=3, minSize=(lo, lo), maxSize=(hi, hi))
+            eyes = self._eyes.detectMultiScale(
+                roi, scaleFactor=1.1, minNeighbors=3, minSize=(lo, lo), maxSize=(hi, hi)
+            )
         centres = [(x + ex + ew / 2.0, y + ey + eh / 2.0) for ex, ey, ew, eh in eyes]
         left = [c for c in centres if c[0] < x + fw / 2.0]
         right = [c for c in centres if c[0] >= x + fw / 2.0]
@@ -583,10 +594,10 @@ def square_crop(image: Image.Image | np.ndarray, box: Box, margin: float) -> np.
     """
     rgb = as_rgb_array(image)
     h, w = rgb.shape[:2]
-    side = max(1, int(round(max(box.width, box.height) * (1.0 + 2.0 * margin))))
+    side = max(1, round(max(box.width, box.height) * (1.0 + 2.0 * margin)))
     cx, cy = box.center
-    x0 = _fit(int(round(cx - side / 2.0)), side, w)
-    y0 = _fit(int(round(cy - side / 2.0)), side, h)
+    x0 = _fit(round(cx - side / 2.0), side, w)
+    y0 = _fit(round(cy - side / 2.0), side, h)
     crop = rgb[max(0, y0) : min(h, y0 + side), max(0, x0) : min(w, x0 + side)]
     top, left = max(0, -y0), max(0, -x0)
     bottom, right = side - top - crop.shape[0], side - left - crop.shape[1]
@@ -614,10 +625,10 @@ def face_crop(image: Image.Image | np.ndarray, face: Face, margin: float) -> np.
     if roll is None:
         return square_crop(image, face.box, margin)
     rgb = as_rgb_array(image)
-    side = max(1, int(round(max(face.box.width, face.box.height) * (1.0 + 2.0 * margin))))
+    side = max(1, round(max(face.box.width, face.box.height) * (1.0 + 2.0 * margin)))
     cx, cy = face.box.center
     if face.eyes is not None:  # the eyes' midpoint is a steadier centre than the cascade's box
-        (lx, ly), (rx, ry) = face.eyes
+        (_, ly), (_, ry) = face.eyes
         cy = cy + ((ly + ry) / 2.0 - (face.box.y0 + 0.38 * face.box.height)) * 0.5
     rot = cv2.getRotationMatrix2D((cx, cy), roll, 1.0)
     rot[0, 2] += side / 2.0 - cx
@@ -657,7 +668,9 @@ class ClipRegionConfig:
     def __post_init__(self) -> None:
         _check(bool(self.item_prompts), "item_prompts must not be empty")
         _check(bool(self.background_prompts), "background_prompts must not be empty")
-        _check(0 <= self.min_probability <= 1, f"min_probability must be in [0, 1]; got {self.min_probability}")
+        _check(
+            0 <= self.min_probability <= 1, f"min_probability must be in [0, 1]; got {self.min_probability}"
+        )
         _check(self.temperature > 0, f"temperature must be > 0; got {self.temperature}")
         _check(self.max_proposals >= 1, f"max_proposals must be >= 1; got {self.max_proposals}")
 
@@ -694,8 +707,8 @@ class ClipRegionScorer:
             bw, bh = max(1, int(w * frac)), max(1, int(h * frac))
             for j in range(steps):
                 for i in range(steps):
-                    x0 = int(round(i * (w - bw) / (steps - 1)))
-                    y0 = int(round(j * (h - bh) / (steps - 1)))
+                    x0 = round(i * (w - bw) / (steps - 1))
+                    y0 = round(j * (h - bh) / (steps - 1))
                     boxes.append(Box(x0, y0, x0 + bw, y0 + bh, score=0.0))
         kept: list[Box] = []
         for b in boxes:
@@ -708,7 +721,9 @@ class ClipRegionScorer:
     def item_probabilities(self, crop_vectors: np.ndarray, prompt_vectors: np.ndarray) -> np.ndarray:
         """Per crop, the softmax mass of the item prompts (``prompt_vectors`` in ``config.prompts`` order)."""
         cfg = self.config
-        logits = cfg.temperature * (np.asarray(crop_vectors, np.float64) @ np.asarray(prompt_vectors, np.float64).T)
+        logits = cfg.temperature * (
+            np.asarray(crop_vectors, np.float64) @ np.asarray(prompt_vectors, np.float64).T
+        )
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         p /= p.sum(axis=1, keepdims=True)

@@ -49,6 +49,7 @@ from index.imaging import prepare_for_model
 ItemDetectorKind = Literal["saliency", "clip-regions"]
 ITEM_DETECTORS: tuple[str, ...] = ("saliency", "clip-regions")
 
+
 @dataclass(frozen=True)
 class DetectionConfig:
     """Detection settings of a deployment (from the builder args ``item_detector`` / ``face_detector``).
@@ -213,7 +214,13 @@ class ModePipeline:
         if boxes:
             crop = square_crop(rgb, boxes[0], self.config.item_margin)
             return EmbedPlan(
-                "item_search", "item", [self._prepare(crop)], [boxes[0]], size, detector="saliency", detected=True
+                "item_search",
+                "item",
+                [self._prepare(crop)],
+                [boxes[0]],
+                size,
+                detector="saliency",
+                detected=True,
             )
         if query:
             return EmbedPlan("item_search", None, [], [], size, detector="saliency")

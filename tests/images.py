@@ -82,7 +82,9 @@ def product(seed: int, side: int = 90) -> np.ndarray:
     return cv2.resize(src[y : y + 150, x : x + 150], (side, side), interpolation=cv2.INTER_AREA)
 
 
-def scene(item: np.ndarray, background: str, at: tuple[int, int], size: tuple[int, int] = (200, 200)) -> np.ndarray:
+def scene(
+    item: np.ndarray, background: str, at: tuple[int, int], size: tuple[int, int] = (200, 200)
+) -> np.ndarray:
     """``item`` pasted on a backdrop with its top-left corner at ``at`` = (x, y); uint8 RGB."""
     img = backdrop(background, size)
     x, y = at

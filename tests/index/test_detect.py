@@ -221,7 +221,7 @@ def test_alignment_can_be_switched_off() -> None:
 def test_cascades_resolve_by_name_or_path_and_fail_clearly(tmp_path) -> None:
     path = cascade_path("haarcascade_eye.xml")
     assert path.is_file() and not load_cascade(str(path)).empty()
-    with pytest.raises(ValueError, match="not found.*bundled: .*haarcascade_frontalface_alt2.xml"):
+    with pytest.raises(ValueError, match=r"not found.*bundled: .*haarcascade_frontalface_alt2\.xml"):
         cascade_path("haarcascade_nope.xml")
     bad = tmp_path / "bad.xml"
     bad.write_text("<not a cascade/>")

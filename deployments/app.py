@@ -39,6 +39,26 @@ def build_app(raw_args: dict[str, Any]) -> Application:
         precision=args.precision,
         seed=args.seed,
     )
+    face_spec = None
+    if args.face_model is not None:
+        face_spec = resolve_model_spec(
+            args.face_model,
+            pretrained=args.face_pretrained,
+            cache_dir=args.model_cache_dir,
+            device=args.device,
+            precision=args.precision,
+            seed=args.seed,
+        )
+        if face_spec.dim != spec.dim:
+            raise ValueError(
+                f"face_model {args.face_model!r} makes {face_spec.dim}-d vectors but model {args.model!r} "
+                f"makes {spec.dim}-d ones; a library holds vectors of one size: pick a face model of the "
+                f"same dimension"
+            )
+        if face_spec.random_weights:
+            logger.warning("face model %s uses RANDOM WEIGHTS", face_spec.identity)
+    elif args.face_pretrained is not None:
+        raise ValueError("face_pretrained is set but face_model is not; set both, or neither")
     if spec.random_weights:
         logger.warning("model %s uses RANDOM WEIGHTS: search results will not be meaningful", spec.identity)
         if args.item_detector.kind == "clip-regions":
@@ -49,9 +69,11 @@ def build_app(raw_args: dict[str, Any]) -> Application:
     if detection.face.align:
         cascade_path(detection.face.eye_cascade)
     opts = args.deployment_options
-    encoder = Encoder.options(**opts.get("Encoder", {})).bind(spec)
+    encoder = Encoder.options(**opts.get("Encoder", {})).bind(spec, face_spec)
     index = LibraryIndex.options(**opts.get("LibraryIndex", {})).bind(
         args.storage_root, ScoreCalibration(args.text_score_center, args.text_score_scale)
     )
     writer = Writer.options(**opts.get("Writer", {})).bind(args.storage_root, args.limits.max_libraries)
-    return Ingress.options(**opts.get("Ingress", {})).bind(encoder, index, writer, args, spec.preprocess)
+    return Ingress.options(**opts.get("Ingress", {})).bind(
+        encoder, index, writer, args, spec.preprocess, face_spec.preprocess if face_spec else None
+    )

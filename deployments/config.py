@@ -117,6 +117,15 @@ class AppArgs(BaseModel):
         "DEFAULT_PRETRAINED; 'random' for explicit random weights (benchmarks)",
     )
     model_cache_dir: str | None = Field(None, description="where downloaded weights are cached")
+    face_model: str | None = Field(
+        None,
+        description="adaptive_search: an open_clip model (name or 'local-dir:/path') trained for faces that "
+        "embeds face crops instead of the main model; its vectors must have the main model's dim. None "
+        "(default): the main CLIP model embeds faces. No face model ships with the service",
+    )
+    face_pretrained: str | None = Field(
+        None, description="the face model's pretrained tag or checkpoint file (same rules as pretrained)"
+    )
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     seed: int = Field(0, description="seed of random-weight models (identical across replicas)")

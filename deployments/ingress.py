@@ -35,12 +35,11 @@ from deployments.schemas import (
     UpdateTags,
 )
 from filters import FilterError, TagError, parse_filter, validate_tags
-from index.catalog import Catalog, LibraryInfo
+from index.catalog import Catalog, LibraryInfo, check_served_model
 from index.embedder import PreprocessSpec
 from index.errors import (
     ImageNotFound,
     InvalidParameter,
-    ModelMismatch,
     ModeNotSupported,
     PayloadTooLarge,
 )
@@ -76,6 +75,7 @@ class Ingress:
         writer: DeploymentHandle,
         args: AppArgs,
         preprocess: PreprocessSpec,
+        face_preprocess: PreprocessSpec | None = None,
     ) -> None:
         self.encoder = encoder
         self.index = index
@@ -84,7 +84,7 @@ class Ingress:
         self.limits = args.limits
         self.catalog = Catalog(args.storage_root, max_libraries=args.limits.max_libraries)
         # Detection and cropping are CPU work: they run here, in worker threads, next to decoding.
-        self.pipeline = ModePipeline(preprocess, args.detection_config())
+        self.pipeline = ModePipeline(preprocess, args.detection_config(), face_preprocess=face_preprocess)
         self._model: dict[str, Any] | None = None
         self._prompt_vectors: np.ndarray | None = None
         # Read per request by the middlewares (they are installed when the module is imported).
@@ -107,7 +107,7 @@ class Ingress:
                 "device": model["device"],
                 "dim": model["dim"],
                 "libraries": len(self.catalog.names()),
-                "detection": self.pipeline.describe(),
+                "detection": self.pipeline.describe() | {"face_model": model.get("face_identity")},
             }
             if model["random_weights"]:
                 data["warning"] = "RANDOM WEIGHTS: embeddings are not meaningful (offline demo/test model)"
@@ -295,9 +295,7 @@ class Ingress:
         """The library's descriptor (404 when absent); 409 when it was built with another model."""
         info = self.catalog.get(name)
         if check_model:
-            model = await self._model_info()
-            if info.model_identity != model["identity"]:
-                raise ModelMismatch(name, info.model_identity, model["identity"])
+            check_served_model(info, await self._model_info())
         return info
 
     def _index(self, info: LibraryInfo) -> DeploymentHandle:
@@ -371,8 +369,10 @@ class Ingress:
     async def _embed(self, image: Image.Image, mode: str, *, query: bool) -> Embedded:
         """Detect and crop for the library's mode (worker thread), then encode the crops (Encoder)."""
         plan = await asyncio.to_thread(self.pipeline.plan, image, mode, query=query)
-        # Several crops (clip-regions candidates) go out at once and batch together in the Encoder.
-        vectors = list(await asyncio.gather(*(self.encoder.embed_image.remote(c) for c in plan.crops)))
+        # Several crops (clip-regions candidates) go out at once and batch together in the Encoder. Face
+        # crops go to embed_face: the face-embedding model when one is configured, else CLIP.
+        method = self.encoder.embed_face if plan.vector_kind == "face" else self.encoder.embed_image
+        vectors = list(await asyncio.gather(*(method.remote(c) for c in plan.crops)))
         prompts = await self._prompts() if plan.candidates else None
         return self.pipeline.finish(plan, vectors, prompts, query=query)
 

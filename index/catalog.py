@@ -25,7 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from index.errors import InvalidParameter, LibraryAlreadyExists, LibraryLimitReached, LibraryNotFound
+from index.errors import (
+    InvalidParameter,
+    LibraryAlreadyExists,
+    LibraryLimitReached,
+    LibraryNotFound,
+    ModelMismatch,
+)
 from index.store import LibraryStore
 
 logger = logging.getLogger(__name__)
@@ -60,7 +66,12 @@ def check_library_name(name: object) -> str:
 
 @dataclass(frozen=True)
 class LibraryInfo:
-    """What ``library.json`` holds. ``uid`` changes when a library is deleted and created again."""
+    """What ``library.json`` holds. ``uid`` changes when a library is deleted and created again.
+
+    ``face_model_identity`` (``adaptive_search`` only) names the learned face-embedding model that embeds
+    its faces; None when the CLIP model's image encoder does (the default, and what libraries created
+    before the field existed used).
+    """
 
     name: str
     mode: str
@@ -72,6 +83,7 @@ class LibraryInfo:
     dim: int
     uid: str
     index_kind: str = "auto"
+    face_model_identity: str | None = None
 
     @property
     def key(self) -> str:
@@ -108,6 +120,7 @@ class Catalog:
         model_identity: str,
         dim: int,
         index_kind: str = "auto",
+        face_model_identity: str | None = None,
     ) -> LibraryInfo:
         """Create an empty library.
 
@@ -135,6 +148,7 @@ class Catalog:
             dim=dim,
             uid=uuid.uuid4().hex[:12],
             index_kind=index_kind,
+            face_model_identity=face_model_identity if mode == "adaptive_search" else None,
         )
         staging = self._staging / f"{name}-{info.uid}"
         staging.mkdir()
@@ -205,6 +219,30 @@ class Catalog:
         return library_object(info, count)
 
 
+def check_served_model(info: LibraryInfo, served: dict[str, Any]) -> None:
+    """Refuse to use a library with a model other than the one it was built with.
+
+    Args:
+        info: the library.
+        served: the Encoder's ``info()``: ``identity`` and ``face_identity`` (None: no face model).
+
+    Raises:
+        ModelMismatch: the CLIP model differs, or (``adaptive_search``) the face-embedding model does.
+    """
+    if info.model_identity != served["identity"]:
+        raise ModelMismatch(info.name, info.model_identity, served["identity"])
+    if info.mode == "adaptive_search" and info.face_model_identity != served.get("face_identity"):
+        raise ModelMismatch(
+            info.name,
+            _face_model_name(info.face_model_identity),
+            _face_model_name(served.get("face_identity")),
+        )
+
+
+def _face_model_name(identity: str | None) -> str:
+    return f"face model {identity}" if identity else "no face model (CLIP embeds faces)"
+
+
 def library_object(info: LibraryInfo, image_count: int) -> dict[str, Any]:
     return {
         "library_name": info.name,
@@ -215,7 +253,7 @@ def library_object(info: LibraryInfo, image_count: int) -> dict[str, Any]:
         "model": {"name": info.model, "pretrained": info.pretrained, "dim": info.dim},
         "index": {"kind": "flat", "configured": info.index_kind},
         "embedding": EMBEDDING_OF_MODE[info.mode],
-    }
+    } | ({"face_model": info.face_model_identity} if info.mode == "adaptive_search" else {})
 
 
 def iso_time(ts: float) -> str:

@@ -20,7 +20,9 @@ The work is split so that each part runs where it belongs: :meth:`ModePipeline.p
 image (detection, cropping, resizing; the ingress runs it in a worker thread) and returns the model-sized
 crops to encode; the caller encodes them (the Encoder deployment); :meth:`ModePipeline.finish` turns the
 vectors into the result. With the ``clip-regions`` item detector the plan holds several candidate crops
-and ``finish`` keeps the one CLIP finds most item-like (its vector is the item's embedding).
+and ``finish`` keeps the one CLIP finds most item-like (its vector is the item's embedding). A plan of
+kind ``face`` is encoded by the face path (``Encoder.embed_face``: the optional learned face-embedding
+model, else the CLIP image encoder), and its crop is prepared for that model.
 """
 
 from __future__ import annotations
@@ -133,10 +135,19 @@ class ModePipeline:
     Args:
         preprocess: the model's ``ModelSpec.preprocess`` (crops are resized exactly as whole images).
         config: detection settings.
+        face_preprocess: the face-embedding model's preprocessing when one is configured (face crops
+            are prepared for it); None: faces go to the CLIP model, prepared like everything else.
     """
 
-    def __init__(self, preprocess: PreprocessSpec, config: DetectionConfig | None = None) -> None:
+    def __init__(
+        self,
+        preprocess: PreprocessSpec,
+        config: DetectionConfig | None = None,
+        *,
+        face_preprocess: PreprocessSpec | None = None,
+    ) -> None:
         self.preprocess = preprocess
+        self.face_preprocess = face_preprocess or preprocess
         self.config = config or DetectionConfig()
         self.saliency = SaliencyItemDetector(self.config.saliency)
         self.regions = ClipRegionScorer(self.config.clip_regions, self.saliency)
@@ -161,7 +172,7 @@ class ModePipeline:
         A crop must still have the model's resolution: decode detection modes at three times the model
         size (an item or face a third of the image's side keeps full detail)."""
         side = max(self.preprocess.size)
-        return side if mode == "general_search" else 3 * side
+        return side if mode == "general_search" else 3 * max(side, *self.face_preprocess.size)
 
     def plan(self, image: Image.Image | np.ndarray, mode: str, *, query: bool) -> EmbedPlan:
         """Detect and crop (CPU work).
@@ -190,7 +201,7 @@ class ModePipeline:
             return EmbedPlan(
                 mode,
                 "face",
-                [self._prepare(crop)],
+                [self._prepare(crop, self.face_preprocess)],
                 [face.box],
                 size,
                 detector="haar",
@@ -285,5 +296,5 @@ class ModePipeline:
             extra["aligned"] = plan.aligned
         return extra
 
-    def _prepare(self, rgb: np.ndarray) -> np.ndarray:
-        return prepare_for_model(Image.fromarray(rgb), self.preprocess)
+    def _prepare(self, rgb: np.ndarray, preprocess: PreprocessSpec | None = None) -> np.ndarray:
+        return prepare_for_model(Image.fromarray(rgb), preprocess or self.preprocess)

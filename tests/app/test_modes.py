@@ -9,14 +9,18 @@ background and the crop is mostly product.
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import numpy as np
 import pytest
 import skimage.data
 from PIL import Image
+from ray import serve
 
 from index.detect import Box
+from index.embedder import tiny_random_dir
+from tests.app.conftest import ZERO_CPU, Client, deploy, wait_ready
 from tests.images import b64, encode, product, scene
 
 pytestmark = pytest.mark.ray
@@ -237,4 +241,59 @@ def test_health_reports_the_detectors(client):
         "item_detector": "saliency",
         "face_detector": "haar:haarcascade_frontalface_alt2.xml",
         "face_alignment": True,
+        "face_model": None,
     }
+
+
+# -- a learned face-embedding model --------------------------------------------------------------
+
+
+def test_face_model_embeds_the_faces(serve_port, tmp_path):
+    """A second app whose faces go to their own open_clip model, loaded through the same mechanism as the
+    main one (here a local-dir config at 96 px with random weights: plumbing, not quality). The main
+    tiny model takes 64 px inputs only, so a face that gets embedded at all went to the face model."""
+    face_dir = tmp_path / "tiny-face"
+    face_dir.mkdir()
+    config = json.loads((tiny_random_dir() / "open_clip_config.json").read_text())
+    config["model_cfg"]["vision_cfg"]["image_size"] = 96
+    (face_dir / "open_clip_config.json").write_text(json.dumps(config))
+    name = "facemodel"
+    deploy(
+        str(tmp_path / "storage"),
+        name=name,
+        route_prefix="/facemodel",
+        face_model=f"local-dir:{face_dir}",
+        face_pretrained="random",
+        deployment_options={d: ZERO_CPU for d in ("Ingress", "Encoder", "LibraryIndex", "Writer")},
+    )
+    base = f"http://127.0.0.1:{serve_port}/facemodel"
+    try:
+        wait_ready(base)
+        c = Client(base)
+        health = c.get("/health", prefix=False)[1]["data"]
+        assert health["detection"]["face_model"] == "local-dir:tiny-face/random-seed-0"
+        lib = c.ok("/library/create", {"library_name": "faces", "mode": "adaptive_search"})
+        assert lib["face_model"] == "local-dir:tiny-face/random-seed-0"
+        for image_id, arr in (("astronaut", skimage.data.astronaut()), ("rocket", skimage.data.rocket())):
+            c.ok(
+                "/image/add",
+                {
+                    "library_name": "faces",
+                    "image_id": image_id,
+                    "image_uri": image_id,
+                    "image_base64": jpeg_b64(arr),
+                },
+            )
+        assert (
+            c.ok("/image/get", {"library_name": "faces", "image_id": "astronaut"})["images"][0]["vector_kind"]
+            == "face"
+        )
+        data = c.ok(
+            "/search/by-image", {"library_name": "faces", "image_base64": jpeg_b64(skimage.data.astronaut())}
+        )
+        assert data["query_kind"] == "face"
+        assert [r["image_id"] for r in data["results"]] == ["astronaut"] and data["results"][0][
+            "score"
+        ] >= 0.99
+    finally:
+        serve.delete(name)

@@ -190,3 +190,15 @@ def test_prompts_and_decode_hint(pipeline, tiny_embedder) -> None:
 def test_detection_config_rejects_bad_values(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         DetectionConfig(**kwargs)
+
+
+def test_face_crops_are_prepared_for_the_face_model(tiny_embedder) -> None:
+    from dataclasses import replace
+
+    face_pre = replace(tiny_embedder.spec.preprocess, size=(96, 96))
+    pipeline = ModePipeline(tiny_embedder.spec.preprocess, face_preprocess=face_pre)
+    face = pipeline.plan(skimage.data.astronaut(), "adaptive_search", query=True)
+    assert face.vector_kind == "face" and face.crops[0].shape == (96, 96, 3)
+    whole = pipeline.plan(skimage.data.rocket(), "adaptive_search", query=True)
+    assert whole.vector_kind == "whole" and whole.crops[0].shape == (64, 64, 3)
+    assert pipeline.decode_side_hint("adaptive_search") == 3 * 96

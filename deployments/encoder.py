@@ -53,8 +53,8 @@ class Encoder:
         # Validation errors fail the deploy loudly instead of silently keeping old values.
         self.config = EncoderConfig.model_validate(user_config)
         for method in (self.embed_image, self.embed_face, self.embed_text):
-            method.set_max_batch_size(self.config.max_batch_size)  # type: ignore[attr-defined]
-            method.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)  # type: ignore[attr-defined]
+            method.set_max_batch_size(self.config.max_batch_size)  # type: ignore[union-attr]
+            method.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)  # type: ignore[union-attr]
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
     async def embed_image(self, images: list[np.ndarray]) -> list[np.ndarray]:

@@ -41,7 +41,7 @@ def test_bad_detection_args_are_refused(raw) -> None:
 
 
 def test_build_refuses_a_missing_cascade(tmp_path) -> None:
-    with pytest.raises(ValueError, match="haarcascade_nope.xml"):
+    with pytest.raises(ValueError, match=r"haarcascade_nope\.xml"):
         build_app(
             {
                 "model": "tiny-random",

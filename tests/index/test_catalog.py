@@ -66,9 +66,9 @@ def test_served_model_must_match_including_the_face_model(tmp_path) -> None:
     check_served_model(plain, SERVED)
     check_served_model(general, SERVED | {"face_identity": "faces/v1"})  # faces are not its business
     check_served_model(with_face, SERVED | {"face_identity": "faces/v1"})
-    with pytest.raises(ModelMismatch, match="built with model 'face model faces/v1'.*no face model"):
+    with pytest.raises(ModelMismatch, match=r"built with model 'face model faces/v1'.*no face model"):
         check_served_model(with_face, SERVED)
-    with pytest.raises(ModelMismatch, match="no face model.*'face model faces/v2'"):
+    with pytest.raises(ModelMismatch, match=r"no face model.*'face model faces/v2'"):
         check_served_model(plain, SERVED | {"face_identity": "faces/v2"})
     with pytest.raises(ModelMismatch, match="ViT-B-32/x"):
         check_served_model(general, {"identity": "ViT-B-32/x", "face_identity": None})

@@ -12,9 +12,10 @@ empty list when there is nothing to find. ``image`` is a decoded RGB ``PIL.Image
   is not an object recogniser: on a busy full-frame photo it returns whatever differs most from the
   border, and an item that covers most of the border on two or more sides is taken for background.
 * :class:`HaarFaceDetector` (``adaptive_search``): OpenCV's Haar cascades, which ship inside the
-  ``opencv-python-headless`` wheel (``cv2.data.haarcascades``; no download). Frontal faces only (roughly
-  +-30 degrees of yaw and +-20 of roll), faces smaller than ``min_face_fraction`` of the short side are
-  ignored. With ``align`` it also looks for the two eyes and levels them (:func:`face_crop`).
+  ``opencv-python-headless`` wheel (``cv2.data.haarcascades``; no download). Frontal and near-frontal
+  faces only, tilted in the image plane by at most about 15 degrees; faces smaller than
+  ``min_face_fraction`` of the short side are ignored. With ``align`` it also looks for the two eyes and
+  levels them (:func:`face_crop`).
 * :class:`ClipRegionScorer`: the learned item detector (``item_detector.kind: clip-regions``). It
   proposes candidate regions (whole image, the saliency boxes, a grid of windows) and lets the CLIP
   model of the deployment score each crop against item and background prompts; see ``index/modes.py``
@@ -511,17 +512,26 @@ class HaarFaceDetector:
     ``Box.score`` is ``n / (n + min_neighbors)`` where ``n`` is the number of overlapping raw detections
     that support the face: a relative confidence, not a probability.
 
-    OpenCV cascades are not safe to share between threads, so each call takes a lock; the work is
-    short (tens of milliseconds at ``work_size`` 400) and runs in the ingress's worker threads.
+    OpenCV does not promise that one ``CascadeClassifier`` may run in several threads at once, so every
+    thread that calls the detector (the ingress's worker threads) loads its own pair of cascades on first
+    use: detections run in parallel without a lock. The constructor loads them once for the calling
+    thread, so a bad cascade fails at start-up.
     """
 
     name = "haar"
 
     def __init__(self, config: FaceConfig | None = None) -> None:
         self.config = config or FaceConfig()
-        self._faces = load_cascade(self.config.cascade)
-        self._eyes = load_cascade(self.config.eye_cascade) if self.config.align else None
-        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._cascades()
+
+    def _cascades(self) -> tuple[cv2.CascadeClassifier, cv2.CascadeClassifier | None]:
+        """This thread's (face, eye) cascades; the eye cascade is None when ``align`` is off."""
+        pair = getattr(self._local, "pair", None)
+        if pair is None:
+            eyes = load_cascade(self.config.eye_cascade) if self.config.align else None
+            pair = self._local.pair = (load_cascade(self.config.cascade), eyes)
+        return pair
 
     def detect(self, image: Image.Image | np.ndarray) -> list[Box]:
         """Face boxes, largest first; ``[]`` when there is no frontal face."""
@@ -537,10 +547,10 @@ class HaarFaceDetector:
         side = max(20, int(cfg.min_face_fraction * min(gray.shape)))
         if side > min(gray.shape):
             return []
-        with self._lock:
-            rects, counts = self._faces.detectMultiScale2(
-                gray, scaleFactor=cfg.scale_factor, minNeighbors=cfg.min_neighbors, minSize=(side, side)
-            )
+        face_cascade, eye_cascade = self._cascades()
+        rects, counts = face_cascade.detectMultiScale2(
+            gray, scaleFactor=cfg.scale_factor, minNeighbors=cfg.min_neighbors, minSize=(side, side)
+        )
         if len(rects) == 0:
             return []
         order = sorted(range(len(rects)), key=lambda i: int(rects[i][2]) * int(rects[i][3]), reverse=True)
@@ -551,41 +561,38 @@ class HaarFaceDetector:
             score = round(n / (n + max(1, cfg.min_neighbors)), 4)
             box = Box(*_to_image_coords(x, y, x + fw, y + fh, scale, w, h), score=score)
             eyes = None
-            if with_eyes and rank == 0 and self._eyes is not None:
-                found = self._eye_pair(gray, x, y, fw, fh)
+            if with_eyes and rank == 0 and eye_cascade is not None:
+                found = _eye_pair(eye_cascade, gray, x, y, fw, fh)
                 if found is not None:
                     eyes = tuple((ex / scale, ey / scale) for ex, ey in found)
             out.append(Face(box, eyes))  # type: ignore[arg-type]
         return out
 
-    def _eye_pair(
-        self, gray: np.ndarray, x: int, y: int, fw: int, fh: int
-    ) -> tuple[tuple[float, float], tuple[float, float]] | None:
-        """The two eyes (image-left first) in the upper part of a face, or None when not both are seen."""
-        assert self._eyes is not None
-        roi = gray[y : y + int(0.6 * fh), x : x + fw]
-        lo, hi = max(6, fw // 8), max(7, fw // 2)
-        with self._lock:
-            eyes = self._eyes.detectMultiScale(
-                roi, scaleFactor=1.1, minNeighbors=3, minSize=(lo, lo), maxSize=(hi, hi)
-            )
-        centres = [(x + ex + ew / 2.0, y + ey + eh / 2.0) for ex, ey, ew, eh in eyes]
-        left = [c for c in centres if c[0] < x + fw / 2.0]
-        right = [c for c in centres if c[0] >= x + fw / 2.0]
-        if not left or not right:
-            return None
-        best: tuple[float, tuple[tuple[float, float], tuple[float, float]]] | None = None
-        for a in left:
-            for b in right:
-                dist = math.hypot(b[0] - a[0], b[1] - a[1])
-                angle = abs(math.degrees(math.atan2(b[1] - a[1], b[0] - a[0])))
-                # Eyes sit 0.25-0.7 of the face width apart and roughly level; anything else is a
-                # nostril, an eyebrow or a glasses frame.
-                if 0.25 * fw <= dist <= 0.7 * fw and angle <= 30:
-                    cost = angle + abs(dist - 0.42 * fw) / fw * 100
-                    if best is None or cost < best[0]:
-                        best = (cost, (a, b))
-        return None if best is None else best[1]
+
+def _eye_pair(
+    cascade: cv2.CascadeClassifier, gray: np.ndarray, x: int, y: int, fw: int, fh: int
+) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """The two eyes (image-left first) in the upper part of a face, or None when not both are seen."""
+    roi = gray[y : y + int(0.6 * fh), x : x + fw]
+    lo, hi = max(6, fw // 8), max(7, fw // 2)
+    eyes = cascade.detectMultiScale(roi, scaleFactor=1.1, minNeighbors=3, minSize=(lo, lo), maxSize=(hi, hi))
+    centres = [(x + ex + ew / 2.0, y + ey + eh / 2.0) for ex, ey, ew, eh in eyes]
+    left = [c for c in centres if c[0] < x + fw / 2.0]
+    right = [c for c in centres if c[0] >= x + fw / 2.0]
+    if not left or not right:
+        return None
+    best: tuple[float, tuple[tuple[float, float], tuple[float, float]]] | None = None
+    for a in left:
+        for b in right:
+            dist = math.hypot(b[0] - a[0], b[1] - a[1])
+            angle = abs(math.degrees(math.atan2(b[1] - a[1], b[0] - a[0])))
+            # Eyes sit 0.25-0.7 of the face width apart and roughly level; anything else is a
+            # nostril, an eyebrow or a glasses frame.
+            if 0.25 * fw <= dist <= 0.7 * fw and angle <= 30:
+                cost = angle + abs(dist - 0.42 * fw) / fw * 100
+                if best is None or cost < best[0]:
+                    best = (cost, (a, b))
+    return None if best is None else best[1]
 
 
 # -- crops ---------------------------------------------------------------------------------------

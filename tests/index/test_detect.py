@@ -4,6 +4,7 @@ and the CLIP region scorer's arithmetic."""
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -210,6 +211,21 @@ def test_alignment_levels_a_tilted_face(faces, degrees) -> None:
     aligned = np.abs(small(face_crop(tilted, face, 0.2)) - ref).mean()
     unaligned = np.abs(small(face_crop(tilted, Face(face.box), 0.2)) - ref).mean()
     assert aligned < 0.6 * unaligned, (aligned, unaligned)
+
+
+def test_faces_from_several_threads_at_once(faces) -> None:
+    # the ingress calls one detector from many worker threads; each thread gets its own cascades
+    astronaut = skimage.data.astronaut()
+    images = [
+        astronaut,
+        rotated(astronaut, 10),
+        skimage.data.coffee(),
+        np.ascontiguousarray(astronaut[:, ::-1]),
+    ]
+    expected = [faces.faces(i) for i in images]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(faces.faces, images * 3))
+    assert got == expected * 3
 
 
 def test_alignment_can_be_switched_off() -> None:

@@ -248,52 +248,61 @@ def test_health_reports_the_detectors(client):
 # -- a learned face-embedding model --------------------------------------------------------------
 
 
-def test_face_model_embeds_the_faces(serve_port, tmp_path):
-    """A second app whose faces go to their own open_clip model, loaded through the same mechanism as the
-    main one (here a local-dir config at 96 px with random weights: plumbing, not quality). The main
-    tiny model takes 64 px inputs only, so a face that gets embedded at all went to the face model."""
+def test_learned_options_face_model_and_clip_regions(serve_port, tmp_path):
+    """A second app with both learned options on (plumbing, not quality: random weights).
+
+    Faces go to their own open_clip model, loaded through the same mechanism as the main one (here a
+    local-dir config at 96 px). The main tiny model takes 64 px inputs only, so a face that gets embedded
+    at all went to the face model. Items are chosen by CLIP region scoring; with min_probability 0 a
+    region is always chosen, and the same query bytes choose the same region again."""
     face_dir = tmp_path / "tiny-face"
     face_dir.mkdir()
     config = json.loads((tiny_random_dir() / "open_clip_config.json").read_text())
     config["model_cfg"]["vision_cfg"]["image_size"] = 96
     (face_dir / "open_clip_config.json").write_text(json.dumps(config))
-    name = "facemodel"
+    name = "learned"
     deploy(
         str(tmp_path / "storage"),
         name=name,
-        route_prefix="/facemodel",
+        route_prefix="/learned",
         face_model=f"local-dir:{face_dir}",
         face_pretrained="random",
+        item_detector={"kind": "clip-regions", "min_probability": 0.0, "max_proposals": 6},
         deployment_options={d: ZERO_CPU for d in ("Ingress", "Encoder", "LibraryIndex", "Writer")},
     )
-    base = f"http://127.0.0.1:{serve_port}/facemodel"
+    base = f"http://127.0.0.1:{serve_port}/learned"
     try:
         wait_ready(base)
         c = Client(base)
         health = c.get("/health", prefix=False)[1]["data"]
         assert health["detection"]["face_model"] == "local-dir:tiny-face/random-seed-0"
+        assert health["detection"]["item_detector"] == "clip-regions"
+
         lib = c.ok("/library/create", {"library_name": "faces", "mode": "adaptive_search"})
         assert lib["face_model"] == "local-dir:tiny-face/random-seed-0"
         for image_id, arr in (("astronaut", skimage.data.astronaut()), ("rocket", skimage.data.rocket())):
-            c.ok(
-                "/image/add",
-                {
-                    "library_name": "faces",
-                    "image_id": image_id,
-                    "image_uri": image_id,
-                    "image_base64": jpeg_b64(arr),
-                },
-            )
-        assert (
-            c.ok("/image/get", {"library_name": "faces", "image_id": "astronaut"})["images"][0]["vector_kind"]
-            == "face"
-        )
-        data = c.ok(
-            "/search/by-image", {"library_name": "faces", "image_base64": jpeg_b64(skimage.data.astronaut())}
-        )
+            body = {"library_name": "faces", "image_id": image_id, "image_uri": image_id}
+            c.ok("/image/add", body | {"image_base64": jpeg_b64(arr)})
+        record = c.ok("/image/get", {"library_name": "faces", "image_id": "astronaut"})["images"][0]
+        assert record["vector_kind"] == "face"
+        body = {"library_name": "faces", "image_base64": jpeg_b64(skimage.data.astronaut())}
+        data = c.ok("/search/by-image", body)
         assert data["query_kind"] == "face"
-        assert [r["image_id"] for r in data["results"]] == ["astronaut"] and data["results"][0][
-            "score"
-        ] >= 0.99
+        assert [r["image_id"] for r in data["results"]] == ["astronaut"]
+        assert data["results"][0]["score"] >= 0.99
+
+        c.ok("/library/create", {"library_name": "items", "mode": "item_search"})
+        for image_id, (seed, background, at) in SHOTS.items():
+            body = {"library_name": "items", "image_id": image_id, "image_uri": image_id}
+            c.ok("/image/add", body | {"image_base64": shot(seed, background, at)})
+        record = c.ok("/image/get", {"library_name": "items", "image_id": "B_on_gradient"})["images"][0]
+        assert record["vector_kind"] == "item"
+        assert record["detection"]["detector"] == "clip-regions" and record["detection"]["detected"] is True
+        assert 0.0 <= record["detection"]["score"] <= 1.0 and len(record["detection"]["box"]) == 4
+        data = c.ok(
+            "/search/by-image", {"library_name": "items", "image_base64": shot(*SHOTS["B_on_gradient"])}
+        )
+        assert data["query_kind"] == "item" and data["query_box"] == record["detection"]["box"]
+        assert data["results"][0]["image_id"] == "B_on_gradient" and data["results"][0]["score"] >= 0.99
     finally:
         serve.delete(name)

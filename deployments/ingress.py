@@ -175,12 +175,14 @@ class Ingress:
                 uploaded = await self._decode_upload(fetched, "image_uri", info.name)
             data, image = uploaded
             embedded = await self._embed(image, info.mode, query=False)
+            if embedded.vector is None or embedded.vector_kind is None:  # imports always embed something
+                raise RuntimeError(f"no vector for an import into a {info.mode} library")
             record = NewRecord(
                 image_id=body.image_id,
                 image_uri=body.image_uri,
-                vector=embedded.vector,  # type: ignore[arg-type]  # imports always get a vector
+                vector=embedded.vector,
                 tags=tags,
-                vector_kind=embedded.vector_kind or "whole",
+                vector_kind=embedded.vector_kind,
                 frame=data if body.save_image else None,
                 extra=embedded.extra,
             )

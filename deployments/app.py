@@ -21,6 +21,7 @@ from deployments.encoder import Encoder
 from deployments.ingress import Ingress
 from deployments.library_index import LibraryIndex
 from deployments.writer import Writer
+from index.detect import cascade_path
 from index.embedder import resolve_model_spec
 from index.scores import ScoreCalibration
 
@@ -38,11 +39,38 @@ def build_app(raw_args: dict[str, Any]) -> Application:
         precision=args.precision,
         seed=args.seed,
     )
+    face_spec = None
+    if args.face_model is not None:
+        face_spec = resolve_model_spec(
+            args.face_model,
+            pretrained=args.face_pretrained,
+            cache_dir=args.model_cache_dir,
+            device=args.device,
+            precision=args.precision,
+            seed=args.seed,
+        )
+        if face_spec.dim != spec.dim:
+            raise ValueError(
+                f"face_model {args.face_model!r} makes {face_spec.dim}-d vectors but model {args.model!r} "
+                f"makes {spec.dim}-d ones; a library holds vectors of one size: pick a face model of the "
+                f"same dimension"
+            )
+        if face_spec.random_weights:
+            logger.warning("face model %s uses RANDOM WEIGHTS", face_spec.identity)
+    elif args.face_pretrained is not None:
+        raise ValueError("face_pretrained is set but face_model is not; set both, or neither")
     if spec.random_weights:
         logger.warning("model %s uses RANDOM WEIGHTS: search results will not be meaningful", spec.identity)
+        if args.item_detector.kind == "clip-regions":
+            logger.warning("item_detector clip-regions scores regions with RANDOM WEIGHTS: arbitrary choices")
+    # Fail the build, not a replica, on bad detection settings (numbers, cascade files).
+    detection = args.detection_config()
+    cascade_path(detection.face.cascade)
+    if detection.face.align:
+        cascade_path(detection.face.eye_cascade)
     opts = args.deployment_options
     # Serve's decorators return Deployment objects the type checker cannot see through.
-    encoder = Encoder.options(**opts.get("Encoder", {})).bind(spec)  # type: ignore[attr-defined]
+    encoder = Encoder.options(**opts.get("Encoder", {})).bind(spec, face_spec)  # type: ignore[attr-defined]
     index = LibraryIndex.options(**opts.get("LibraryIndex", {})).bind(  # type: ignore[attr-defined]
         args.storage_root, ScoreCalibration(args.text_score_center, args.text_score_scale)
     )
@@ -50,4 +78,6 @@ def build_app(raw_args: dict[str, Any]) -> Application:
         args.storage_root, args.limits.max_libraries
     )
     ingress = Ingress.options(**opts.get("Ingress", {}))  # type: ignore[attr-defined]
-    return ingress.bind(encoder, index, writer, args, spec.preprocess)
+    return ingress.bind(
+        encoder, index, writer, args, spec.preprocess, face_spec.preprocess if face_spec else None
+    )

@@ -12,7 +12,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from filters import FilterLimits, TagLimits
+from index.detect import ClipRegionConfig, FaceConfig, SaliencyConfig
 from index.imaging import ImageLimits
+from index.modes import DetectionConfig
 
 #: The pretrained tag used when ``pretrained`` is not given, for the models we document.
 DEFAULT_PRETRAINED = {
@@ -61,6 +63,48 @@ class Limits(BaseModel):
         )
 
 
+class ItemDetectorArgs(BaseModel):
+    """``item_detector``: how ``item_search`` finds the main item (see ``index/detect.py``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["saliency", "clip-regions"] = Field(
+        "saliency",
+        description="'saliency': classical foreground against the border's colours, no weights; "
+        "'clip-regions': the deployment's CLIP model scores candidate regions against prompts "
+        "(meaningful only with real CLIP weights)",
+    )
+    margin: float = Field(DetectionConfig.item_margin, ge=0, le=1, description="crop margin per side")
+    work_size: int = Field(SaliencyConfig.work_size, ge=32, le=4096)
+    border_fraction: float = Field(SaliencyConfig.border_fraction, gt=0, le=0.2)
+    min_area_fraction: float = Field(SaliencyConfig.min_area_fraction, gt=0, lt=1)
+    min_delta_e: float = Field(SaliencyConfig.min_delta_e, gt=0)
+    noise_factor: float = Field(SaliencyConfig.noise_factor, gt=0)
+    smooth_delta_e: float = Field(SaliencyConfig.smooth_delta_e, ge=0)
+    item_prompts: list[str] = Field(default_factory=lambda: list(ClipRegionConfig.item_prompts), min_length=1)
+    background_prompts: list[str] = Field(
+        default_factory=lambda: list(ClipRegionConfig.background_prompts), min_length=1
+    )
+    min_probability: float = Field(ClipRegionConfig.min_probability, ge=0, le=1)
+    temperature: float = Field(ClipRegionConfig.temperature, gt=0)
+    max_proposals: int = Field(ClipRegionConfig.max_proposals, ge=1, le=64)
+
+
+class FaceDetectorArgs(BaseModel):
+    """``face_detector``: how ``adaptive_search`` finds and crops a face (OpenCV Haar cascades)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cascade: str = Field(FaceConfig.cascade, description="file in cv2.data.haarcascades, or a path")
+    eye_cascade: str = Field(FaceConfig.eye_cascade, description="eye cascade used for alignment")
+    work_size: int = Field(FaceConfig.work_size, ge=64, le=4096)
+    min_face_fraction: float = Field(FaceConfig.min_face_fraction, gt=0, le=1)
+    scale_factor: float = Field(FaceConfig.scale_factor, gt=1.0, le=2.0)
+    min_neighbors: int = Field(FaceConfig.min_neighbors, ge=0, le=50)
+    align: bool = Field(FaceConfig.align, description="level the eyes when both are found")
+    margin: float = Field(FaceConfig.margin, ge=0, le=1, description="crop margin per side")
+
+
 class AppArgs(BaseModel):
     """Arguments of ``build_app``."""
 
@@ -73,6 +117,15 @@ class AppArgs(BaseModel):
         "DEFAULT_PRETRAINED; 'random' for explicit random weights (benchmarks)",
     )
     model_cache_dir: str | None = Field(None, description="where downloaded weights are cached")
+    face_model: str | None = Field(
+        None,
+        description="adaptive_search: an open_clip model (name or 'local-dir:/path') trained for faces that "
+        "embeds face crops instead of the main model; its vectors must have the main model's dim. None "
+        "(default): the main CLIP model embeds faces. No face model ships with the service",
+    )
+    face_pretrained: str | None = Field(
+        None, description="the face model's pretrained tag or checkpoint file (same rules as pretrained)"
+    )
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     seed: int = Field(0, description="seed of random-weight models (identical across replicas)")
@@ -87,6 +140,8 @@ class AppArgs(BaseModel):
         default_factory=list, description="accepted API keys (Authorization: Bearer); empty: no auth"
     )
     api_keys_file: str | None = Field(None, description="file with one API key per line (# comments)")
+    item_detector: ItemDetectorArgs = Field(default_factory=ItemDetectorArgs)
+    face_detector: FaceDetectorArgs = Field(default_factory=FaceDetectorArgs)
     deployment_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="per-deployment .options() overrides keyed by deployment name (tests, quick runs); "
@@ -100,6 +155,30 @@ class AppArgs(BaseModel):
             with open(self.api_keys_file) as f:
                 keys.update(ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#"))
         return frozenset(keys)
+
+    def detection_config(self) -> DetectionConfig:
+        """The plain-Python detection settings (``index.modes.DetectionConfig``)."""
+        item = self.item_detector
+        return DetectionConfig(
+            item_detector=item.kind,
+            item_margin=item.margin,
+            saliency=SaliencyConfig(
+                work_size=item.work_size,
+                border_fraction=item.border_fraction,
+                min_area_fraction=item.min_area_fraction,
+                min_delta_e=item.min_delta_e,
+                noise_factor=item.noise_factor,
+                smooth_delta_e=item.smooth_delta_e,
+            ),
+            clip_regions=ClipRegionConfig(
+                item_prompts=tuple(item.item_prompts),
+                background_prompts=tuple(item.background_prompts),
+                min_probability=item.min_probability,
+                temperature=item.temperature,
+                max_proposals=item.max_proposals,
+            ),
+            face=FaceConfig(**self.face_detector.model_dump()),
+        )
 
     @model_validator(mode="after")
     def _default_pretrained(self) -> AppArgs:

@@ -1,8 +1,9 @@
 """Ingress deployment: the REST routes of ``../shared/spec/API.md`` on FastAPI.
 
-It validates (pydantic at the edge, ``filters`` for tags and tag_filter), decodes and resizes uploads in
-a worker thread (CPUs are here; the encoder only receives compact uint8 arrays), and forwards to the
-Encoder, the LibraryIndex (reads) and the Writer (mutations).
+It validates (pydantic at the edge, ``filters`` for tags and tag_filter), decodes uploads and runs the
+library mode's detection and cropping (``index.modes.ModePipeline``) in worker threads (CPUs are here;
+the encoder only receives compact uint8 arrays), and forwards to the Encoder, the LibraryIndex (reads)
+and the Writer (mutations).
 
 No ``from __future__ import annotations`` here: FastAPI must see the real request-model types on the
 route signatures that Serve's class-based view rewrites.
@@ -17,6 +18,7 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -35,17 +37,17 @@ from deployments.schemas import (
     UpdateTags,
 )
 from filters import FilterError, TagError, parse_filter, validate_tags
-from index.catalog import Catalog, LibraryInfo
+from index.catalog import Catalog, LibraryInfo, check_served_model
 from index.embedder import PreprocessSpec
 from index.errors import (
     ImageNotFound,
     InvalidParameter,
-    ModelMismatch,
     ModeNotSupported,
     PayloadTooLarge,
 )
 from index.fetch import FetchError, fetch_bytes
-from index.imaging import ImageDecodeError, ImageTooLarge, decode_base64, decode_image, prepare_for_model
+from index.imaging import ImageDecodeError, ImageTooLarge, decode_base64, decode_image
+from index.modes import Embedded, ModePipeline
 from index.store import NewRecord
 
 logger = logging.getLogger("ray.serve")
@@ -79,15 +81,18 @@ class Ingress:
         writer: DeploymentHandle,
         args: AppArgs,
         preprocess: PreprocessSpec,
+        face_preprocess: PreprocessSpec | None = None,
     ) -> None:
         self.encoder = encoder
         self.index = index
         self.writer = writer
         self.args = args
         self.limits = args.limits
-        self.preprocess = preprocess
         self.catalog = Catalog(args.storage_root, max_libraries=args.limits.max_libraries)
+        # Detection and cropping are CPU work: they run here, in worker threads, next to decoding.
+        self.pipeline = ModePipeline(preprocess, args.detection_config(), face_preprocess=face_preprocess)
         self._model: dict[str, Any] | None = None
+        self._prompt_vectors: np.ndarray | None = None
         # Read per request by the middlewares (they are installed when the module is imported).
         api.state.max_body_bytes = args.limits.max_body_bytes
         api.state.api_keys = args.load_api_keys()
@@ -115,6 +120,7 @@ class Ingress:
                 "device": model["device"],
                 "dim": model["dim"],
                 "libraries": len(self.catalog.names()),
+                "detection": self.pipeline.describe() | {"face_model": model.get("face_identity")},
             }
             if model["random_weights"]:
                 data["warning"] = "RANDOM WEIGHTS: embeddings are not meaningful (offline demo/test model)"
@@ -173,20 +179,25 @@ class Ingress:
             # is decoded here, a URI is only fetched once the library is known to exist.
             uploaded = None
             if body.image_base64 is not None:
-                uploaded = await self._decode_upload(self._decode_base64(body.image_base64), "image_base64")
+                uploaded = await self._decode_upload(
+                    self._decode_base64(body.image_base64), "image_base64", body.library_name
+                )
             info = await self._library(body.library_name)
             if uploaded is None:
-                data = await self._fetch(body.image_uri)
-                uploaded = await self._decode_upload(data, "image_uri")
-            data, pixels = uploaded
-            vector = await self.encoder.embed_image.remote(pixels)
+                fetched = await self._fetch(body.image_uri)
+                uploaded = await self._decode_upload(fetched, "image_uri", info.name)
+            data, image = uploaded
+            embedded = await self._embed(image, info.mode, query=False)
+            if embedded.vector is None or embedded.vector_kind is None:  # imports always embed something
+                raise RuntimeError(f"no vector for an import into a {info.mode} library")
             record = NewRecord(
                 image_id=body.image_id,
                 image_uri=body.image_uri,
-                vector=vector,
+                vector=embedded.vector,
                 tags=tags,
-                vector_kind="whole",
+                vector_kind=embedded.vector_kind,
                 frame=data if body.save_image else None,
+                extra=embedded.extra,
             )
             created = await self.writer.add_images.remote(info.name, info.uid, [record])
             return envelope({"image_id": body.image_id, "image_uri": body.image_uri, "created": created[0]})
@@ -233,13 +244,24 @@ class Ingress:
     async def search_by_image(self, body: SearchByImage) -> JSONResponse:
         try:
             node = self._search_params(body)
-            _, pixels = await self._decode_upload(self._decode_base64(body.image_base64), "image_base64")
+            raw = self._decode_base64(body.image_base64)
+            _, image = await self._decode_upload(raw, "image_base64", body.library_name)
             info = await self._library(body.library_name)
-            vector = await self.encoder.embed_image.remote(pixels)
-            answer = await self._index(info).search.remote(
-                vector, query_kind="image", vector_kind="whole", **self._search_kwargs(body, node)
-            )
-            return envelope({"results": answer["results"]})
+            embedded = await self._embed(image, info.mode, query=True)
+            results: list[Any] = []
+            if embedded.vector is not None:  # None: an item_search query in which no item was found
+                answer = await self._index(info).search.remote(
+                    embedded.vector,
+                    query_kind="image",
+                    vector_kind=embedded.vector_kind,
+                    **self._search_kwargs(body, node),
+                )
+                results = answer["results"]
+            data: dict[str, Any] = {"results": results}
+            if info.mode != "general_search":  # documented extension: what the query was embedded as
+                data["query_kind"] = embedded.vector_kind
+                data["query_box"] = embedded.box
+            return envelope(data)
         except Exception as exc:
             return error_response(exc)
 
@@ -288,9 +310,7 @@ class Ingress:
         """The library's descriptor (404 when absent); 409 when it was built with another model."""
         info = self.catalog.get(name)
         if check_model:
-            model = await self._model_info()
-            if info.model_identity != model["identity"]:
-                raise ModelMismatch(name, info.model_identity, model["identity"])
+            check_served_model(info, await self._model_info())
         return info
 
     def _index(self, info: LibraryInfo) -> DeploymentHandle:
@@ -343,16 +363,38 @@ class Ingress:
                 f"image_uri: {exc}; send image_base64 to upload the image instead"
             ) from None
 
-    def _prepare(self, data: bytes, field: str) -> np.ndarray:
-        """Decode and resize (runs in a worker thread)."""
+    def _decode(self, data: bytes, field: str, side_hint: int) -> Image.Image:
+        """Decode (runs in a worker thread)."""
         try:
-            img = decode_image(data, self.limits.image_limits(), min_side_hint=max(self.preprocess.size))
+            return decode_image(data, self.limits.image_limits(), min_side_hint=side_hint)
         except ImageTooLarge as exc:
             raise PayloadTooLarge(f"{field}: {exc}") from None
         except ImageDecodeError as exc:
             raise InvalidParameter(f"{field}: {exc}") from None
-        return prepare_for_model(img, self.preprocess)
 
-    async def _decode_upload(self, data: bytes, field: str) -> tuple[bytes, np.ndarray]:
-        """The original bytes and the model-sized uint8 pixels (decoded off the event loop)."""
-        return data, await asyncio.to_thread(self._prepare, data, field)
+    async def _decode_upload(self, data: bytes, field: str, library_name: str) -> tuple[bytes, Image.Image]:
+        """The original bytes and the decoded image (decoded off the event loop).
+
+        The library's mode, when it exists, sets the decoding resolution (detection modes crop, so they
+        need more pixels); a missing library is reported by the caller after the image was checked."""
+        mode = self.catalog.mode_of(library_name) or "general_search"
+        hint = self.pipeline.decode_side_hint(mode)
+        return data, await asyncio.to_thread(self._decode, data, field, hint)
+
+    async def _embed(self, image: Image.Image, mode: str, *, query: bool) -> Embedded:
+        """Detect and crop for the library's mode (worker thread), then encode the crops (Encoder)."""
+        plan = await asyncio.to_thread(self.pipeline.plan, image, mode, query=query)
+        # Several crops (clip-regions candidates) go out at once and batch together in the Encoder. Face
+        # crops go to embed_face: the face-embedding model when one is configured, else CLIP.
+        method = self.encoder.embed_face if plan.vector_kind == "face" else self.encoder.embed_image
+        vectors = list(await asyncio.gather(*(method.remote(c) for c in plan.crops)))
+        prompts = await self._prompts() if plan.candidates else None
+        return self.pipeline.finish(plan, vectors, prompts, query=query)
+
+    async def _prompts(self) -> np.ndarray:
+        """Unit vectors of the clip-regions prompts (computed once per replica)."""
+        if self._prompt_vectors is None:
+            texts = self.pipeline.prompts
+            vectors = await asyncio.gather(*(self.encoder.embed_text.remote(t) for t in texts))
+            self._prompt_vectors = np.stack(vectors)
+        return self._prompt_vectors

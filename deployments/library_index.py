@@ -83,6 +83,7 @@ class LibraryIndex:
                 record_object(reader, rec, return_frame=return_frame)
                 | {
                     "vector_kind": rec.vector_kind,
+                    "detection": rec.extra,
                     "created_at": iso_time(rec.created_at),
                     "updated_at": iso_time(rec.updated_at),
                 }

@@ -25,7 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from index.errors import InvalidParameter, LibraryAlreadyExists, LibraryLimitReached, LibraryNotFound
+from index.errors import (
+    InvalidParameter,
+    LibraryAlreadyExists,
+    LibraryLimitReached,
+    LibraryNotFound,
+    ModelMismatch,
+)
 from index.store import LibraryStore
 
 logger = logging.getLogger(__name__)
@@ -33,6 +39,12 @@ logger = logging.getLogger(__name__)
 #: 1-64 characters of [A-Za-z0-9_-], starting with a letter or digit: never a path on disk.
 LIBRARY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MODES = ("general_search", "item_search", "adaptive_search")
+#: What a library of each mode embeds (``embedding`` of the library object; see ``index/modes.py``).
+EMBEDDING_OF_MODE = {
+    "general_search": "whole_image",
+    "item_search": "item_crop",
+    "adaptive_search": "face_crop_or_whole_image",
+}
 MAX_DESCRIPTION_LENGTH = 1024
 
 
@@ -54,7 +66,12 @@ def check_library_name(name: object) -> str:
 
 @dataclass(frozen=True)
 class LibraryInfo:
-    """What ``library.json`` holds. ``uid`` changes when a library is deleted and created again."""
+    """What ``library.json`` holds. ``uid`` changes when a library is deleted and created again.
+
+    ``face_model_identity`` (``adaptive_search`` only) names the learned face-embedding model that embeds
+    its faces; None when the CLIP model's image encoder does (the default, and what libraries created
+    before the field existed used).
+    """
 
     name: str
     mode: str
@@ -66,6 +83,7 @@ class LibraryInfo:
     dim: int
     uid: str
     index_kind: str = "auto"
+    face_model_identity: str | None = None
 
     @property
     def key(self) -> str:
@@ -102,6 +120,7 @@ class Catalog:
         model_identity: str,
         dim: int,
         index_kind: str = "auto",
+        face_model_identity: str | None = None,
     ) -> LibraryInfo:
         """Create an empty library.
 
@@ -129,6 +148,7 @@ class Catalog:
             dim=dim,
             uid=uuid.uuid4().hex[:12],
             index_kind=index_kind,
+            face_model_identity=face_model_identity if mode == "adaptive_search" else None,
         )
         staging = self._staging / f"{name}-{info.uid}"
         staging.mkdir()
@@ -153,6 +173,13 @@ class Catalog:
         except FileNotFoundError:
             raise LibraryNotFound(name) from None
         return LibraryInfo(**raw)
+
+    def mode_of(self, name: str) -> str | None:
+        """The mode of library ``name``, or None when there is no such library (or the name is invalid)."""
+        try:
+            return self.get(name).mode
+        except (LibraryNotFound, InvalidParameter):
+            return None
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self._libraries.iterdir() if (p / "library.json").exists())
@@ -192,6 +219,30 @@ class Catalog:
         return library_object(info, count)
 
 
+def check_served_model(info: LibraryInfo, served: dict[str, Any]) -> None:
+    """Refuse to use a library with a model other than the one it was built with.
+
+    Args:
+        info: the library.
+        served: the Encoder's ``info()``: ``identity`` and ``face_identity`` (None: no face model).
+
+    Raises:
+        ModelMismatch: the CLIP model differs, or (``adaptive_search``) the face-embedding model does.
+    """
+    if info.model_identity != served["identity"]:
+        raise ModelMismatch(info.name, info.model_identity, served["identity"])
+    if info.mode == "adaptive_search" and info.face_model_identity != served.get("face_identity"):
+        raise ModelMismatch(
+            info.name,
+            _face_model_name(info.face_model_identity),
+            _face_model_name(served.get("face_identity")),
+        )
+
+
+def _face_model_name(identity: str | None) -> str:
+    return f"face model {identity}" if identity else "no face model (CLIP embeds faces)"
+
+
 def library_object(info: LibraryInfo, image_count: int) -> dict[str, Any]:
     return {
         "library_name": info.name,
@@ -201,9 +252,8 @@ def library_object(info: LibraryInfo, image_count: int) -> dict[str, Any]:
         "created_at": iso_time(info.created_at),
         "model": {"name": info.model, "pretrained": info.pretrained, "dim": info.dim},
         "index": {"kind": "flat", "configured": info.index_kind},
-        # Detection pipelines for item/adaptive modes are not built yet: both embed the whole image.
-        "embedding": "whole_image",
-    }
+        "embedding": EMBEDDING_OF_MODE[info.mode],
+    } | ({"face_model": info.face_model_identity} if info.mode == "adaptive_search" else {})
 
 
 def iso_time(ts: float) -> str:

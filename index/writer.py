@@ -63,6 +63,7 @@ class LibraryWriter:
             pretrained=model["pretrained"],
             model_identity=model["identity"],
             dim=int(model["dim"]),
+            face_model_identity=model.get("face_identity"),
         )
         return self.catalog.describe(info)
 

@@ -53,12 +53,17 @@ def test_delete_removes_everything_and_recreate_starts_empty(client):
     assert (code, env["status"]) == (404, "IMAGE_NOT_FOUND")
 
 
-@pytest.mark.parametrize("mode", ["item_search", "adaptive_search"])
-def test_other_modes_are_created_and_say_whole_image(client, mode):
+@pytest.mark.parametrize(
+    "mode, embedding",
+    [("item_search", "item_crop"), ("adaptive_search", "face_crop_or_whole_image")],
+)
+def test_other_modes_are_created_and_say_what_they_embed(client, mode, embedding):
     name = f"m_{mode}"
     data = client.ok("/library/create", {"library_name": name, "mode": mode})
     assert data["mode"] == mode
-    assert data["embedding"] == "whole_image"
+    assert data["embedding"] == embedding
+    code, env = client.get(f"/library/{name}")
+    assert code == 200 and env["data"]["embedding"] == embedding
 
 
 @pytest.mark.parametrize(

@@ -209,6 +209,5 @@ def test_by_text_on_other_modes_is_mode_not_supported(client, mode):
     code, env = client.post("/search/by-text", {"library_name": name, "query_text": "a red dress"})
     assert (code, env["status"], env["data"]) == (400, "MODE_NOT_SUPPORTED", None)
     assert name in env["message"] and mode in env["message"]
-    assert client.ok("/search/by-image", {"library_name": name, "image_base64": image_b64(1)}) == {
-        "results": []
-    }
+    data = client.ok("/search/by-image", {"library_name": name, "image_base64": image_b64(1)})
+    assert data["results"] == []

@@ -45,5 +45,10 @@ def build_app(raw_args: dict[str, Any]) -> Application:
     index = LibraryIndex.options(**opts.get("LibraryIndex", {})).bind(
         args.storage_root, ScoreCalibration(args.text_score_center, args.text_score_scale)
     )
-    writer = Writer.options(**opts.get("Writer", {})).bind(args.storage_root, args.limits.max_libraries)
+    writer = Writer.options(**opts.get("Writer", {})).bind(
+        args.storage_root,
+        args.limits.max_libraries,
+        snapshot_min_rows=args.snapshot_min_rows,
+        snapshot_fraction=args.snapshot_fraction,
+    )
     return Ingress.options(**opts.get("Ingress", {})).bind(encoder, index, writer, args, spec.preprocess)

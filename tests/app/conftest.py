@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import socket
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +33,8 @@ def app_args(storage_root: str, **overrides: Any) -> dict[str, Any]:
         "model": "tiny-random",
         "storage_root": storage_root,
         "limits": {"max_body_bytes": 2_000_000, "max_image_bytes": 1_500_000, "max_image_pixels": 4_000_000},
+        # the image server of the fetch tests runs on loopback, which the default fetch policy refuses
+        "fetch_allowed_networks": ["127.0.0.0/8"],
         "deployment_options": {
             "Ingress": ZERO_CPU,
             "Encoder": ZERO_CPU,

@@ -178,9 +178,7 @@ def test_public_addresses_pass_the_check():
 
 def test_allowed_network_lets_loopback_through_and_the_connection_is_pinned(server):
     calls: list[str] = []
-    policy = FetchPolicy(
-        allowed_networks=LOOPBACK, resolver=resolver({"images.test": ["127.0.0.1"]}, calls)
-    )
+    policy = FetchPolicy(allowed_networks=LOOPBACK, resolver=resolver({"images.test": ["127.0.0.1"]}, calls))
     # "images.test" does not resolve on this machine: success proves the HTTP client connected to the
     # address the policy checked instead of resolving the name again (which DNS rebinding would exploit).
     assert fetch(server.url("/photo", "images.test"), policy) == PAYLOAD
@@ -189,9 +187,7 @@ def test_allowed_network_lets_loopback_through_and_the_connection_is_pinned(serv
 
 
 def test_allowed_networks_only_cover_what_they_name(server):
-    policy = FetchPolicy(
-        allowed_networks=("127.0.0.1/32",), resolver=resolver({"a.test": ["127.0.0.2"]})
-    )
+    policy = FetchPolicy(allowed_networks=("127.0.0.1/32",), resolver=resolver({"a.test": ["127.0.0.2"]}))
     with pytest.raises(FetchRefused):
         fetch(server.url("/photo", "a.test"), policy)
     FetchPolicy(allowed_networks=LOOPBACK).check_address("::ffff:127.0.0.1")  # mapped form matches too

@@ -95,6 +95,10 @@ def _path(loc: list[str]) -> str:
     return out
 
 
+#: FastAPI's detail when it cannot decode a body at all (its JSON errors are RequestValidationErrors).
+FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -103,7 +107,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "INVALID_PARAMETER")
-        return envelope(status=status, message=str(exc.detail), http=exc.status_code)
+        message = str(exc.detail)
+        if message == FASTAPI_BODY_PARSE_ERROR:  # raised for a body that is not even text (bad UTF-8)
+            message = "request body is not valid JSON (it must be UTF-8 text)"
+        return envelope(status=status, message=message, http=exc.status_code)
 
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
@@ -188,6 +195,16 @@ async def send_envelope(
     await send({"type": "http.response.body", "body": body})
 
 
+def route_path(scope: Scope) -> str:
+    """The request path below the app's mount point: Serve runs an app with ``route_prefix`` ``/x``
+    with ``root_path`` ``/x`` and the full path in ``path``."""
+    path = str(scope.get("path", ""))
+    root = str(scope.get("root_path", ""))
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
+        return path[len(root) :] or "/"
+    return path
+
+
 #: Paths answered without an API key: liveness for orchestrators and the public schema.
 OPEN_PATHS = frozenset(
     {"/health", "/api/v1/operators/image-search/health", "/docs", "/openapi.json", "/redoc"}
@@ -208,7 +225,7 @@ class ApiKeyAuth:
         keys: frozenset[str] = (
             getattr(scope["app"].state, "api_keys", frozenset()) if "app" in scope else frozenset()
         )
-        if scope["type"] != "http" or not keys or scope.get("path", "") in OPEN_PATHS:
+        if scope["type"] != "http" or not keys or route_path(scope) in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         given = ""
@@ -245,7 +262,7 @@ class ConcurrencyLimit:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = getattr(scope["app"].state, "max_concurrent_requests", None) if "app" in scope else None
-        if scope["type"] != "http" or limit is None or scope.get("path", "") in OPEN_PATHS:
+        if scope["type"] != "http" or limit is None or route_path(scope) in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         if self.active >= limit:

@@ -325,18 +325,24 @@ class Ingress:
         except TagError as exc:
             raise InvalidParameter(str(exc)) from None
 
+    def _top_k(self, body: SearchCommon) -> int:
+        # An omitted top_k takes the contract's default (10), lowered to a smaller configured maximum:
+        # a client that sent nothing must not be told its top_k is out of range.
+        if "top_k" not in body.model_fields_set:
+            return min(body.top_k, self.limits.max_top_k)
+        return body.top_k
+
     def _search_params(self, body: SearchCommon) -> object:
-        if body.top_k > self.limits.max_top_k:
+        if self._top_k(body) > self.limits.max_top_k:
             raise InvalidParameter(f"top_k: must be between 1 and {self.limits.max_top_k}")
         try:
             return parse_filter(body.tag_filter, limits=self.limits.filter_limits())
         except FilterError as exc:
             raise InvalidParameter(str(exc)) from None
 
-    @staticmethod
-    def _search_kwargs(body: SearchCommon, node: object) -> dict[str, Any]:
+    def _search_kwargs(self, body: SearchCommon, node: object) -> dict[str, Any]:
         return {
-            "top_k": body.top_k,
+            "top_k": self._top_k(body),
             "node": node,
             "min_score": body.min_score,
             "return_frame": body.return_frame,

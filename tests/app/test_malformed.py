@@ -248,6 +248,7 @@ SPECIFIC: list[Case] = [
     raw("POST", "/search/by-text", b"null", 400, "INVALID_PARAMETER", "request body"),
     raw("POST", "/search/by-text", b'"a string"', 400, "INVALID_PARAMETER", "request body"),
     raw("POST", "/search/by-text", b"\xff\xfe\x00garbage", 400, "INVALID_PARAMETER", "not valid JSON"),
+    raw("POST", "/search/by-text", b"!\x995\x17\xb4\x90y\x82", 400, "INVALID_PARAMETER", "must be UTF-8"),
     raw(
         "POST",
         "/search/by-text",

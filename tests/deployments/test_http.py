@@ -26,6 +26,7 @@ from deployments.http import (
     RequestRecorder,
     envelope,
     install_error_handlers,
+    route_path,
 )
 from deployments.ingress import note_library
 from index.errors import LibraryNotFound
@@ -276,3 +277,24 @@ def _active(app: FastAPI) -> int:
     while layer is not None and not isinstance(layer, ConcurrencyLimit):
         layer = getattr(layer, "app", None)
     return layer.active if layer is not None else 0
+
+
+@pytest.mark.parametrize(
+    "path, root, expected",
+    [
+        ("/health", "", "/health"),
+        ("/strict/health", "/strict", "/health"),
+        ("/strict", "/strict", "/"),
+        ("/strictly/health", "/strict", "/strictly/health"),  # not below the mount point
+        ("/other/health", "/strict", "/other/health"),
+    ],
+)
+def test_open_paths_are_matched_below_the_route_prefix(path, root, expected):
+    assert route_path({"path": path, "root_path": root}) == expected
+
+
+def test_a_body_that_is_not_text_is_named():
+    c, _ = client()
+    r = c.post("/search", content=b"!\x995\x17\xb4\x90y\x82", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["message"] == "request body is not valid JSON (it must be UTF-8 text)"

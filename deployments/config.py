@@ -52,7 +52,10 @@ class Limits(BaseModel):
     max_tag_list_length: int = Field(256, gt=0, description="elements in a list-valued tag")
     max_tag_string_length: int = Field(1024, gt=0, description="characters in a tag (or filter) string")
     max_concurrent_requests: int = Field(
-        256, gt=0, description="requests one ingress replica works on at once; beyond it 503 OVERLOADED"
+        64,
+        gt=0,
+        description="requests one ingress replica works on at once; beyond it 503 OVERLOADED (keep it below "
+        "the Ingress deployment's max_ongoing_requests so that this limit, not Serve's queue, answers)",
     )
     fetch_timeout_s: float = Field(10.0, gt=0, description="fetching image_uri when no image_base64 is sent")
 

@@ -96,7 +96,9 @@ api.add_middleware(ApiKeyAuth)
 api.add_middleware(RequestLog)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+# max_ongoing_requests sits above limits.max_concurrent_requests (64 by default): the ingress sheds load
+# itself with the envelope before Serve's proxy would queue (or answer its own plain-text 503).
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=80)
 @serve.ingress(api)
 class Ingress:
     def __init__(

@@ -119,7 +119,10 @@ class FetchPolicy:
 
     def check_address(self, address: str) -> None:
         """Raise :class:`FetchRefused` unless a connection to ``address`` is allowed."""
-        ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id ("fe80::1%eth0")
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id ("fe80::1%eth0")
+        except ValueError:
+            raise FetchRefused("refused: the host resolved to an invalid address", reason="invalid") from None
         forms = (ip, ip.ipv4_mapped) if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else (ip,)
         if self.allow_private or any(f in net for f in forms for net in self.allowed_networks):
             return

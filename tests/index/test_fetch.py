@@ -392,3 +392,42 @@ def test_file_uris_only_under_allowed_roots(tmp_path):
         fetch(f"file://{root}/a.jpg", policy, max_bytes=10)
     with pytest.raises(FetchError, match="cannot read"):
         fetch(f"file://{root}/missing.jpg", policy)
+
+
+def test_a_resolver_answer_that_is_not_an_address_is_refused(server):
+    policy = FetchPolicy(resolver=resolver({"odd.test": ["not-an-ip"]}))
+    with pytest.raises(FetchRefused) as info:
+        fetch(server.url("/photo", "odd.test"), policy)
+    assert info.value.reason == "invalid"
+
+
+def test_allowed_ipv6_literal_is_fetched():
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+
+    class V6Server(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            self.wfile.write(PAYLOAD)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    try:
+        httpd = V6Server(("::1", 0), Handler)
+    except OSError:
+        pytest.skip("cannot bind ::1 on this machine")
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        url = f"http://[::1]:{httpd.server_address[1]}/photo"
+        assert fetch(url, FetchPolicy(allowed_networks=("::1/128",))) == PAYLOAD
+        with pytest.raises(FetchRefused):
+            fetch(url, FetchPolicy(allowed_networks=LOOPBACK))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

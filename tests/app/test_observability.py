@@ -44,7 +44,7 @@ def test_requests_are_counted_timed_and_logged(client):
     # metrics through Ray's Prometheus endpoint (exported every few seconds)
     port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
     pattern = re.compile(
-        r'^ray_image_search_requests(?:_total)?\{[^}]*http_status="404"[^}]*route="'
+        r'^ray_image_search_requests_total\{[^}]*http_status="404"[^}]*route="'
         + re.escape(ROUTE)
         + r'"[^}]*status="LIBRARY_NOT_FOUND"[^}]*\} (\d+(?:\.\d+)?)',
         re.MULTILINE,

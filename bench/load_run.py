@@ -120,13 +120,9 @@ class Runner:
 
     def request(self, op: str, rng: random.Random) -> tuple[str, dict[str, Any]]:
         lib = self.library
+        search = {"library_name": lib, "top_k": 10, "return_frame": False}
         if op == "search_by_image":
-            return "/search/by-image", {
-                "library_name": lib,
-                "image_base64": rng.choice(self.queries),
-                "top_k": 10,
-                "return_frame": False,
-            }
+            return "/search/by-image", search | {"image_base64": rng.choice(self.queries)}
         if op == "search_by_image_filtered":
             flt = [
                 {"field": "color", "op": "in", "value": rng.sample(COLORS, 2)},
@@ -137,29 +133,12 @@ class Runner:
                     ]
                 },
             ]
-            return "/search/by-image", {
-                "library_name": lib,
-                "image_base64": rng.choice(self.queries),
-                "top_k": 10,
-                "tag_filter": flt,
-                "return_frame": False,
-            }
+            return "/search/by-image", search | {"image_base64": rng.choice(self.queries), "tag_filter": flt}
         if op == "search_by_text":
             text = rng.choice(["a red shirt", "blue sky", "a cat on a sofa", "white sneakers", "手提包"])
-            return "/search/by-text", {
-                "library_name": lib,
-                "query_text": text,
-                "top_k": 10,
-                "return_frame": False,
-            }
+            return "/search/by-text", search | {"query_text": text}
         if op == "search_by_id":
-            image_id = f"img{rng.randrange(self.images)}"
-            return "/search/by-id", {
-                "library_name": lib,
-                "image_id": image_id,
-                "top_k": 10,
-                "return_frame": False,
-            }
+            return "/search/by-id", search | {"image_id": f"img{rng.randrange(self.images)}"}
         if op == "add":
             i = next(self.next_id)
             return "/image/add", {

@@ -204,7 +204,7 @@ def test_kill_9_during_import_loses_nothing_acknowledged(serve_port, workdir):
         killed = service.kill()
         importer.join()
         assert killed >= 5, killed  # launcher, GCS, raylet, workers...: the whole tree went
-        assert importer.errors and all(not e[0].isdigit() for e in importer.errors), importer.errors
+        assert len(importer.errors) == WRITERS, importer.errors  # every writer stopped at the kill
         acked = dict(importer.acked)
         print(f"\ncrash: killed {killed} processes after {len(acked)} acknowledged adds")
 

@@ -75,7 +75,10 @@ def build_app(raw_args: dict[str, Any]) -> Application:
         args.storage_root, ScoreCalibration(args.text_score_center, args.text_score_scale)
     )
     writer = Writer.options(**opts.get("Writer", {})).bind(  # type: ignore[attr-defined]
-        args.storage_root, args.limits.max_libraries
+        args.storage_root,
+        args.limits.max_libraries,
+        snapshot_min_rows=args.snapshot_min_rows,
+        snapshot_fraction=args.snapshot_fraction,
     )
     ingress = Ingress.options(**opts.get("Ingress", {}))  # type: ignore[attr-defined]
     return ingress.bind(

@@ -7,12 +7,14 @@ sizes in ``user_config``) live in ``serve_config.yaml``'s ``deployments:`` secti
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from filters import FilterLimits, TagLimits
 from index.detect import ClipRegionConfig, FaceConfig, SaliencyConfig
+from index.fetch import FetchPolicy
 from index.imaging import ImageLimits
 from index.modes import DetectionConfig
 
@@ -28,36 +30,63 @@ MiB = 1024 * 1024
 
 
 class Limits(BaseModel):
-    """Input limits; every one is answered with the envelope (400 or 413) when exceeded."""
+    """Input limits; every one is answered with the envelope (400, 413 or 503) when exceeded."""
 
     model_config = ConfigDict(extra="forbid")
 
     max_body_bytes: int = Field(32 * MiB, gt=0, description="HTTP body size (413 above it)")
     max_image_bytes: int = Field(20 * MiB, gt=0, description="decoded image bytes (413)")
     max_image_pixels: int = Field(40_000_000, gt=0, description="width x height (413; decompression bombs)")
-    max_text_chars: int = Field(1000, gt=0, description="query_text length")
-    max_top_k: int = Field(1000, gt=0, description="top_k upper bound")
+    image_formats: list[str] = Field(
+        default_factory=lambda: list(ImageLimits().formats),
+        min_length=1,
+        description="accepted image formats (Pillow names, e.g. JPEG, PNG, WEBP, GIF, BMP, TIFF); others 400",
+    )
+    # The contract caps query_text and top_k at 1000 (the request schema says so): these may only lower it.
+    max_text_chars: int = Field(1000, gt=0, le=1000, description="query_text length")
+    max_top_k: int = Field(1000, gt=0, le=1000, description="top_k upper bound")
     max_libraries: int = Field(1000, gt=0, description="libraries per deployment")
-    max_filter_depth: int = Field(32, gt=0)
-    max_filter_conditions: int = Field(1000, gt=0)
+    max_filter_depth: int = Field(32, gt=0, description="tag_filter nesting levels")
+    max_filter_conditions: int = Field(1000, gt=0, description="conditions in one tag_filter")
+    max_filter_in_values: int = Field(1000, gt=0, description="values in one in / not in list")
     max_tags: int = Field(64, gt=0, description="keys per tag object")
-    max_tag_list_length: int = Field(256, gt=0)
-    max_tag_string_length: int = Field(1024, gt=0)
+    max_tag_key_length: int = Field(128, gt=0, description="characters in a tag name")
+    max_tag_list_length: int = Field(256, gt=0, description="elements in a list-valued tag")
+    max_tag_string_length: int = Field(1024, gt=0, description="characters in a tag (or filter) string")
+    max_concurrent_requests: int = Field(
+        64,
+        gt=0,
+        description="requests one ingress replica works on at once; beyond it 503 OVERLOADED (keep it below "
+        "the Ingress deployment's max_ongoing_requests so that this limit, not Serve's queue, answers)",
+    )
     fetch_timeout_s: float = Field(10.0, gt=0, description="fetching image_uri when no image_base64 is sent")
 
+    @field_validator("image_formats")
+    @classmethod
+    def _known_formats(cls, formats: list[str]) -> list[str]:
+        upper = [f.upper() for f in formats]
+        ImageLimits(formats=tuple(upper))  # raises ValueError naming formats Pillow cannot read
+        return upper
+
     def image_limits(self) -> ImageLimits:
-        return ImageLimits(max_pixels=self.max_image_pixels, max_bytes=self.max_image_bytes)
+        return ImageLimits(
+            max_pixels=self.max_image_pixels,
+            max_bytes=self.max_image_bytes,
+            formats=tuple(self.image_formats),
+        )
 
     def filter_limits(self) -> FilterLimits:
         return FilterLimits(
             max_depth=self.max_filter_depth,
             max_conditions=self.max_filter_conditions,
+            max_in_values=self.max_filter_in_values,
             max_string_length=self.max_tag_string_length,
         )
 
     def tag_limits(self) -> TagLimits:
         return TagLimits(
             max_keys=self.max_tags,
+            max_key_length=self.max_tag_key_length,
             max_list_length=self.max_tag_list_length,
             max_string_length=self.max_tag_string_length,
         )
@@ -136,12 +165,29 @@ class AppArgs(BaseModel):
     allowed_file_roots: list[str] = Field(
         default_factory=list, description="directories that file:// image URIs may point into"
     )
+    fetch_allow_private: bool = Field(
+        False,
+        description="let image_uri fetches reach private, loopback, link-local and other non-public "
+        "addresses (SSRF protection off: only for trusted, internal deployments)",
+    )
+    fetch_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDR networks image_uri fetches may reach although they are not public, e.g. an "
+        "internal image store's 10.1.2.0/24",
+    )
+    fetch_max_redirects: int = Field(5, ge=0, le=20, description="redirects followed when fetching image_uri")
     api_keys: list[str] = Field(
         default_factory=list, description="accepted API keys (Authorization: Bearer); empty: no auth"
     )
     api_keys_file: str | None = Field(None, description="file with one API key per line (# comments)")
     item_detector: ItemDetectorArgs = Field(default_factory=ItemDetectorArgs)
     face_detector: FaceDetectorArgs = Field(default_factory=FaceDetectorArgs)
+    snapshot_min_rows: int = Field(
+        2000, gt=0, description="rows changed since a library's FAISS snapshot before a new one is written"
+    )
+    snapshot_fraction: float = Field(
+        0.1, ge=0, description="... and at least this fraction of the library's live rows"
+    )
     deployment_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="per-deployment .options() overrides keyed by deployment name (tests, quick runs); "
@@ -149,11 +195,22 @@ class AppArgs(BaseModel):
     )
 
     def load_api_keys(self) -> frozenset[str]:
-        """Keys from ``api_keys`` and ``api_keys_file`` (read when a replica starts)."""
+        """Keys from ``api_keys`` and ``api_keys_file`` (read when a replica starts).
+
+        Raises:
+            ValueError: ``api_keys_file`` holds no key (a deployment that asked for auth must not start
+                open), or a key is unusable.
+            OSError: ``api_keys_file`` cannot be read.
+        """
         keys = set(self.api_keys)
         if self.api_keys_file:
             with open(self.api_keys_file) as f:
-                keys.update(ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#"))
+                from_file = {ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")}
+            if not from_file:
+                raise ValueError(f"api_keys_file {self.api_keys_file!r} holds no API key")
+            for key in from_file:
+                _check_api_key(key, f"a key in {self.api_keys_file!r}")
+            keys |= from_file
         return frozenset(keys)
 
     def detection_config(self) -> DetectionConfig:
@@ -180,8 +237,41 @@ class AppArgs(BaseModel):
             face=FaceConfig(**self.face_detector.model_dump()),
         )
 
+    def fetch_policy(self) -> FetchPolicy:
+        """Where fetches of client-given URIs (``image_uri``) may go: see ``index.fetch``."""
+        return FetchPolicy(
+            allowed_file_roots=tuple(self.allowed_file_roots),
+            allow_private=self.fetch_allow_private,
+            allowed_networks=tuple(self.fetch_allowed_networks),
+            max_redirects=self.fetch_max_redirects,
+        )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _usable_keys(cls, keys: list[str]) -> list[str]:
+        for i, key in enumerate(keys):
+            _check_api_key(key, f"api_keys[{i}]")
+        return keys
+
+    @field_validator("fetch_allowed_networks")
+    @classmethod
+    def _cidrs(cls, nets: list[str]) -> list[str]:
+        for i, net in enumerate(nets):
+            try:
+                ipaddress.ip_network(net)
+            except ValueError as exc:
+                raise ValueError(f"fetch_allowed_networks[{i}]: {exc}") from None
+        return nets
+
     @model_validator(mode="after")
     def _default_pretrained(self) -> AppArgs:
         if self.pretrained is None and self.model in DEFAULT_PRETRAINED:
             self.pretrained = DEFAULT_PRETRAINED[self.model]
         return self
+
+
+def _check_api_key(key: str, where: str) -> None:
+    # An empty key would match a request with no Authorization header at all; whitespace cannot survive
+    # the header's parsing. Short keys are guessable.
+    if len(key) < 8 or any(c.isspace() for c in key) or not key.isprintable():
+        raise ValueError(f"{where}: an API key must be at least 8 printable characters without spaces")

@@ -1,8 +1,12 @@
-"""The HTTP edge shared by every route: the envelope, error mapping, and the body-size guard.
+"""The HTTP edge shared by every route: the envelope, error mapping, and the ASGI guards.
 
 Every response, success or failure, is ``{"status", "message", "data"}``. Framework errors (FastAPI's
 422 for validation, Starlette's 404/405, an oversized body) are rewritten into that envelope with the
 contract's codes: 400 ``INVALID_PARAMETER`` instead of a bare 422, and never a stack trace.
+
+The pure-ASGI middlewares, outermost first: :class:`RequestLog` (metrics and one log line per request),
+:class:`ApiKeyAuth` (401), :class:`ConcurrencyLimit` (503 ``OVERLOADED``), :class:`BodyLimit` (413).
+Each reads its settings from ``app.state`` (set by the ingress replica from its config) at request time.
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +31,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from index.errors import Overloaded, ServiceError
 
 logger = logging.getLogger("ray.serve")
+#: One JSON line per request (see :class:`RequestRecorder`); a child of Serve's logger, so it lands in
+#: the replica's log file next to Serve's own lines.
+access_logger = logging.getLogger("ray.serve.image_search.access")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -85,6 +95,10 @@ def _path(loc: list[str]) -> str:
     return out
 
 
+#: FastAPI's detail when it cannot decode a body at all (its JSON errors are RequestValidationErrors).
+FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -93,7 +107,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "INVALID_PARAMETER")
-        return envelope(status=status, message=str(exc.detail), http=exc.status_code)
+        message = str(exc.detail)
+        if message == FASTAPI_BODY_PARSE_ERROR:  # raised for a body that is not even text (bad UTF-8)
+            message = "request body is not valid JSON (it must be UTF-8 text)"
+        return envelope(status=status, message=message, http=exc.status_code)
 
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
@@ -239,3 +256,172 @@ class ApiKeyAuth:
             )
             return
         await self.app(scope, receive, send)
+
+
+class ConcurrencyLimit:
+    """Pure ASGI middleware: answer 503 ``OVERLOADED`` (with the envelope) beyond N requests at once.
+
+    Serve's own queue limit (``max_queued_requests``) answers a plain-text 503 from the proxy, outside
+    the contract; this limit sits inside the ingress, below Serve's ``max_ongoing_requests`` for the
+    ingress, so that a flood is shed here, quickly and with the envelope. The limit is read from
+    ``app.state.max_concurrent_requests``; ``/health`` and the schema are never refused (a liveness probe
+    must not fail because the service is busy).
+    """
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+        self.active = 0  # one event loop per replica: no lock needed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = getattr(scope["app"].state, "max_concurrent_requests", None) if "app" in scope else None
+        if scope["type"] != "http" or limit is None or route_path(scope) in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.active >= limit:
+            await send_envelope(
+                send,
+                503,
+                "OVERLOADED",
+                f"the service is handling its maximum of {limit} concurrent requests; retry with backoff",
+                ((b"retry-after", b"1"),),
+            )
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """What is known about one finished request."""
+
+    route: str  # the route template, e.g. /api/v1/operators/image-search/library/{library_name}
+    method: str
+    http_status: int
+    status: str | None  # the envelope's status string; None for non-envelope answers (/docs)
+    latency_ms: float
+    library_name: str | None
+
+
+class _Counter(Protocol):
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None: ...
+
+
+class _Histogram(Protocol):
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None: ...
+
+
+#: Latency histogram boundaries in milliseconds.
+LATENCY_BOUNDARIES_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000)
+
+
+class RequestRecorder:
+    """Counts requests by route and status, observes their latency, and logs one JSON line each.
+
+    Metrics (Ray Serve metrics, exported through Ray's Prometheus endpoint with Serve's application,
+    deployment and replica tags added):
+
+    * ``image_search_requests`` (counter): tags ``route``, ``method``, ``http_status``, ``status``;
+    * ``image_search_request_latency_ms`` (histogram): tags ``route``, ``method``.
+
+    Log line (logger ``ray.serve.image_search.access``, level INFO): a JSON object with ``route``,
+    ``method``, ``http_status``, ``status``, ``latency_ms`` and ``library_name`` (when the request named
+    one).
+    """
+
+    def __init__(self, counter: _Counter, latency: _Histogram, log: logging.Logger = access_logger) -> None:
+        self.counter = counter
+        self.latency = latency
+        self.log = log
+
+    @classmethod
+    def for_replica(cls) -> RequestRecorder:
+        """The Ray Serve metrics; call inside a replica (metrics belong to the process that made them)."""
+        from ray.serve import metrics
+
+        counter = metrics.Counter(
+            "image_search_requests",
+            description="HTTP requests by route, method, HTTP status and envelope status.",
+            tag_keys=("route", "method", "http_status", "status"),
+        )
+        latency = metrics.Histogram(
+            "image_search_request_latency_ms",
+            description="HTTP request latency in the ingress, milliseconds.",
+            boundaries=list(LATENCY_BOUNDARIES_MS),
+            tag_keys=("route", "method"),
+        )
+        return cls(counter, latency)
+
+    def record(self, rec: RequestRecord) -> None:
+        self.counter.inc(
+            1,
+            tags={
+                "route": rec.route,
+                "method": rec.method,
+                "http_status": str(rec.http_status),
+                "status": rec.status or "-",
+            },
+        )
+        self.latency.observe(rec.latency_ms, tags={"route": rec.route, "method": rec.method})
+        if self.log.isEnabledFor(logging.INFO):
+            self.log.info(json.dumps(asdict(rec) | {"latency_ms": round(rec.latency_ms, 3)}))
+
+
+_ENVELOPE_STATUS = re.compile(rb'^\{"status":\s*"([A-Z_]{1,64})"')
+#: The largest value of ``library_name`` a log line carries (a valid name has at most 64 characters).
+_MAX_LOGGED_NAME = 64
+
+
+class RequestLog:
+    """Pure ASGI middleware, outermost: hands a :class:`RequestRecord` of every request to the recorder
+    in ``app.state.request_recorder`` (none: requests pass untouched).
+
+    The route is the matched route's template (bounded metric cardinality; ``unmatched`` for 404s), the
+    envelope status is read from the start of the response body (the envelope's first key), and the
+    library is whatever the request handling put into ``scope["state"]["library_name"]``.
+    """
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        recorder = getattr(scope["app"].state, "request_recorder", None) if "app" in scope else None
+        if scope["type"] != "http" or recorder is None:
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        state = scope.setdefault("state", {})
+        http_status = 500  # what the client gets when the app raises (Starlette's error middleware)
+        status: str | None = "INTERNAL_ERROR"
+        seen_body = False
+
+        async def watched(message: Message) -> None:
+            nonlocal http_status, status, seen_body
+            if message["type"] == "http.response.start":
+                http_status = int(message["status"])
+                status = None
+            elif message["type"] == "http.response.body" and not seen_body:
+                seen_body = True
+                match = _ENVELOPE_STATUS.match(bytes(message.get("body", b""))[:128])
+                status = match.group(1).decode() if match else None
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            name = state.get("library_name")
+            rec = RequestRecord(
+                route=route,
+                method=str(scope.get("method", "")),
+                http_status=http_status,
+                status=status,
+                latency_ms=(time.perf_counter() - started) * 1000.0,
+                library_name=name[:_MAX_LOGGED_NAME] if isinstance(name, str) else None,
+            )
+            try:
+                recorder.record(rec)
+            except Exception:  # observability must never cost a request its answer
+                logger.exception("recording request metrics failed")

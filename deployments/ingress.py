@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
@@ -23,7 +23,16 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppArgs
-from deployments.http import ApiKeyAuth, BodyLimit, envelope, error_response, install_error_handlers
+from deployments.http import (
+    ApiKeyAuth,
+    BodyLimit,
+    ConcurrencyLimit,
+    RequestLog,
+    RequestRecorder,
+    envelope,
+    error_response,
+    install_error_handlers,
+)
 from deployments.schemas import (
     AddImage,
     CreateLibrary,
@@ -45,7 +54,7 @@ from index.errors import (
     ModeNotSupported,
     PayloadTooLarge,
 )
-from index.fetch import FetchError, fetch_bytes
+from index.fetch import FetchError, FetchRefused, fetch_bytes
 from index.imaging import ImageDecodeError, ImageTooLarge, decode_base64, decode_image
 from index.modes import Embedded, ModePipeline
 from index.store import NewRecord
@@ -56,22 +65,48 @@ PREFIX = "/api/v1/operators/image-search"
 #: ``GET /library/list`` would shadow a library of this name.
 RESERVED_LIBRARY_NAMES = frozenset({"list"})
 
+
+
+async def note_library(request: Request) -> None:
+    """Put the request's ``library_name`` (path or JSON body) where the request log finds it.
+
+    A dependency of every route: it runs after FastAPI has parsed the body (``request.json()`` returns
+    that cached parse) and before the body is validated, so invalid requests are attributed too.
+    """
+    name = request.path_params.get("library_name")
+    if name is None and request.method == "POST":
+        try:
+            body = await request.json()
+        except Exception:  # not JSON: FastAPI answers 400 for it; there is no name to log
+            body = None
+        name = body.get("library_name") if isinstance(body, dict) else None
+    if isinstance(name, str):
+        request.state.library_name = name
+
+
 api = FastAPI(
     title="Image Search API",
     version="1.0",
     description="Search image libraries by image or by text, with tag filters. "
     "Every response is the envelope {status, message, data}.",
+    dependencies=[Depends(note_library)],
 )
 install_error_handlers(api)
 #: The web page's files (plain HTML/JS/CSS, no build step), installed as package data.
 STATIC_DIR = Path(__file__).parent / "static"
 # Mounted at /static (not /): a catch-all mount would shadow the API routes Serve appends after it.
 api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+# add_middleware puts each new one outside the previous: RequestLog runs first and sees every answer;
+# ApiKeyAuth refuses a caller before any body is read or any concurrency slot is taken.
 api.add_middleware(BodyLimit)
-api.add_middleware(ApiKeyAuth)  # added last = runs first: no body is read for a refused caller
+api.add_middleware(ConcurrencyLimit)
+api.add_middleware(ApiKeyAuth)
+api.add_middleware(RequestLog)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+# max_ongoing_requests sits above limits.max_concurrent_requests (64 by default): the ingress sheds load
+# itself with the envelope before Serve's proxy would queue (or answer its own plain-text 503).
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=80)
 @serve.ingress(api)
 class Ingress:
     def __init__(
@@ -93,9 +128,12 @@ class Ingress:
         self.pipeline = ModePipeline(preprocess, args.detection_config(), face_preprocess=face_preprocess)
         self._model: dict[str, Any] | None = None
         self._prompt_vectors: np.ndarray | None = None
+        self.fetch_policy = args.fetch_policy()
         # Read per request by the middlewares (they are installed when the module is imported).
         api.state.max_body_bytes = args.limits.max_body_bytes
+        api.state.max_concurrent_requests = args.limits.max_concurrent_requests
         api.state.api_keys = args.load_api_keys()
+        api.state.request_recorder = RequestRecorder.for_replica()
 
     # -- web page --------------------------------------------------------------------------------
 
@@ -322,18 +360,24 @@ class Ingress:
         except TagError as exc:
             raise InvalidParameter(str(exc)) from None
 
+    def _top_k(self, body: SearchCommon) -> int:
+        # An omitted top_k takes the contract's default (10), lowered to a smaller configured maximum:
+        # a client that sent nothing must not be told its top_k is out of range.
+        if "top_k" not in body.model_fields_set:
+            return min(body.top_k, self.limits.max_top_k)
+        return body.top_k
+
     def _search_params(self, body: SearchCommon) -> object:
-        if body.top_k > self.limits.max_top_k:
+        if self._top_k(body) > self.limits.max_top_k:
             raise InvalidParameter(f"top_k: must be between 1 and {self.limits.max_top_k}")
         try:
             return parse_filter(body.tag_filter, limits=self.limits.filter_limits())
         except FilterError as exc:
             raise InvalidParameter(str(exc)) from None
 
-    @staticmethod
-    def _search_kwargs(body: SearchCommon, node: object) -> dict[str, Any]:
+    def _search_kwargs(self, body: SearchCommon, node: object) -> dict[str, Any]:
         return {
-            "top_k": body.top_k,
+            "top_k": self._top_k(body),
             "node": node,
             "min_score": body.min_score,
             "return_frame": body.return_frame,
@@ -352,13 +396,15 @@ class Ingress:
             return await asyncio.to_thread(
                 fetch_bytes,
                 image_uri,
+                policy=self.fetch_policy,
                 max_bytes=self.limits.max_image_bytes,
                 timeout_s=self.limits.fetch_timeout_s,
-                allowed_file_roots=self.args.allowed_file_roots,
             )
         except ImageTooLarge as exc:
             raise PayloadTooLarge(f"image_uri: {exc}") from None
         except FetchError as exc:
+            if isinstance(exc, FetchRefused):
+                logger.info("refused to fetch image_uri: %s (%s)", exc.reason, exc.address or "-")
             raise InvalidParameter(
                 f"image_uri: {exc}; send image_base64 to upload the image instead"
             ) from None

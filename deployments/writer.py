@@ -13,8 +13,15 @@ from index.writer import LibraryWriter
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class Writer:
-    def __init__(self, storage_root: str, max_libraries: int) -> None:
-        self.core = LibraryWriter(storage_root, max_libraries=max_libraries)
+    def __init__(
+        self, storage_root: str, max_libraries: int, *, snapshot_min_rows: int, snapshot_fraction: float
+    ) -> None:
+        self.core = LibraryWriter(
+            storage_root,
+            max_libraries=max_libraries,
+            snapshot_min_rows=snapshot_min_rows,
+            snapshot_fraction=snapshot_fraction,
+        )
 
     async def create_library(
         self, name: str, mode: str, description: str | None, model: dict[str, Any]

@@ -1,77 +1,365 @@
-"""Fetching an image from its ``image_uri`` when a client sends no ``image_base64``.
+"""Fetching an image (or any other input) from a URI the client gave, without becoming an SSRF proxy.
 
-http(s) with a connect/read timeout, an overall deadline and a size cap; ``file://`` only inside the
-configured allowed roots (resolved, so ``..`` and symlinks cannot escape). Any other scheme is refused.
+Every fetch the service makes on a client's behalf goes through :func:`fetch_bytes` with a
+:class:`FetchPolicy` (built from the builder args by ``AppArgs.fetch_policy()``). The policy is:
+
+* ``http://`` and ``https://`` only (``file://`` only inside the configured allowed roots, resolved, so
+  ``..`` and symlinks cannot escape). Any other scheme is refused, at the start and after a redirect.
+* The host is resolved once per hop and every address it resolves to must be public: private,
+  loopback, link-local, multicast, reserved, unspecified, shared (CGNAT) and other non-global addresses
+  are refused unless ``allow_private`` is set or the address lies in one of ``allowed_networks``.
+  IPv4 addresses embedded in IPv6 ones (IPv4-mapped, 6to4, Teredo) are checked as IPv4.
+* The connection goes to the address that was checked (the name is not resolved a second time by the
+  HTTP library), with the original name in ``Host`` and, for https, in SNI and certificate checks. So a
+  DNS answer that changes between the check and the connection (DNS rebinding) cannot redirect the
+  fetch to an internal address.
+* Redirects are followed by hand, at most ``max_redirects`` of them, each hop checked like the first.
+* A connect/read timeout and an overall deadline (``timeout_s``, DNS included), and a size cap.
+
+Not covered: environment proxies (``HTTP_PROXY``) are not used, the connection is always direct; a
+public address that itself forwards to internal services (an open proxy on the internet) is outside
+what an address check can see.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import ipaddress
+import logging
+import socket
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
-import requests
+import certifi
+import urllib3
+from urllib3.exceptions import HTTPError as Urllib3Error
 
 from index.imaging import ImageTooLarge
 
+logger = logging.getLogger(__name__)
+
 CHUNK = 64 * 1024
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+USER_AGENT = "image-search-fetch/1"
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: ``resolver(host, port)`` -> the IP addresses (as text) a connection to ``host`` may use.
+Resolver = Callable[[str, int], Sequence[str]]
 
 
 class FetchError(ValueError):
-    """The URI could not be fetched; the message says why."""
+    """The URI could not be fetched; the message says why (and is safe to show the client)."""
 
 
-def fetch_bytes(
-    uri: str, *, max_bytes: int, timeout_s: float, allowed_file_roots: list[str] | tuple[str, ...] = ()
-) -> bytes:
-    """Return the bytes ``uri`` points to.
+class FetchRefused(FetchError):
+    """The policy forbids fetching this URI (scheme, file root, or a non-public address).
+
+    Attributes:
+        reason: a short category, e.g. ``"loopback"``, ``"private"``, ``"scheme"`` (for logs and tests;
+            the message shown to the client does not reveal what an internal name resolves to).
+        address: the refused address, when the refusal is about one.
+    """
+
+    def __init__(self, message: str, *, reason: str, address: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.address = address
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """The addresses the operating system's resolver gives for ``host`` (A and AAAA, in its order)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    out: list[str] = []
+    for *_, sockaddr in infos:
+        addr = str(sockaddr[0])
+        if addr not in out:
+            out.append(addr)
+    return out
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """Where a fetch may go. The defaults are the safe ones: public http(s) addresses only.
+
+    Attributes:
+        allowed_file_roots: directories ``file://`` URIs may point into; empty disables ``file://``.
+        allow_private: skip the address check entirely (a trusted, internal-only deployment).
+        allowed_networks: networks allowed even though they are not public, e.g. ``10.1.2.0/24`` for an
+            internal image store; everything else must still be a public address.
+        max_redirects: redirects followed before giving up (0: none).
+        schemes: network schemes allowed (a subset of ``http``, ``https``).
+        resolver: name -> addresses; the system resolver by default (tests inject their own).
+    """
+
+    allowed_file_roots: tuple[str, ...] = ()
+    allow_private: bool = False
+    allowed_networks: tuple[IPNetwork, ...] = ()
+    max_redirects: int = 5
+    schemes: tuple[str, ...] = ("http", "https")
+    resolver: Resolver = field(default=system_resolver, compare=False)
+
+    def __post_init__(self) -> None:
+        nets = tuple(
+            n if isinstance(n, ipaddress.IPv4Network | ipaddress.IPv6Network) else ipaddress.ip_network(n)
+            for n in self.allowed_networks
+        )
+        object.__setattr__(self, "allowed_networks", nets)
+        object.__setattr__(self, "allowed_file_roots", tuple(str(r) for r in self.allowed_file_roots))
+        if isinstance(self.max_redirects, bool) or not isinstance(self.max_redirects, int):
+            raise ValueError(f"FetchPolicy.max_redirects must be an int; got {self.max_redirects!r}")
+        if self.max_redirects < 0:
+            raise ValueError(f"FetchPolicy.max_redirects must be >= 0; got {self.max_redirects}")
+        bad = [s for s in self.schemes if s not in ("http", "https")]
+        if bad or not self.schemes:
+            raise ValueError(f"FetchPolicy.schemes must be a non-empty subset of http, https; got {bad}")
+
+    def check_address(self, address: str) -> None:
+        """Raise :class:`FetchRefused` unless a connection to ``address`` is allowed."""
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id ("fe80::1%eth0")
+        except ValueError:
+            raise FetchRefused("refused: the host resolved to an invalid address", reason="invalid") from None
+        forms = (ip, ip.ipv4_mapped) if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else (ip,)
+        if self.allow_private or any(f in net for f in forms for net in self.allowed_networks):
+            return
+        reason = non_public_reason(ip)
+        if reason is not None:
+            raise FetchRefused(
+                "refused: the host is not a public address (private, loopback, link-local and reserved "
+                "addresses are not fetched unless the deployment allows them)",
+                reason=reason,
+                address=str(ip),
+            )
+
+
+def non_public_reason(ip: IPAddress) -> str | None:
+    """Why ``ip`` is not a public unicast address (``None`` when it is one)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is not None:
+            return non_public_reason(embedded)
+        if ip in _NAT64:  # 64:ff9b::a.b.c.d reaches a.b.c.d through a NAT64 gateway
+            return non_public_reason(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    checks = (
+        ("unspecified", ip.is_unspecified),
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("multicast", ip.is_multicast),
+        ("private", ip.is_private),
+        ("reserved", ip.is_reserved),
+    )
+    for reason, hit in checks:
+        if hit:
+            return reason
+    # Catches what the flags above miss, e.g. shared address space 100.64.0.0/10 (carrier-grade NAT).
+    return None if ip.is_global else "not globally routable"
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def fetch_bytes(uri: str, *, policy: FetchPolicy, max_bytes: int, timeout_s: float) -> bytes:
+    """Return the bytes ``uri`` points to, within ``policy``.
+
+    Args:
+        uri: an ``http(s)://`` or ``file://`` URI.
+        policy: where fetches may go (see :class:`FetchPolicy`).
+        max_bytes: the most bytes accepted.
+        timeout_s: connect and read timeout, and the overall deadline of the whole fetch.
 
     Raises:
-        FetchError: unsupported scheme, refused path, network error, non-2xx answer, deadline passed.
+        FetchRefused: the policy forbids the URI or an address it (or a redirect) resolves to.
+        FetchError: bad URI, DNS or network error, non-2xx answer, too many redirects, deadline passed.
         ImageTooLarge: more than ``max_bytes``.
     """
     parts = urlsplit(uri)
-    if parts.scheme in ("http", "https"):
-        return _fetch_http(uri, max_bytes=max_bytes, timeout_s=timeout_s)
-    if parts.scheme == "file":
-        return _read_file(unquote(parts.path), max_bytes=max_bytes, allowed_roots=allowed_file_roots)
-    raise FetchError(
-        f"cannot fetch image_uri with scheme {parts.scheme or '(none)'!r}: send image_base64, or use an "
-        "http(s):// URI (or file:// under an allowed root)"
-    )
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise FetchRefused("file:// URIs must not name a host", reason="file host")
+        return _read_file(unquote(parts.path), max_bytes=max_bytes, allowed_roots=policy.allowed_file_roots)
+    if scheme not in policy.schemes:
+        allowed = " or ".join(f"{s}://" for s in policy.schemes)
+        raise FetchRefused(
+            f"cannot fetch a URI with scheme {scheme or '(none)'!r}: use {allowed} "
+            "(or file:// under an allowed root), or send the image itself",
+            reason="scheme",
+        )
+    return _fetch_http(uri, policy=policy, max_bytes=max_bytes, timeout_s=timeout_s)
 
 
-def _fetch_http(uri: str, *, max_bytes: int, timeout_s: float) -> bytes:
+def _fetch_http(uri: str, *, policy: FetchPolicy, max_bytes: int, timeout_s: float) -> bytes:
     deadline = time.monotonic() + timeout_s
+    url = uri
+    for hop in range(policy.max_redirects + 1):
+        target = _Target.parse(url, policy)
+        addresses = _resolve(target.host, target.port, policy.resolver, _remaining(deadline, timeout_s))
+        for address in addresses:
+            policy.check_address(address)
+        resp, pool = _connect_and_get(target, addresses, deadline, timeout_s)
+        try:
+            if resp.status in REDIRECT_STATUSES:
+                location = resp.headers.get("Location")
+                if not location:
+                    raise FetchError(f"answered HTTP {resp.status} without a Location")
+                url = urljoin(url, location)
+                logger.debug("fetch redirect %d: %s -> %s", hop + 1, target.host, urlsplit(url).hostname)
+                continue
+            if not 200 <= resp.status < 300:
+                raise FetchError(f"answered HTTP {resp.status}")
+            return _read_body(resp, max_bytes, deadline, timeout_s)
+        finally:
+            resp.release_conn()
+            pool.close()
+    raise FetchError(f"more than {policy.max_redirects} redirects")
+
+
+@dataclass(frozen=True)
+class _Target:
+    scheme: str
+    host: str  # the name (IDNA-encoded) or IP literal, without brackets
+    port: int
+    host_header: str
+    path: str
+
+    @classmethod
+    def parse(cls, url: str, policy: FetchPolicy) -> _Target:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in policy.schemes:
+            # Also reached by a redirect: a server must not bounce us to file:// or gopher://.
+            raise FetchRefused(f"refused to follow a URI with scheme {scheme or '(none)'!r}", reason="scheme")
+        if parts.username is not None or parts.password is not None:
+            raise FetchError("credentials in the URI are not supported")
+        if not parts.hostname:
+            raise FetchError("the URI has no host")
+        try:
+            port = parts.port or (443 if scheme == "https" else 80)
+        except ValueError:
+            raise FetchError("the URI has an invalid port") from None
+        try:
+            host = parts.hostname.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise FetchError("the URI's host is not a valid domain name") from None
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return cls(scheme, host, port, parts.netloc.rpartition("@")[2], path)
+
+
+def _remaining(deadline: float, timeout_s: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise FetchError(f"took longer than {timeout_s:g} s")
+    return left
+
+
+def _resolve(host: str, port: int, resolver: Resolver, wait_s: float) -> list[str]:
+    """Resolve in a helper thread so that a hanging DNS server cannot outlast the deadline."""
     try:
-        with requests.get(uri, stream=True, timeout=timeout_s, allow_redirects=True) as resp:
-            if not 200 <= resp.status_code < 300:
-                raise FetchError(f"fetching image_uri answered HTTP {resp.status_code}")
-            declared = resp.headers.get("Content-Length")
-            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                raise ImageTooLarge(f"image_uri holds {declared} bytes; the limit is {max_bytes}")
-            buf = bytearray()
-            for chunk in resp.iter_content(CHUNK):
-                buf += chunk
-                if len(buf) > max_bytes:
-                    raise ImageTooLarge(f"image_uri holds more than {max_bytes} bytes")
-                if time.monotonic() > deadline:  # a slow drip must not hold a worker forever
-                    raise FetchError(f"fetching image_uri took longer than {timeout_s:g} s")
-            return bytes(buf)
-    except requests.RequestException as exc:
-        raise FetchError(f"fetching image_uri failed: {type(exc).__name__}") from exc
+        return [str(ipaddress.ip_address(host))]  # an IP literal needs no lookup
+    except ValueError:
+        pass
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch-dns")
+    try:
+        future = pool.submit(resolver, host, port)
+        addresses = list(future.result(timeout=wait_s))
+    except concurrent.futures.TimeoutError:
+        raise FetchError(f"resolving host {host!r} took too long") from None
+    except (OSError, UnicodeError):
+        raise FetchError(f"cannot resolve host {host!r}") from None
+    finally:
+        pool.shutdown(wait=False)  # a stuck lookup finishes (or not) on its own; nobody waits for it
+    if not addresses:
+        raise FetchError(f"cannot resolve host {host!r}")
+    return addresses
 
 
-def _read_file(path: str, *, max_bytes: int, allowed_roots: list[str] | tuple[str, ...]) -> bytes:
+def _connect_and_get(
+    target: _Target, addresses: list[str], deadline: float, timeout_s: float
+) -> tuple[urllib3.BaseHTTPResponse, urllib3.HTTPConnectionPool]:
+    """GET ``target`` from the first of the checked ``addresses`` that accepts a connection."""
+    last: Exception | None = None
+    for address in addresses:
+        left = _remaining(deadline, timeout_s)
+        timeout = urllib3.Timeout(connect=min(timeout_s, left), read=min(timeout_s, left))
+        pool: urllib3.HTTPConnectionPool
+        if target.scheme == "https":
+            # Connect to the checked address; verify the certificate (and send SNI) for the name.
+            pool = urllib3.HTTPSConnectionPool(
+                address,
+                target.port,
+                timeout=timeout,
+                retries=False,
+                cert_reqs="CERT_REQUIRED",
+                ca_certs=certifi.where(),
+                assert_hostname=target.host,
+                server_hostname=target.host,
+            )
+        else:
+            pool = urllib3.HTTPConnectionPool(address, target.port, timeout=timeout, retries=False)
+        try:
+            resp = pool.urlopen(
+                "GET",
+                target.path,
+                headers={"Host": target.host_header, "User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+                redirect=False,
+                retries=False,
+                preload_content=False,
+                decode_content=False,
+                assert_same_host=False,
+            )
+            return resp, pool
+        except urllib3.exceptions.NewConnectionError as exc:  # try the host's next address
+            pool.close()
+            last = exc
+        except (Urllib3Error, OSError) as exc:
+            pool.close()
+            raise FetchError(f"fetch failed: {_describe(exc)}") from exc
+    raise FetchError(f"fetch failed: cannot connect to host {target.host!r}") from last
+
+
+def _read_body(resp: urllib3.BaseHTTPResponse, max_bytes: int, deadline: float, timeout_s: float) -> bytes:
+    declared = resp.headers.get("Content-Length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ImageTooLarge(f"the content is {declared} bytes; the limit is {max_bytes}")
+    buf = bytearray()
+    try:
+        while True:
+            # read1: whatever one recv gives (a blocking read(n) would wait for n bytes, so a server
+            # dripping a byte at a time would outlast the deadline)
+            chunk = resp.read1(CHUNK, decode_content=False)
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > max_bytes:
+                raise ImageTooLarge(f"the content is more than {max_bytes} bytes")
+            _remaining(deadline, timeout_s)  # a slow drip must not hold a worker forever
+    except (Urllib3Error, OSError) as exc:
+        raise FetchError(f"fetch failed: {_describe(exc)}") from exc
+    return bytes(buf)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, urllib3.exceptions.TimeoutError | socket.timeout):
+        return "timed out"
+    if isinstance(exc, urllib3.exceptions.SSLError):
+        return "TLS error (certificate not valid for the host?)"
+    return type(exc).__name__
+
+
+def _read_file(path: str, *, max_bytes: int, allowed_roots: Sequence[str]) -> bytes:
     if not allowed_roots:
-        raise FetchError("file:// image URIs are disabled (no allowed_file_roots configured)")
+        raise FetchRefused("file:// URIs are disabled (no allowed_file_roots configured)", reason="file")
     real = Path(path).resolve()
     if not any(real.is_relative_to(Path(root).resolve()) for root in allowed_roots):
-        raise FetchError("image_uri points outside the allowed file roots")
+        raise FetchRefused("the path is outside the allowed file roots", reason="file root")
     try:
         size = real.stat().st_size
         if size > max_bytes:
-            raise ImageTooLarge(f"image_uri holds {size} bytes; the limit is {max_bytes}")
+            raise ImageTooLarge(f"the file is {size} bytes; the limit is {max_bytes}")
         return real.read_bytes()
     except OSError as exc:
-        raise FetchError(f"cannot read image_uri: {exc.strerror}") from exc
+        raise FetchError(f"cannot read the file: {exc.strerror}") from exc

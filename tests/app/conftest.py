@@ -6,8 +6,10 @@ would hang ``serve.run`` silently); readiness is polled with a deadline instead 
 
 from __future__ import annotations
 
+import http.server
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from deployments.app import build_app  # noqa: E402
+from tests.images import encode, pattern  # noqa: E402
 
 PREFIX = "/api/v1/operators/image-search"
 APP = "imgsearch"
@@ -33,6 +36,8 @@ def app_args(storage_root: str, **overrides: Any) -> dict[str, Any]:
         "model": "tiny-random",
         "storage_root": storage_root,
         "limits": {"max_body_bytes": 2_000_000, "max_image_bytes": 1_500_000, "max_image_pixels": 4_000_000},
+        # the image server of the fetch tests runs on loopback, which the default fetch policy refuses
+        "fetch_allowed_networks": ["127.0.0.0/8"],
         "deployment_options": {
             "Ingress": ZERO_CPU,
             "Encoder": ZERO_CPU,
@@ -139,3 +144,29 @@ def library(client: Client) -> str:
     name = f"lib{next(_counter)}_{os.getpid()}"
     client.ok("/library/create", {"library_name": name, "mode": "general_search"})
     return name
+
+
+@pytest.fixture
+def image_server():
+    """A loopback HTTP server serving one JPEG at /photo.jpg."""
+    jpeg = encode(pattern(42), "JPEG", quality=95)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/photo.jpg":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(jpeg)))
+                self.end_headers()
+                self.wfile.write(jpeg)
+            else:
+                self.send_response(404)
+                self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", jpeg
+    server.shutdown()

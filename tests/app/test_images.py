@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import http.server
-import threading
 
 import pytest
 
@@ -101,32 +99,6 @@ def test_delete_then_search(client, library):
     assert client.ok("/image/delete", {"library_name": library, "image_id": "a"}) == {"deleted": 0}
     res = client.ok("/search/by-image", {"library_name": library, "image_base64": image_b64(2)})["results"]
     assert [r["image_id"] for r in res] == ["b"]
-
-
-@pytest.fixture
-def image_server():
-    """A loopback HTTP server serving one JPEG at /photo.jpg."""
-    jpeg = encode(pattern(42), "JPEG", quality=95)
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/photo.jpg":
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(jpeg)))
-                self.end_headers()
-                self.wfile.write(jpeg)
-            else:
-                self.send_response(404)
-                self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", jpeg
-    server.shutdown()
 
 
 def test_add_fetches_image_uri_when_no_base64(client, library, image_server):

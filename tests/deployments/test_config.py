@@ -1,0 +1,97 @@
+"""deployments.config: every limit is configurable and validated; API keys; the fetch policy."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from pydantic import ValidationError
+
+from deployments.config import AppArgs, Limits
+
+
+def test_limits_reach_the_objects_that_enforce_them():
+    limits = Limits(
+        max_image_pixels=100,
+        max_image_bytes=200,
+        image_formats=["png", "JPEG"],
+        max_filter_depth=2,
+        max_filter_conditions=3,
+        max_filter_in_values=4,
+        max_tags=5,
+        max_tag_key_length=6,
+        max_tag_list_length=7,
+        max_tag_string_length=8,
+    )
+    img = limits.image_limits()
+    assert (img.max_pixels, img.max_bytes, img.formats) == (100, 200, ("PNG", "JPEG"))
+    flt = limits.filter_limits()
+    assert (flt.max_depth, flt.max_conditions, flt.max_in_values, flt.max_string_length) == (2, 3, 4, 8)
+    tags = limits.tag_limits()
+    assert (tags.max_keys, tags.max_key_length, tags.max_list_length, tags.max_string_length) == (5, 6, 7, 8)
+
+
+@pytest.mark.parametrize(
+    "limits, field",
+    [
+        ({"max_body_bytes": 0}, "max_body_bytes"),
+        ({"max_top_k": 1001}, "max_top_k"),  # the contract's 1..1000: config may only lower it
+        ({"max_text_chars": 5000}, "max_text_chars"),
+        ({"image_formats": []}, "image_formats"),
+        ({"image_formats": ["NOPE"]}, "image_formats"),
+        ({"max_concurrent_requests": 0}, "max_concurrent_requests"),
+        ({"max_tag": 5}, "max_tag"),  # a typo is an error, not a silently ignored key
+    ],
+)
+def test_bad_limits_are_refused(limits, field):
+    with pytest.raises(ValidationError, match=field):
+        AppArgs(model="tiny-random", limits=limits)
+
+
+@pytest.mark.parametrize("key", ["", "short", "has space 123", "tab\there123"])
+def test_unusable_api_keys_are_refused(key):
+    # an empty key would have matched a request without any Authorization header
+    with pytest.raises(ValidationError, match="api_keys"):
+        AppArgs(model="tiny-random", api_keys=[key])
+
+
+def test_api_keys_from_config_and_file(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("# comment\n\nfile-key-0001\n  file-key-0002  \n")
+    args = AppArgs(model="tiny-random", api_keys=["config-key-01"], api_keys_file=str(path))
+    assert args.load_api_keys() == {"config-key-01", "file-key-0001", "file-key-0002"}
+
+
+def test_an_api_keys_file_without_keys_fails_instead_of_opening_the_service(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("# nothing here yet\n")
+    with pytest.raises(ValueError, match="holds no API key"):
+        AppArgs(model="tiny-random", api_keys_file=str(path)).load_api_keys()
+    path.write_text("abc\n")
+    with pytest.raises(ValueError, match="at least 8"):
+        AppArgs(model="tiny-random", api_keys_file=str(path)).load_api_keys()
+    with pytest.raises(OSError):
+        AppArgs(model="tiny-random", api_keys_file=str(tmp_path / "missing")).load_api_keys()
+
+
+def test_fetch_policy_defaults_are_safe_and_configurable():
+    policy = AppArgs(model="tiny-random").fetch_policy()
+    assert policy.allow_private is False and policy.allowed_networks == () and policy.allowed_file_roots == ()
+    assert policy.schemes == ("http", "https")
+    args = AppArgs(
+        model="tiny-random",
+        fetch_allowed_networks=["10.1.2.0/24", "fd00::/8"],
+        fetch_max_redirects=2,
+        allowed_file_roots=["/srv/images"],
+    )
+    policy = args.fetch_policy()
+    assert policy.allowed_networks == (ipaddress.ip_network("10.1.2.0/24"), ipaddress.ip_network("fd00::/8"))
+    assert policy.max_redirects == 2 and policy.allowed_file_roots == ("/srv/images",)
+    policy.check_address("10.1.2.3")
+    assert AppArgs(model="tiny-random", fetch_allow_private=True).fetch_policy().allow_private is True
+
+
+@pytest.mark.parametrize("nets", [["10.0.0.0/33"], ["example.com"], ["10.0.0.1/8"]])
+def test_bad_networks_are_refused(nets):
+    with pytest.raises(ValidationError, match="fetch_allowed_networks"):
+        AppArgs(model="tiny-random", fetch_allowed_networks=nets)

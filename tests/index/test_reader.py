@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from index.ann import IndexConfig
 from index.errors import LibraryAlreadyExists, LibraryNotFound
 from index.reader import LibraryReader
 from index.snapshot import load_snapshot, snapshot_seq
@@ -22,7 +23,7 @@ def unit(seed: int) -> np.ndarray:
 
 @pytest.fixture
 def writer(tmp_path):
-    w = LibraryWriter(tmp_path, snapshot_min_rows=10**9)
+    w = LibraryWriter(tmp_path, config=IndexConfig(snapshot_min_rows=10**9))
     yield w
     w.close()
 
@@ -65,8 +66,8 @@ def test_snapshot_then_replay_equals_full_load(writer):
     for i in range(30, 40):
         add(writer, info, i)
     writer.delete_images(info.name, info.uid, "id3", None)
-    snap = load_snapshot(d, model_identity="m/p", dim=DIM)
-    assert snap is not None and snap.live_count == 30
+    loaded = load_snapshot(d, model_identity="m/p", dim=DIM)
+    assert loaded is not None and loaded[0].live_count == 30
     r = LibraryReader(d, model_identity="m/p")
     assert r.live_count == 39
     assert r.applied_seq == 41
@@ -82,7 +83,7 @@ def test_snapshot_of_other_model_is_ignored(writer):
 
 
 def test_background_snapshot_policy(tmp_path):
-    w = LibraryWriter(tmp_path, snapshot_min_rows=5, snapshot_fraction=0.0)
+    w = LibraryWriter(tmp_path, config=IndexConfig(snapshot_min_rows=5, snapshot_fraction=0.0))
     try:
         info, d = make(w)
         for i in range(6):
@@ -141,7 +142,7 @@ def test_commit_during_load_is_not_skipped(writer, monkeypatch):
 
     monkeypatch.setattr(LibraryStore, "changes_since", changes_then_commit)
     with LibraryStore(d, readonly=True) as store:
-        table = reader_mod.load_table(store, d, model_identity="m/p")
+        table, _ = reader_mod.load_table(store, d, model_identity="m/p")
     monkeypatch.setattr(LibraryStore, "changes_since", original)
     assert table.live_count == 1
     assert table.applied_seq == 1  # not 2: row id1 was never applied

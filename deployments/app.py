@@ -43,7 +43,9 @@ def build_app(raw_args: dict[str, Any]) -> Application:
     opts = args.deployment_options
     encoder = Encoder.options(**opts.get("Encoder", {})).bind(spec)
     index = LibraryIndex.options(**opts.get("LibraryIndex", {})).bind(
-        args.storage_root, ScoreCalibration(args.text_score_center, args.text_score_scale)
+        args.storage_root, ScoreCalibration(args.text_score_center, args.text_score_scale), args.index
     )
-    writer = Writer.options(**opts.get("Writer", {})).bind(args.storage_root, args.limits.max_libraries)
+    writer = Writer.options(**opts.get("Writer", {})).bind(
+        args.storage_root, args.limits.max_libraries, args.index
+    )
     return Ingress.options(**opts.get("Ingress", {})).bind(encoder, index, writer, args, spec.preprocess)

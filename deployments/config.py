@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from filters import FilterLimits, TagLimits
+from index.ann import IndexConfig
 from index.imaging import ImageLimits
 
 #: The pretrained tag used when ``pretrained`` is not given, for the models we document.
@@ -78,6 +79,10 @@ class AppArgs(BaseModel):
     seed: int = Field(0, description="seed of random-weight models (identical across replicas)")
     storage_root: str = Field("./data", description="directory (or mounted shared volume) for all libraries")
     limits: Limits = Field(default_factory=Limits)
+    index: IndexConfig = Field(
+        default_factory=IndexConfig,
+        description="index kinds, thresholds, search effort, snapshot policy (README: Index configuration)",
+    )
     text_score_center: float = 0.25
     text_score_scale: float = Field(0.04, gt=0)
     allowed_file_roots: list[str] = Field(

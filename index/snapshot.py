@@ -160,7 +160,10 @@ def load_snapshot(
         logger.exception("ignoring unreadable snapshot in %s", root)
         return None
     logger.info(
-        "loaded snapshot %s (%s, %d slots) in %.2fs", name, manifest.index_kind, len(table),
+        "loaded snapshot %s (%s, %d slots) in %.2fs",
+        name,
+        manifest.index_kind,
+        len(table),
         time.perf_counter() - started,
     )
     return table, name

@@ -33,6 +33,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 
+import faiss
 import numpy as np
 
 from filters import TagColumns, evaluate
@@ -268,10 +269,7 @@ class VectorTable:
         """
         keep = np.flatnonzero(self.live)
         logger.info("rebuilding as %s: %d live of %d slots", kind, len(keep), len(self))
-        if len(keep) == len(self) and self.base is None:
-            vectors = self._tail.view  # nothing to drop: build straight from the tail, no copy
-        else:
-            vectors = self.gather(keep)
+        vectors = self.gather(keep)  # a view, not a copy, when nothing is dropped and there is no base
         base = build_base(kind, vectors, self.config)
         del vectors
         return VectorTable.from_snapshot(
@@ -389,12 +387,13 @@ class VectorTable:
         best_slots = np.empty(0, dtype=np.int64)
         for i in range(0, len(slots), GATHER_CHUNK):
             chunk = slots[i : i + GATHER_CHUNK]
-            scores = self.gather(chunk) @ q[0]
-            if len(scores) > k:
-                top = np.argpartition(-scores, k - 1)[:k]
-                chunk, scores = chunk[top], scores[top]
-            best_scores = np.concatenate([best_scores, scores])
-            best_slots = np.concatenate([best_slots, chunk])
+            # faiss.knn, not numpy: one query is a matrix-vector product, and BLAS would hand it to a
+            # thread pool whose wake-ups cost more than the product on a busy machine.
+            scores, top = faiss.knn(
+                q, self.gather(chunk), min(k, len(chunk)), metric=faiss.METRIC_INNER_PRODUCT
+            )
+            best_scores = np.concatenate([best_scores, scores[0]])
+            best_slots = np.concatenate([best_slots, chunk[top[0]]])
         return best_scores, best_slots
 
     def _hits(self, scores: np.ndarray, slots: np.ndarray, k: int, m: int, path: str) -> SearchHits:

@@ -16,8 +16,14 @@ N = 3000
 # Generous search effort, so that on 3,000 rows the approximate kinds return the exact top-k and the
 # tests can compare with brute force; nothing here measures recall.
 ANN = dict(
-    hnsw_ef_search=256, hnsw_ef_search_max=2048, ivf_nlist=16, ivf_nprobe=16, refine_factor=64,
-    ivfpq_min_rows=1, pq_m=8, pq_nbits=6,
+    hnsw_ef_search=256,
+    hnsw_ef_search_max=2048,
+    ivf_nlist=16,
+    ivf_nprobe=16,
+    refine_factor=64,
+    ivfpq_min_rows=1,
+    pq_m=8,
+    pq_nbits=6,
 )
 EXACT_ONLY = IndexConfig(exact_max_candidates=10**9, exact_max_fraction=1.0, **ANN)  # every filter exact
 INDEX_ONLY = IndexConfig(exact_max_candidates=0, exact_max_fraction=0.0, **ANN)  # never gather
@@ -38,7 +44,9 @@ def changes(x: np.ndarray, tags: list[dict], start_row: int = 1, seq: int = 1) -
 
 
 def deletes(row_ids, seq: int) -> list[Change]:
-    return [Change(row_id=r, seq=seq, deleted=True, vector=None, vector_kind="whole", tags={}) for r in row_ids]
+    return [
+        Change(row_id=r, seq=seq, deleted=True, vector=None, vector_kind="whole", tags={}) for r in row_ids
+    ]
 
 
 def brute(x: np.ndarray, q: np.ndarray, keep: np.ndarray, k: int) -> list[int]:
@@ -65,8 +73,11 @@ FILTERS = {
     "1%": ({"field": "p", "op": "<", "value": 10}, lambda t: t["p"] < 10),
     "0.1%": ({"field": "p", "op": "<", "value": 1}, lambda t: t["p"] < 1),
     "3 conditions": (
-        [{"field": "c", "op": "in", "value": ["a", "b"]}, {"field": "l", "op": "=", "value": "y1"},
-         {"field": "p", "op": ">=", "value": 200}],
+        [
+            {"field": "c", "op": "in", "value": ["a", "b"]},
+            {"field": "l", "op": "=", "value": "y1"},
+            {"field": "p", "op": ">=", "value": 200},
+        ],
         lambda t: t["c"] in "ab" and "y1" in t["l"] and t["p"] >= 200,
     ),
 }
@@ -107,7 +118,7 @@ def test_every_path_returns_the_brute_force_top_k(data, built, kind, config, nam
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_no_row_passes(data, built, kind):
-    x, tags, queries = data
+    queries = data[2]
     t = built[kind]
     hits = t.search(queries[0], 10, parse_filter({"field": "p", "op": ">", "value": 5000}))
     assert (hits.row_ids.tolist(), hits.candidates, hits.path) == ([], 0, "empty")
@@ -167,7 +178,9 @@ def test_tail_beside_a_base_with_deletes_and_upserts(data, kind):
     def check(table: VectorTable) -> None:
         for q in queries:
             assert (table.search(q, 10).row_ids - 1).tolist() == brute(current, q, alive, 10)
-            assert (table.search(q, 10, parse_filter(flt)).row_ids - 1).tolist() == brute(current, q, keep, 10)
+            assert (table.search(q, 10, parse_filter(flt)).row_ids - 1).tolist() == brute(
+                current, q, keep, 10
+            )
 
     check(t)
     t.absorb_tail()
@@ -205,7 +218,9 @@ def test_a_bad_row_applies_nothing_of_its_batch():
     assert t.search(x[0], 1).row_ids.tolist() == [1]  # the delete in the failed batch did not happen
     t.apply(changes(x[5:6], [{"v": 5}], start_row=6, seq=3))
     for v, row in [(0, 1), (1, 2), (5, 6)]:
-        assert t.search(x[0], 5, parse_filter({"field": "v", "op": "=", "value": v})).row_ids.tolist() == [row]
+        assert t.search(x[0], 5, parse_filter({"field": "v", "op": "=", "value": v})).row_ids.tolist() == [
+            row
+        ]
 
 
 def test_a_failed_batch_is_reapplied_whole():

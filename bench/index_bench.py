@@ -465,6 +465,7 @@ def main() -> None:
             result.update(measure_catchup(reader, library_dir, extra, queries, phases, search_threads))
             faiss.omp_set_num_threads(build_threads)
 
+        args.out.write_text(json.dumps(result, indent=1))  # ours, in case the peer fails
         if args.peer == "lancedb":
             result["peer"] = lancedb_peer(data, queries, all_cases, truths, workdir, phases, args)
         result["index_config"] = {k: v for k, v in config.__dict__.items() if not k.startswith("snapshot")}

@@ -278,3 +278,13 @@ def test_absorbing_into_a_memory_mapped_base_is_refused(tmp_path, data):
     with pytest.raises(RuntimeError, match="memory-mapped"):
         mapped.absorb_tail()
     assert mapped.search(x[105], 1).row_ids.tolist() == [106]
+
+
+def test_hnsw_effort_rises_as_selectivity_falls():
+    from index.ann import HnswBase
+
+    ef = HnswBase.ef_for
+    config = IndexConfig(hnsw_ef_search=64, hnsw_ef_search_max=768)
+    efs = [ef(None, 10, s, config) for s in (1.0, 0.99, 0.5, 0.1, 0.01)]
+    assert efs == [64, 65, 256, 768, 768]
+    assert ef(None, 1000, 1.0, config) == 1000  # never below k

@@ -24,6 +24,7 @@ ANN = dict(
     ivfpq_min_rows=1,
     pq_m=8,
     pq_nbits=6,
+    filter_ivf_nprobe=4096,  # every list: the filter IVF is exact up to its re-rank
 )
 EXACT_ONLY = IndexConfig(exact_max_candidates=10**9, exact_max_fraction=1.0, **ANN)  # every filter exact
 INDEX_ONLY = IndexConfig(exact_max_candidates=0, exact_max_fraction=0.0, **ANN)  # never gather
@@ -128,6 +129,7 @@ def test_planner_picks_exact_for_few_candidates_and_the_index_for_many(data):
     x, tags, queries = data
     config = IndexConfig(exact_max_candidates=100, exact_max_fraction=0.0, **ANN)
     t = table_of(x, tags, "hnsw", config)
+    assert t.base.filter_ivf is not None  # filtered searches over many rows go to the filter IVF
     assert t.search(queries[0], 10, parse_filter(FILTERS["0.1%"][0])).path == "exact"  # 3 rows
     assert t.search(queries[0], 10, parse_filter(FILTERS["1%"][0])).path == "exact"  # 30 rows
     assert t.search(queries[0], 10, parse_filter(FILTERS["half"][0])).path == "index"

@@ -3,8 +3,9 @@
 Three kinds, chosen by size (`choose_kind`), overridable per library:
 
 - ``flat``: ``faiss.IndexFlatIP``, exact. Below ``IndexConfig.hnsw_min_rows`` live rows.
-- ``hnsw``: ``faiss.IndexHNSWFlat`` (M, efConstruction from the config), approximate; ``efSearch`` is
-  raised as the filter's selectivity falls (`HnswBase.search`).
+- ``hnsw``: ``faiss.IndexHNSWFlat`` (M, efConstruction from the config), approximate, for unfiltered
+  searches; filtered ones go to an IVF-SQ8 *filter index* over the same vectors, whose recall does not
+  fall with the filter's selectivity (`HnswBase`).
 - ``ivfpq``: ``faiss.IndexIVFPQ`` over a flat coarse quantizer, approximate, with an exact *refine*:
   ``refine_factor * k`` PQ candidates are re-ranked with the raw vectors. Chosen when an HNSW index would
   not fit ``IndexConfig.memory_budget_bytes``: it keeps about ``pq_m + 8`` bytes per vector resident and
@@ -147,11 +148,6 @@ class AnnBase:
     def dim(self) -> int:
         return int(self.index.d)
 
-    @property
-    def exact(self) -> bool:
-        """True when `search` returns the exact top-k."""
-        return False
-
     def vectors(self) -> np.ndarray:
         """The raw float32 vectors, shape (ntotal, dim): a read-only view, valid until the next `add`."""
         raise NotImplementedError
@@ -226,10 +222,6 @@ class FlatBase(AnnBase):
         base = cls(faiss.IndexFlatIP(x.shape[1]), writable=True)
         base.add(x)
         return base
-
-    @property
-    def exact(self) -> bool:
-        return True
 
     def vectors(self) -> np.ndarray:
         return _flat_vectors(self.index, self.ntotal, self.dim)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from filters import parse_filter
 from index.ann import IndexConfig
 from index.errors import LibraryAlreadyExists, LibraryNotFound
 from index.reader import LibraryReader
@@ -50,7 +51,6 @@ def test_two_readers_see_every_write_immediately(writer):
     for r in (r1, r2):
         assert 6 not in r.search(unit(5), 20).row_ids.tolist()
     writer.update_tags(info.name, info.uid, "id7", None, {"flag": True})
-    from filters import parse_filter
 
     node = parse_filter({"field": "flag", "op": "=", "value": True})
     for r in (r1, r2):
@@ -197,6 +197,9 @@ def test_configured_kind_is_kept_and_rows_after_the_snapshot_are_searchable_at_o
         assert reader.kind == kind
         add(w, info, 1000)  # read-your-writes: a row newer than the snapshot is found by the next search
         assert top(reader, 1000, 1) == [301]
+        # tags came back from the snapshot's pickled columns, aligned with the index's slots
+        node = parse_filter({"field": "i", "op": "in", "value": [7, 250, 299]})
+        assert sorted(top(reader, 7, 10, node=node)) == [8, 251, 300]
         w.delete_images(info.name, info.uid, "id5", None)  # a delete hits a base slot
         assert 6 not in top(reader, 5, 300)
     finally:

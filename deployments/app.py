@@ -72,13 +72,10 @@ def build_app(raw_args: dict[str, Any]) -> Application:
     # Serve's decorators return Deployment objects the type checker cannot see through.
     encoder = Encoder.options(**opts.get("Encoder", {})).bind(spec, face_spec)  # type: ignore[attr-defined]
     index = LibraryIndex.options(**opts.get("LibraryIndex", {})).bind(  # type: ignore[attr-defined]
-        args.storage_root, ScoreCalibration(args.text_score_center, args.text_score_scale)
+        args.storage_root, ScoreCalibration(args.text_score_center, args.text_score_scale), args.index
     )
     writer = Writer.options(**opts.get("Writer", {})).bind(  # type: ignore[attr-defined]
-        args.storage_root,
-        args.limits.max_libraries,
-        snapshot_min_rows=args.snapshot_min_rows,
-        snapshot_fraction=args.snapshot_fraction,
+        args.storage_root, args.limits.max_libraries, args.index
     )
     ingress = Ingress.options(**opts.get("Ingress", {}))  # type: ignore[attr-defined]
     return ingress.bind(

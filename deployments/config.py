@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from filters import FilterLimits, TagLimits
+from index.ann import IndexConfig
 from index.detect import ClipRegionConfig, FaceConfig, SaliencyConfig
 from index.fetch import FetchPolicy
 from index.imaging import ImageLimits
@@ -160,6 +161,10 @@ class AppArgs(BaseModel):
     seed: int = Field(0, description="seed of random-weight models (identical across replicas)")
     storage_root: str = Field("./data", description="directory (or mounted shared volume) for all libraries")
     limits: Limits = Field(default_factory=Limits)
+    index: IndexConfig = Field(
+        default_factory=IndexConfig,
+        description="index kinds, thresholds, search effort, snapshot policy (README: Index configuration)",
+    )
     text_score_center: float = 0.25
     text_score_scale: float = Field(0.04, gt=0)
     allowed_file_roots: list[str] = Field(
@@ -182,12 +187,6 @@ class AppArgs(BaseModel):
     api_keys_file: str | None = Field(None, description="file with one API key per line (# comments)")
     item_detector: ItemDetectorArgs = Field(default_factory=ItemDetectorArgs)
     face_detector: FaceDetectorArgs = Field(default_factory=FaceDetectorArgs)
-    snapshot_min_rows: int = Field(
-        2000, gt=0, description="rows changed since a library's FAISS snapshot before a new one is written"
-    )
-    snapshot_fraction: float = Field(
-        0.1, ge=0, description="... and at least this fraction of the library's live rows"
-    )
     deployment_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="per-deployment .options() overrides keyed by deployment name (tests, quick runs); "

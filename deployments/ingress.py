@@ -175,7 +175,7 @@ class Ingress:
                 raise InvalidParameter(f"library_name {body.library_name!r} is reserved")
             model = await self._model_info()
             data = await self.writer.create_library.remote(
-                body.library_name, body.mode, body.description, model
+                body.library_name, body.mode, body.description, model, body.index_kind
             )
             return envelope(data)
         except Exception as exc:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import faiss
 import numpy as np
 from ray import serve
 
+from index.ann import IndexConfig
 from index.catalog import Catalog, iso_time
 from index.errors import ImageNotFound, LibraryNotFound
 from index.reader import LibraryReader, record_object, result_objects
@@ -23,9 +25,12 @@ MAX_LIBRARIES_PER_REPLICA = 8
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
 class LibraryIndex:
-    def __init__(self, storage_root: str, calibration: ScoreCalibration) -> None:
+    def __init__(self, storage_root: str, calibration: ScoreCalibration, index_config: IndexConfig) -> None:
         self.catalog = Catalog(storage_root)
         self.calibration = calibration
+        self.index_config = index_config
+        if index_config.search_threads:
+            faiss.omp_set_num_threads(index_config.search_threads)  # this replica's process only
 
     @serve.multiplexed(max_num_models_per_replica=MAX_LIBRARIES_PER_REPLICA)
     async def reader(self, key: str) -> LibraryReader:
@@ -34,7 +39,10 @@ class LibraryIndex:
         if info.uid != uid:
             raise LibraryNotFound(name)
         return await asyncio.to_thread(
-            LibraryReader, self.catalog.library_dir(name), model_identity=info.model_identity
+            LibraryReader,
+            self.catalog.library_dir(name),
+            model_identity=info.model_identity,
+            config=self.index_config,
         )
 
     async def _reader(self) -> LibraryReader:

@@ -34,6 +34,9 @@ class CreateLibrary(Request):
     library_name: str = LibraryName()
     mode: Literal["general_search", "item_search", "adaptive_search"]
     description: str | None = Field(None, max_length=MAX_DESCRIPTION_LENGTH)
+    index_kind: Literal["auto", "flat", "hnsw", "ivfpq"] = Field(
+        "auto", description="ours: the library's index kind; auto picks it by size (docs/API.md)"
+    )
 
 
 class DeleteLibrary(Request):

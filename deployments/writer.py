@@ -7,26 +7,22 @@ from typing import Any
 
 from ray import serve
 
+from index.ann import IndexConfig
 from index.store import NewRecord
 from index.writer import LibraryWriter
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class Writer:
-    def __init__(
-        self, storage_root: str, max_libraries: int, *, snapshot_min_rows: int, snapshot_fraction: float
-    ) -> None:
-        self.core = LibraryWriter(
-            storage_root,
-            max_libraries=max_libraries,
-            snapshot_min_rows=snapshot_min_rows,
-            snapshot_fraction=snapshot_fraction,
-        )
+    def __init__(self, storage_root: str, max_libraries: int, index_config: IndexConfig) -> None:
+        self.core = LibraryWriter(storage_root, max_libraries=max_libraries, config=index_config)
 
     async def create_library(
-        self, name: str, mode: str, description: str | None, model: dict[str, Any]
+        self, name: str, mode: str, description: str | None, model: dict[str, Any], index_kind: str
     ) -> dict[str, Any]:
-        return await asyncio.to_thread(self.core.create_library, name, mode, description, model)
+        return await asyncio.to_thread(
+            self.core.create_library, name, mode, description, model, index_kind
+        )
 
     async def delete_library(self, name: str) -> None:
         await asyncio.to_thread(self.core.delete_library, name)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from index.ann import CONFIGURED_KINDS
 from index.errors import (
     InvalidParameter,
     LibraryAlreadyExists,
@@ -32,6 +33,7 @@ from index.errors import (
     LibraryNotFound,
     ModelMismatch,
 )
+from index.snapshot import read_manifest
 from index.store import LibraryStore
 
 logger = logging.getLogger(__name__)
@@ -132,6 +134,10 @@ class Catalog:
         check_library_name(name)
         if mode not in MODES:
             raise InvalidParameter(f"mode {mode!r} is invalid; expected one of {', '.join(MODES)}")
+        if index_kind not in CONFIGURED_KINDS:
+            raise InvalidParameter(
+                f"index_kind {index_kind!r} is invalid; expected one of {', '.join(CONFIGURED_KINDS)}"
+            )
         final = self._libraries / name
         if final.exists():
             raise LibraryAlreadyExists(name)
@@ -213,10 +219,14 @@ class Catalog:
                 shutil.rmtree(p, ignore_errors=True)
 
     def describe(self, info: LibraryInfo) -> dict[str, Any]:
-        """The library object of the API (image count read from the store)."""
-        with LibraryStore(self.library_dir(info.name), readonly=True) as store:
+        """The library object of the API (image count read from the store, index kind from the
+        current snapshot's manifest)."""
+        library_dir = self.library_dir(info.name)
+        with LibraryStore(library_dir, readonly=True) as store:
             count = store.count()
-        return library_object(info, count)
+        manifest = read_manifest(library_dir)
+        # Without a snapshot, replicas replay every row into an exact table: that is a flat index.
+        return library_object(info, count, "flat" if manifest is None else manifest.index_kind)
 
 
 def check_served_model(info: LibraryInfo, served: dict[str, Any]) -> None:
@@ -243,7 +253,8 @@ def _face_model_name(identity: str | None) -> str:
     return f"face model {identity}" if identity else "no face model (CLIP embeds faces)"
 
 
-def library_object(info: LibraryInfo, image_count: int) -> dict[str, Any]:
+def library_object(info: LibraryInfo, image_count: int, index_kind: str) -> dict[str, Any]:
+    """The API's library object; ``index_kind`` is the kind in use now."""
     return {
         "library_name": info.name,
         "mode": info.mode,
@@ -251,7 +262,7 @@ def library_object(info: LibraryInfo, image_count: int) -> dict[str, Any]:
         "image_count": image_count,
         "created_at": iso_time(info.created_at),
         "model": {"name": info.model, "pretrained": info.pretrained, "dim": info.dim},
-        "index": {"kind": "flat", "configured": info.index_kind},
+        "index": {"kind": index_kind, "configured": info.index_kind},
         "embedding": EMBEDDING_OF_MODE[info.mode],
     } | ({"face_model": info.face_model_identity} if info.mode == "adaptive_search" else {})
 

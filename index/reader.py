@@ -1,8 +1,15 @@
 """What a LibraryIndex replica holds for one library: a vector table kept in step with SQLite.
 
 ``catch_up()`` runs before every answer: one cheap ``last_seq`` read, and when the store is ahead, an
-incremental apply of just the new rows (or a full reload when the table is far behind). So an add or a
-delete acknowledged by the writer is visible to the very next search on every replica.
+incremental apply of just the new rows into the table's exact tail (or a full reload when the table is
+far behind). So an add or a delete acknowledged by the writer is visible to the very next search on
+every replica.
+
+Snapshots written meanwhile by the writer (a tail folded into the index, a compaction, a switch from
+flat to HNSW) are picked up without blocking: ``catch_up`` notices that ``snapshots/CURRENT`` changed
+and loads the new snapshot in a background thread (memory-mapped, so about a second even at 1M rows)
+while searches go on against the current table; the next ``catch_up`` after the load swaps the new table
+in and applies whatever was committed after it.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from index.snapshot import load_snapshot
+from index.ann import DEFAULT_CONFIG, IndexConfig
+from index.snapshot import current_name, load_snapshot
 from index.store import LibraryStore, StoredRecord
 from index.table import SearchHits, VectorTable
 
@@ -26,45 +34,98 @@ logger = logging.getLogger(__name__)
 RELOAD_FRACTION = 0.5
 
 
-def load_table(store: LibraryStore, library_dir: Path, *, model_identity: str) -> VectorTable:
-    """Snapshot (if any) + replay of every row committed after it."""
+def load_table(
+    store: LibraryStore,
+    library_dir: Path,
+    *,
+    model_identity: str,
+    config: IndexConfig = DEFAULT_CONFIG,
+    writable: bool = False,
+) -> tuple[VectorTable, str | None]:
+    """Snapshot (if any) + replay of every row committed after it.
+
+    Returns:
+        The table and the name of the snapshot it started from (None: a full replay).
+    """
     started = time.perf_counter()
     # Read the committed seq BEFORE replaying: everything up to it is then certainly in the replay.
     # Reading it after would race with a commit landing in between, and the table would claim a seq
     # whose rows it never saw (a snapshot built from it would lose them for good).
     last = store.last_seq()
-    table = load_snapshot(library_dir, model_identity=model_identity, dim=store.dim)
-    from_snapshot = table is not None
-    if table is None:
-        table = VectorTable(store.dim)
+    loaded = load_snapshot(
+        library_dir, model_identity=model_identity, dim=store.dim, config=config, writable=writable
+    )
+    if loaded is None:
+        table, name = VectorTable(store.dim, config), None
         table.apply(store.changes_since(0, live_only=True))
     else:
+        table, name = loaded
         table.apply(store.changes_since(table.applied_seq))
     table.applied_seq = max(table.applied_seq, last)
     logger.info(
-        "loaded %s: %d vectors at seq %d in %.3fs (%s)",
+        "loaded %s: %d vectors (%s index, %d in the tail) at seq %d in %.3fs (%s)",
         library_dir.name,
         table.live_count,
+        table.kind,
+        table.tail_count,
         table.applied_seq,
         time.perf_counter() - started,
-        "snapshot + replay" if from_snapshot else "full replay",
+        f"snapshot {name} + replay" if name else "full replay",
     )
-    return table
+    return table, name
 
 
 class LibraryReader:
-    """Read path of one library. Thread-safe: searches and catch-ups serialise on one lock."""
+    """Read path of one library. Thread-safe: searches and catch-ups serialise on one lock.
 
-    def __init__(self, library_dir: str | Path, *, model_identity: str) -> None:
+    Args:
+        library_dir: the library's directory.
+        model_identity: the model the library must have been built with.
+        config: planner thresholds and search effort.
+        background_pickup: load newer snapshots in a background thread (False: synchronously inside
+            ``catch_up``, for tests and tools that want determinism).
+    """
+
+    def __init__(
+        self,
+        library_dir: str | Path,
+        *,
+        model_identity: str,
+        config: IndexConfig = DEFAULT_CONFIG,
+        background_pickup: bool = True,
+    ) -> None:
         self.dir = Path(library_dir)
         self.model_identity = model_identity
+        self.config = config
+        self.background_pickup = background_pickup
         self._store = LibraryStore(self.dir, readonly=True)
         self._lock = threading.Lock()
-        self._table = load_table(self._store, self.dir, model_identity=model_identity)
+        self._table, self._snapshot = self._load(self._store)
+        self._loading: threading.Thread | None = None
+        self._attempted: str | None = None
+        self._loaded: tuple[VectorTable, str | None] | None = None
+        self._closed = False
+
+    def _load(self, store: LibraryStore) -> tuple[VectorTable, str | None]:
+        return load_table(store, self.dir, model_identity=self.model_identity, config=self.config)
 
     @property
     def applied_seq(self) -> int:
         return self._table.applied_seq
+
+    @property
+    def snapshot(self) -> str | None:
+        """The name of the snapshot the current table was loaded from."""
+        return self._snapshot
+
+    @property
+    def kind(self) -> str:
+        return self._table.kind
+
+    @property
+    def table(self) -> VectorTable:
+        """The current table (for inspection; mutate it only through the reader)."""
+        return self._table
 
     def catch_up(self) -> int:
         """Bring the table up to the store's latest commit. Returns the rows applied."""
@@ -72,21 +133,64 @@ class LibraryReader:
             return self._catch_up_locked()
 
     def _catch_up_locked(self) -> int:
+        self._pick_up_snapshot_locked()
         last = self._store.last_seq()
         if last <= self._table.applied_seq:
             return 0
         pending = self._store.count_changed_since(self._table.applied_seq)
         if pending > max(1000, RELOAD_FRACTION * self._table.live_count):
-            self._table = load_table(self._store, self.dir, model_identity=self.model_identity)
+            self._table, self._snapshot = self._load(self._store)
             return pending
         applied = self._table.apply(self._store.changes_since(self._table.applied_seq))
         self._table.applied_seq = max(self._table.applied_seq, last)
         return applied
 
+    def _pick_up_snapshot_locked(self) -> None:
+        """Swap in a snapshot loaded in the background; start loading one when CURRENT changed."""
+        if self._loaded is not None:
+            # The loaded table may trail this one by a few commits: the catch-up that follows applies
+            # them (the store, not the table, is the source of truth).
+            table, name = self._loaded
+            self._loaded = None
+            logger.info("%s: switching to snapshot %s (%s index)", self.dir.name, name, table.kind)
+            self._table, self._snapshot = table, name
+        if self._loading is not None:
+            return
+        name = current_name(self.dir)
+        if name is None or name in (self._snapshot, self._attempted):
+            return
+        self._attempted = name  # a snapshot that fails to load is not retried on every search
+        if not self.background_pickup:
+            self._table, self._snapshot = self._load(self._store)
+            return
+        self._loading = threading.Thread(
+            target=self._load_in_background, name=f"pickup-{self.dir.name}", daemon=True
+        )
+        self._loading.start()
+
+    def _load_in_background(self) -> None:
+        try:
+            with LibraryStore(self.dir, readonly=True) as store:  # its own connection: no lock contention
+                loaded = self._load(store)
+        except Exception:
+            logger.exception("%s: loading a new snapshot failed; the current table stays", self.dir.name)
+            loaded = None
+        with self._lock:
+            if not self._closed and loaded is not None:
+                self._loaded = loaded
+            self._loading = None
+
+    def wait_for_pickup(self, timeout: float | None = None) -> None:
+        """Wait for a background snapshot load to finish (tests, tools), then catch up."""
+        thread = self._loading
+        if thread is not None:
+            thread.join(timeout)
+        self.catch_up()
+
     def search(
         self, query: np.ndarray, k: int, node: object = None, vector_kind: str | None = None
     ) -> SearchHits:
-        """Catch up, then return the exact top-k among rows passing ``node`` (see VectorTable.search)."""
+        """Catch up, then return the top-k among rows passing ``node`` (see VectorTable.search)."""
         with self._lock:
             self._catch_up_locked()
             return self._table.search(query, k, node, vector_kind)
@@ -110,6 +214,8 @@ class LibraryReader:
         return self._table.live_count
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         self._store.close()
 
 

@@ -1,14 +1,23 @@
 """Snapshots: the rebuildable cache that lets a replica load a library without replaying all of SQLite.
 
-A snapshot is a directory ``snapshots/<applied_seq>-<uid>/`` holding the live vectors, row ids,
-vector kinds and tag columns as of ``applied_seq``, plus ``manifest.json`` written last. The file
-``snapshots/CURRENT`` names the newest complete snapshot and is replaced atomically (temp name, fsync,
-``os.replace``). A reader loads CURRENT's snapshot and replays rows with ``seq > applied_seq`` from
-SQLite; after a crash the snapshot may lag SQLite, never lead it, because it is only ever built from
-committed rows. Anything unreadable or made by another model/format is ignored (and rebuilt).
+A snapshot is a directory ``snapshots/<applied_seq>-<uid>/`` holding, as of ``applied_seq``:
 
-The tag columns are pickled: the snapshot is a private cache under the service's own storage root,
-rebuilt whenever its format version changes.
+- ``index.faiss``: the base index of the table's kind (`index.ann`), the raw vectors included for
+  ``flat``/``hnsw`` (in FAISS's flat storage), plus ``vectors.npy`` for ``ivfpq`` (raw vectors for the
+  refine and for exact search);
+- ``row_ids.npy``, ``kinds.npy``, ``live.npy``: per slot; dead slots stay (HNSW cannot remove a vector)
+  until a rebuild drops them;
+- ``tags.pkl``: the pickled `TagColumns`, i.e. its numpy arrays and string dictionaries as they are in
+  memory: loading them rebuilds nothing (1M rows load in a fraction of a second, against seconds for
+  re-parsing the tags);
+- ``manifest.json``, written last.
+
+The file ``snapshots/CURRENT`` names the newest complete snapshot and is replaced atomically (temp name,
+fsync, ``os.replace``). A reader loads CURRENT's snapshot *memory-mapped* (the vectors are not copied: a
+1M-vector library is ready in about a second) and replays rows with ``seq > applied_seq`` from SQLite;
+after a crash the snapshot may lag SQLite, never lead it, because it is only ever built from committed
+rows. Anything unreadable or made by another model/format is ignored (and rebuilt). The tags are pickled:
+the snapshot is a private cache under the service's own storage root, rebuilt whenever FORMAT changes.
 """
 
 from __future__ import annotations
@@ -18,17 +27,19 @@ import logging
 import os
 import pickle
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from index.ann import BASES, DEFAULT_CONFIG, IndexConfig
 from index.table import VectorTable
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 SNAPSHOT_DIR = "snapshots"
 KEEP = 2  # snapshots kept: the current one and the one a slow reader may still be loading
 
@@ -40,22 +51,40 @@ class Manifest:
     model_identity: str
     dim: int
     index_kind: str
-    count: int
+    count: int  # slots, live and dead
+    live: int = 0
+    index_bytes: int = 0  # resident bytes of the index structure (reporting)
 
 
 def write_snapshot(library_dir: Path, table: VectorTable, *, model_identity: str) -> Manifest:
-    """Write ``table``'s live rows as the library's newest snapshot and point CURRENT at it."""
+    """Write ``table`` as the library's newest snapshot and point CURRENT at it.
+
+    Raises:
+        ValueError: the table has a tail or no base (the writer absorbs or rebuilds first).
+    """
+    if table.base is None or table.tail_count:
+        raise ValueError("only a table whose slots are all in its base index can be snapshotted")
     root = library_dir / SNAPSHOT_DIR
     root.mkdir(exist_ok=True)
-    vectors, row_ids, kinds, tags = table.live_arrays()
-    manifest = Manifest(FORMAT, table.applied_seq, model_identity, table.dim, "flat", len(row_ids))
+    manifest = Manifest(
+        FORMAT,
+        table.applied_seq,
+        model_identity,
+        table.dim,
+        table.kind,
+        len(table),
+        table.live_count,
+        table.base.nbytes(),
+    )
     name = f"{table.applied_seq:012d}-{uuid.uuid4().hex[:8]}"
     tmp = root / f".tmp-{name}"
     tmp.mkdir()
-    _save(tmp / "vectors.npy", lambda f: np.save(f, vectors))
-    _save(tmp / "row_ids.npy", lambda f: np.save(f, row_ids))
-    _save(tmp / "kinds.npy", lambda f: np.save(f, kinds))
-    _save(tmp / "tags.pkl", lambda f: pickle.dump(tags, f, protocol=pickle.HIGHEST_PROTOCOL))
+    for path in table.base.save(tmp):
+        _fsync_file(path)
+    _save(tmp / "row_ids.npy", lambda f: np.save(f, table.row_ids))
+    _save(tmp / "kinds.npy", lambda f: np.save(f, table.kinds))
+    _save(tmp / "live.npy", lambda f: np.save(f, table.live))
+    _save(tmp / "tags.pkl", lambda f: pickle.dump(table.tags, f, protocol=pickle.HIGHEST_PROTOCOL))
     _save(tmp / "manifest.json", lambda f: f.write(json.dumps(manifest.__dict__).encode()))
     _fsync_path(tmp)
     os.rename(tmp, root / name)
@@ -63,13 +92,53 @@ def write_snapshot(library_dir: Path, table: VectorTable, *, model_identity: str
     os.replace(root / "CURRENT.tmp", root / "CURRENT")
     _fsync_path(root)
     _prune(root, current=name, keep_newest=KEEP)
-    logger.info("snapshot %s written: %d vectors at seq %d", name, len(row_ids), table.applied_seq)
+    logger.info(
+        "snapshot %s written: %s index, %d slots (%d live) at seq %d",
+        name,
+        table.kind,
+        len(table),
+        table.live_count,
+        table.applied_seq,
+    )
     return manifest
 
 
-def load_snapshot(library_dir: Path, *, model_identity: str, dim: int) -> VectorTable | None:
-    """The table in the library's current snapshot, or None when there is no usable one."""
+def current_name(library_dir: Path) -> str | None:
+    """The name of the library's current snapshot (one small file read), or None."""
+    try:
+        return (library_dir / SNAPSHOT_DIR / "CURRENT").read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def read_manifest(library_dir: Path) -> Manifest | None:
+    """The current snapshot's manifest, or None when there is no readable one."""
+    name = current_name(library_dir)
+    if name is None:
+        return None
+    try:
+        return Manifest(**json.loads((library_dir / SNAPSHOT_DIR / name / "manifest.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def load_snapshot(
+    library_dir: Path,
+    *,
+    model_identity: str,
+    dim: int,
+    config: IndexConfig = DEFAULT_CONFIG,
+    writable: bool = False,
+) -> tuple[VectorTable, str] | None:
+    """The table in the library's current snapshot and the snapshot's name, or None when there is no
+    usable one.
+
+    Args:
+        writable: read the index into memory so that it can grow (the writer); by default it is
+            memory-mapped read-only (readers).
+    """
     root = library_dir / SNAPSHOT_DIR
+    started = time.perf_counter()
     try:
         name = (root / "CURRENT").read_text().strip()
         snap = root / name
@@ -77,28 +146,35 @@ def load_snapshot(library_dir: Path, *, model_identity: str, dim: int) -> Vector
         if manifest.format != FORMAT or manifest.model_identity != model_identity or manifest.dim != dim:
             logger.warning("ignoring snapshot %s: made by another format or model", name)
             return None
-        vectors = np.load(snap / "vectors.npy")
+        kind = BASES[manifest.index_kind]
+        base = kind.load_writable(snap) if writable else kind.load(snap)
         row_ids = np.load(snap / "row_ids.npy")
         kinds = np.load(snap / "kinds.npy")
+        live = np.load(snap / "live.npy")
         with open(snap / "tags.pkl", "rb") as f:
             tags = pickle.load(f)
+        table = VectorTable.from_snapshot(base, row_ids, kinds, live, tags, manifest.applied_seq, config)
     except FileNotFoundError:
         return None
     except Exception:  # a damaged cache is not an error: rebuild from SQLite
         logger.exception("ignoring unreadable snapshot in %s", root)
         return None
-    if len(tags) != len(row_ids) or vectors.shape != (len(row_ids), dim):
-        logger.warning("ignoring inconsistent snapshot %s", name)
-        return None
-    return VectorTable.from_arrays(dim, vectors, row_ids, kinds, tags, manifest.applied_seq)
+    logger.info(
+        "loaded snapshot %s (%s, %d slots) in %.2fs",
+        name,
+        manifest.index_kind,
+        len(table),
+        time.perf_counter() - started,
+    )
+    return table, name
 
 
 def snapshot_seq(library_dir: Path) -> int:
     """The applied seq of the current snapshot (0 when there is none)."""
+    name = current_name(library_dir)
     try:
-        name = (library_dir / SNAPSHOT_DIR / "CURRENT").read_text().strip()
-        return int(name.split("-", 1)[0])
-    except (FileNotFoundError, ValueError):
+        return 0 if name is None else int(name.split("-", 1)[0])
+    except ValueError:
         return 0
 
 
@@ -106,6 +182,11 @@ def _save(path: Path, write: object) -> None:
     with open(path, "wb") as f:
         write(f)  # type: ignore[operator]
         f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 

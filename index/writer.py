@@ -3,6 +3,13 @@
 It owns the catalog's create/delete and each library's ``LibraryStore`` write connection, and keeps the
 snapshot cache fresh in a background thread so that replicas load fast (snapshots are an optimisation:
 readers replay whatever a snapshot lacks).
+
+The snapshot thread is also where index maintenance happens, so that it never blocks a search or a
+write: each snapshot loads the previous one (into memory) plus the rows committed since, then either
+folds those rows into the index (``add``: cheap, the usual case) or rebuilds the index from the live
+rows, when the library should change kind (it crossed ``hnsw_min_rows``, its ``index_kind`` asks for
+another) or when more than ``compact_dead_fraction`` of its slots are dead (compaction). Readers pick
+the new snapshot up by themselves (`index.reader`).
 """
 
 from __future__ import annotations
@@ -13,10 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from index.ann import DEFAULT_CONFIG, IndexConfig, choose_kind
 from index.catalog import Catalog, LibraryInfo
 from index.errors import LibraryNotFound
 from index.reader import load_table
-from index.snapshot import snapshot_seq, write_snapshot
+from index.snapshot import Manifest, snapshot_seq, write_snapshot
 from index.store import LibraryStore, NewRecord
 
 logger = logging.getLogger(__name__)
@@ -28,22 +36,15 @@ class LibraryWriter:
     Args:
         root: the storage root.
         max_libraries: the most libraries this deployment holds.
-        snapshot_min_rows: rows changed since the last snapshot before a new one is written ...
-        snapshot_fraction: ... and at least this fraction of the library's live rows.
+        config: index kinds, thresholds and the snapshot policy (``snapshot_*`` fields).
     """
 
     def __init__(
-        self,
-        root: str | Path,
-        *,
-        max_libraries: int = 1000,
-        snapshot_min_rows: int = 2000,
-        snapshot_fraction: float = 0.1,
+        self, root: str | Path, *, max_libraries: int = 1000, config: IndexConfig = DEFAULT_CONFIG
     ) -> None:
         self.catalog = Catalog(root, max_libraries=max_libraries)
         self.catalog.empty_trash()
-        self.snapshot_min_rows = snapshot_min_rows
-        self.snapshot_fraction = snapshot_fraction
+        self.config = config
         self._stores: dict[str, tuple[str, LibraryStore]] = {}
         self._lock = threading.Lock()
         self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
@@ -52,9 +53,18 @@ class LibraryWriter:
     # -- libraries -------------------------------------------------------------------------------
 
     def create_library(
-        self, name: str, mode: str, description: str | None, model: dict[str, Any]
+        self,
+        name: str,
+        mode: str,
+        description: str | None,
+        model: dict[str, Any],
+        index_kind: str = "auto",
     ) -> dict[str, Any]:
-        """Create a library for the model described by ``model`` (the encoder's info)."""
+        """Create a library for the model described by ``model`` (the encoder's info).
+
+        Args:
+            index_kind: ``auto`` (by size, from the config's thresholds), ``flat``, ``hnsw`` or ``ivfpq``.
+        """
         info = self.catalog.create(
             name,
             mode,
@@ -64,6 +74,7 @@ class LibraryWriter:
             model_identity=model["identity"],
             dim=int(model["dim"]),
             face_model_identity=model.get("face_identity"),
+            index_kind=index_kind,
         )
         return self.catalog.describe(info)
 
@@ -121,8 +132,13 @@ class LibraryWriter:
 
     def _maybe_snapshot(self, info: LibraryInfo, store: LibraryStore) -> None:
         library_dir = self.catalog.library_dir(info.name)
+        cfg = self.config
         changed = store.count_changed_since(snapshot_seq(library_dir))
-        if changed < self.snapshot_min_rows or changed < self.snapshot_fraction * store.count():
+        if changed < cfg.snapshot_min_rows:
+            return
+        # The tail bound comes first: readers scan the tail exactly, so it must stay small even when
+        # snapshot_fraction of a big library is many rows. Only then count the library (a full scan).
+        if changed < cfg.snapshot_max_tail_rows and changed < cfg.snapshot_fraction * store.count():
             return
         with self._lock:
             if info.key in self._snapshot_pending:
@@ -130,16 +146,21 @@ class LibraryWriter:
             self._snapshot_pending.add(info.key)
         self._snapshots.submit(self._snapshot, info, library_dir)
 
-    def snapshot_now(self, name: str) -> None:
-        """Write a snapshot of library ``name`` synchronously (tests, maintenance)."""
-        info = self.catalog.get(name)
-        self._snapshot(info, self.catalog.library_dir(name), pending=False)
+    def snapshot_now(self, name: str) -> Manifest:
+        """Write a snapshot of library ``name`` synchronously (tests, maintenance, benchmarks).
 
-    def _snapshot(self, info: LibraryInfo, library_dir: Path, pending: bool = True) -> None:
+        Raises:
+            LibraryNotFound: no such library. Errors of the snapshot itself propagate too.
+        """
+        info = self.catalog.get(name)
+        library_dir = self.catalog.library_dir(name)
+        with LibraryStore(library_dir, readonly=True) as store:
+            return refresh_snapshot(store, library_dir, info, self.config)
+
+    def _snapshot(self, info: LibraryInfo, library_dir: Path) -> None:
         try:
             with LibraryStore(library_dir, readonly=True) as store:
-                table = load_table(store, library_dir, model_identity=info.model_identity)
-            write_snapshot(library_dir, table, model_identity=info.model_identity)
+                refresh_snapshot(store, library_dir, info, self.config)
         except FileNotFoundError:
             logger.info("library %s was deleted before its snapshot was written", info.name)
         except Exception:
@@ -147,6 +168,26 @@ class LibraryWriter:
                 "snapshot of library %s failed (searches replay from SQLite meanwhile)", info.name
             )
         finally:
-            if pending:
-                with self._lock:
-                    self._snapshot_pending.discard(info.key)
+            with self._lock:
+                self._snapshot_pending.discard(info.key)
+
+
+def refresh_snapshot(
+    store: LibraryStore, library_dir: Path, info: LibraryInfo, config: IndexConfig = DEFAULT_CONFIG
+) -> Manifest:
+    """Write a new snapshot of a library: the previous one plus the rows committed since.
+
+    The rows since the last snapshot are folded into its index when it still has the right kind and
+    at most ``compact_dead_fraction`` of its slots are dead; otherwise the index is rebuilt from the
+    live rows with the kind `choose_kind` picks now.
+    """
+    table, _ = load_table(
+        store, library_dir, model_identity=info.model_identity, config=config, writable=True
+    )
+    target = choose_kind(info.index_kind, table.live_count, table.dim, config)
+    dead = len(table) - table.live_count
+    if table.base is not None and table.kind == target and dead <= config.compact_dead_fraction * len(table):
+        table.absorb_tail()
+    else:
+        table = table.rebuilt(target)
+    return write_snapshot(library_dir, table, model_identity=info.model_identity)

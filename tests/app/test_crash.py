@@ -50,7 +50,7 @@ class Service:
         # A short path: Ray puts unix sockets under it (108-byte limit on socket paths).
         self.temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
         args_file = workdir / "args.json"
-        args = app_args(str(storage), snapshot_min_rows=5, snapshot_fraction=0.0)
+        args = app_args(str(storage), index={"snapshot_min_rows": 5, "snapshot_fraction": 0.0})
         args["deployment_options"]["LibraryIndex"]["num_replicas"] = 1
         args_file.write_text(json.dumps(args))
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # nothing of our cluster
@@ -277,8 +277,10 @@ def check_faiss_agrees_with_sqlite(library_dir: Path) -> None:
         last_seq = db.execute("SELECT last_seq FROM state").fetchone()[0]
     # the snapshot may lag SQLite, never lead it, and holds no row SQLite does not have
     assert 0 < snapshot_seq(library_dir) <= last_seq
-    snap = load_snapshot(library_dir, model_identity=info.model_identity, dim=info.dim)
-    assert snap is not None and set(snap.row_ids.tolist()) <= set(rows)
+    loaded = load_snapshot(library_dir, model_identity=info.model_identity, dim=info.dim)
+    assert loaded is not None
+    snap, _ = loaded
+    assert set(snap.row_ids[snap.live].tolist()) <= set(rows)
     # what a replica loads (snapshot + replay) is exactly SQLite: same rows, same vectors, each once
     reader = LibraryReader(library_dir, model_identity=info.model_identity)
     try:

@@ -53,6 +53,17 @@ def test_delete_removes_everything_and_recreate_starts_empty(client):
     assert (code, env["status"]) == (404, "IMAGE_NOT_FOUND")
 
 
+def test_index_kind_can_be_configured_per_library(client):
+    data = client.ok(
+        "/library/create", {"library_name": "kinds", "mode": "general_search", "index_kind": "hnsw"}
+    )
+    # No snapshot yet: replicas search every row exactly until the writer's first snapshot builds HNSW.
+    assert data["index"] == {"kind": "flat", "configured": "hnsw"}
+    code, env = client.get("/library/kinds")
+    assert (code, env["data"]["index"]["configured"]) == (200, "hnsw")
+    client.ok("/library/delete", {"library_name": "kinds"})
+
+
 @pytest.mark.parametrize(
     "mode, embedding",
     [("item_search", "item_crop"), ("adaptive_search", "face_crop_or_whole_image")],
@@ -80,6 +91,8 @@ def test_other_modes_are_created_and_say_what_they_embed(client, mode, embedding
         ({"library_name": "ok", "mode": "general_search", "colour": 1}, "colour"),
         ({"library_name": "ok", "mode": "general_search", "description": "x" * 2000}, "description"),
         ({"library_name": "list", "mode": "general_search"}, "library_name"),
+        ({"library_name": "ok", "mode": "general_search", "index_kind": "annoy"}, "index_kind"),
+        ({"library_name": "ok", "mode": "general_search", "index_kind": None}, "index_kind"),
     ],
 )
 def test_create_rejects_bad_input(client, body, field):

@@ -18,8 +18,9 @@ WRITER = textwrap.dedent(
     """
     import sys, numpy as np
     from index.store import NewRecord
+    from index.ann import IndexConfig
     from index.writer import LibraryWriter
-    w = LibraryWriter(sys.argv[1], snapshot_min_rows=50, snapshot_fraction=0.0)
+    w = LibraryWriter(sys.argv[1], config=IndexConfig(snapshot_min_rows=50, snapshot_fraction=0.0))
     info = w.catalog.get("lib")
     i = 0
     while True:

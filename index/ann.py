@@ -1,0 +1,476 @@
+"""Index kinds: the searchable structure over the *base* slots of a library's vector table.
+
+Three kinds, chosen by size (`choose_kind`), overridable per library:
+
+- ``flat``: ``faiss.IndexFlatIP``, exact. Below ``IndexConfig.hnsw_min_rows`` live rows.
+- ``hnsw``: ``faiss.IndexHNSWFlat`` (M, efConstruction from the config), approximate, for unfiltered
+  searches; filtered ones go to an IVF-SQ8 *filter index* over the same vectors, whose recall does not
+  fall with the filter's selectivity (`HnswBase`).
+- ``ivfpq``: ``faiss.IndexIVFPQ`` over a flat coarse quantizer, approximate, with an exact *refine*:
+  ``refine_factor * k`` PQ candidates are re-ranked with the raw vectors. Chosen when an HNSW index would
+  not fit ``IndexConfig.memory_budget_bytes``: it keeps about ``pq_m + 8`` bytes per vector resident and
+  reads raw vectors (memory-mapped from the snapshot) only for the few rows it refines.
+
+Slots are the ids: the base's vector i is the table's slot i (FAISS assigns sequential ids on ``add``),
+so a bitmap over slots is directly a FAISS ``IDSelectorBitmap``.
+
+Memory ownership: a base loaded from a snapshot is memory-mapped read-only (``IO_FLAG_MMAP_IFC`` for the
+flat storage of ``flat``/``hnsw``, ``np.load(mmap_mode="r")`` for the raw vectors of ``ivfpq``): loading
+1M vectors costs page-cache reads, not a copy, and every replica on a node shares those pages. FAISS
+*aborts the process* when asked to grow a memory-mapped index, so a loaded base is never added to:
+``add`` checks ``writable`` first. Search parameters are built per call (never set on the shared index),
+so concurrent searches do not race.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import faiss
+import numpy as np
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("flat", "hnsw", "ivfpq")
+CONFIGURED_KINDS = ("auto", *KINDS)
+
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class IndexConfig:
+    """How libraries are indexed and searched. Builder arg ``index`` (README: "Index configuration")."""
+
+    #: ``auto``: exact flat below this many live rows, HNSW at or above it.
+    hnsw_min_rows: int = Field(100_000, ge=1)
+    #: ``auto``: IVF-PQ instead of HNSW when the HNSW index of a library would need more bytes than
+    #: this (None: no budget, never IVF-PQ automatically).
+    memory_budget_bytes: int | None = Field(None, gt=0)
+    #: IVF-PQ needs this many rows to train; a smaller library asked for ``ivfpq`` stays ``flat`` (and an
+    #: HNSW library this small has no filter IVF).
+    ivfpq_min_rows: int = Field(10_000, ge=1)
+    hnsw_m: int = Field(32, ge=4, le=128)
+    hnsw_ef_construction: int = Field(40, ge=8)
+    #: efSearch of an unfiltered search; a filtered one uses ``hnsw_ef_search / selectivity**2``, capped
+    #: at ``hnsw_ef_search_max`` (`HnswBase.ef_for`). Measured at 1M x 512 (bench/README.md): recall@10
+    #: 0.86 at ef 64, 0.91 at 128, 0.96 at 256, 0.975 at 512, all under ~1.2 ms.
+    hnsw_ef_search: int = Field(256, ge=1)
+    hnsw_ef_search_max: int = Field(768, ge=1)
+    #: HNSW libraries keep an IVF-SQ8 index beside the graph (dim + 8 bytes per vector) that serves
+    #: filtered searches passing at most ``filter_ivf_max_selectivity`` of the rows (`HnswBase`).
+    filter_ivf: bool = True
+    #: Its lists (0: ``sqrt(n)`` rounded to a power of two, clamped to [16, 4096]) and lists probed.
+    filter_ivf_nlist: int = Field(0, ge=0)
+    filter_ivf_nprobe: int = Field(32, ge=1)
+    filter_ivf_max_selectivity: float = Field(0.6, ge=0.0, le=1.0)
+    #: IVF-PQ lists; 0: ``4 * sqrt(n)`` rounded to a power of two, clamped to [16, 65536].
+    ivf_nlist: int = Field(0, ge=0)
+    ivf_nprobe: int = Field(32, ge=1)
+    ivf_nprobe_max: int = Field(256, ge=1)
+    #: PQ sub-quantizers (rounded down to a divisor of the dimension) and bits per code.
+    pq_m: int = Field(64, ge=1)
+    pq_nbits: int = Field(8, ge=4, le=12)
+    #: IVF-PQ and the filter IVF re-rank ``refine_factor * k`` candidates exactly.
+    refine_factor: int = Field(8, ge=1)
+    #: The planner searches exactly over the rows that pass a filter when there are at most
+    #: ``max(exact_max_candidates, exact_max_fraction * rows)`` of them.
+    exact_max_candidates: int = Field(20_000, ge=0)
+    exact_max_fraction: float = Field(0.02, ge=0.0, le=1.0)
+    #: A snapshot rebuilds its index from the live rows when more than this fraction of slots is dead.
+    compact_dead_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    #: The writer snapshots a library when at least ``snapshot_min_rows`` rows changed since the last
+    #: snapshot and either ``snapshot_fraction`` of the library or ``snapshot_max_tail_rows`` did.
+    snapshot_min_rows: int = Field(2_000, ge=1)
+    snapshot_fraction: float = Field(0.1, ge=0.0)
+    snapshot_max_tail_rows: int = Field(10_000, ge=1)
+    #: OpenMP threads FAISS uses in a search replica (process-wide, set when the replica starts; 0:
+    #: FAISS's default, one per core). One query at a time gains nothing from more threads, while idle
+    #: OpenMP threads spin: measured on a busy 2-core machine, a 10k-row exact scan took 0.7 ms on one
+    #: thread and 14-20 ms on two. Index builds (the writer) use every core regardless.
+    search_threads: int = Field(1, ge=0)
+
+
+DEFAULT_CONFIG = IndexConfig()
+
+
+def hnsw_bytes_per_vector(dim: int, config: IndexConfig) -> float:
+    """Resident bytes of one vector in an HNSW index: the float32 vector, its level-0 links (2M int32),
+    and the expected upper-level links (a fraction 1/M of nodes per level, M links each)."""
+    return 4 * dim + 8 * config.hnsw_m + 4 * config.hnsw_m / (config.hnsw_m - 1) + 12
+
+
+def choose_kind(configured: str, live_rows: int, dim: int, config: IndexConfig) -> str:
+    """The index kind a library should have now.
+
+    Args:
+        configured: the library's ``index_kind`` (``auto``, ``flat``, ``hnsw`` or ``ivfpq``).
+        live_rows: the library's live rows.
+        dim: vector dimension.
+        config: thresholds.
+
+    Raises:
+        ValueError: an unknown ``configured`` kind.
+    """
+    if configured not in CONFIGURED_KINDS:
+        raise ValueError(f"index_kind {configured!r} is not one of {', '.join(CONFIGURED_KINDS)}")
+    if configured == "auto":
+        if live_rows < config.hnsw_min_rows:
+            return "flat"
+        budget = config.memory_budget_bytes
+        if budget is not None and live_rows * hnsw_bytes_per_vector(dim, config) > budget:
+            configured = "ivfpq"
+        else:
+            return "hnsw"
+    if configured == "ivfpq" and live_rows < config.ivfpq_min_rows:
+        return "flat"  # too few rows to train the quantizers
+    return configured
+
+
+class AnnBase:
+    """The index over slots ``[0, ntotal)`` of a table. Subclasses: `FlatBase`, `HnswBase`, `IvfPqBase`."""
+
+    kind: ClassVar[str]
+    index: faiss.Index
+
+    def __init__(self, index: faiss.Index, *, writable: bool) -> None:
+        self.index = index
+        self.writable = writable
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def vectors(self) -> np.ndarray:
+        """The raw float32 vectors, shape (ntotal, dim): a read-only view, valid until the next `add`."""
+        raise NotImplementedError
+
+    def add(self, x: np.ndarray) -> None:
+        """Append vectors (slots ``ntotal ..``). Only on an in-memory base (``writable``)."""
+        if not self.writable:
+            raise RuntimeError("this index is memory-mapped from a snapshot and cannot grow")
+        self.index.add(np.ascontiguousarray(x, dtype=np.float32))
+
+    def search(
+        self, q: np.ndarray, k: int, bitmap: np.ndarray | None, selectivity: float, config: IndexConfig
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of one query among the slots set in ``bitmap`` (None: all slots).
+
+        Args:
+            q: float32 query, shape (1, dim).
+            k: results wanted.
+            bitmap: ``np.packbits(mask, bitorder="little")`` over ``ntotal`` slots, or None.
+            selectivity: the fraction of slots that pass (search effort rises as it falls).
+            config: search parameters.
+
+        Returns:
+            ``(scores, slots)`` of shape (k,), best first; missing results have slot -1.
+        """
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Resident bytes of the index structure (vectors or codes, and links), for reporting."""
+        raise NotImplementedError
+
+    # -- persistence -----------------------------------------------------------------------------
+
+    def save(self, directory: Path) -> list[Path]:
+        """Write the index into ``directory``; returns the files written (the caller fsyncs them)."""
+        path = directory / "index.faiss"
+        faiss.write_index(self.index, str(path))
+        return [path]
+
+    @classmethod
+    def load(cls, directory: Path) -> AnnBase:
+        """Memory-map the index a `save` wrote (read-only)."""
+        index = faiss.read_index(str(directory / "index.faiss"), faiss.IO_FLAG_MMAP_IFC)
+        return cls(index, writable=False)
+
+    @classmethod
+    def load_writable(cls, directory: Path) -> AnnBase:
+        """Read the index a `save` wrote into memory, so that it can grow (the writer's snapshots)."""
+        return cls(faiss.read_index(str(directory / "index.faiss")), writable=True)
+
+
+def _selector(bitmap: np.ndarray | None, ntotal: int) -> faiss.IDSelector | None:
+    # FAISS keeps a raw pointer into ``bitmap``: the caller keeps the array alive until the search ends.
+    return None if bitmap is None else faiss.IDSelectorBitmap(ntotal, faiss.swig_ptr(bitmap))
+
+
+def _flat_vectors(flat: faiss.IndexFlat, n: int, dim: int) -> np.ndarray:
+    if n == 0:
+        return np.empty((0, dim), dtype=np.float32)
+    view = faiss.rev_swig_ptr(flat.get_xb(), n * dim).reshape(n, dim)
+    view.flags.writeable = False  # it may be a read-only memory map
+    return view
+
+
+class FlatBase(AnnBase):
+    """Exact inner-product search over every base slot."""
+
+    kind = "flat"
+
+    @classmethod
+    def build(cls, x: np.ndarray, config: IndexConfig) -> FlatBase:
+        base = cls(faiss.IndexFlatIP(x.shape[1]), writable=True)
+        base.add(x)
+        return base
+
+    def vectors(self) -> np.ndarray:
+        return _flat_vectors(self.index, self.ntotal, self.dim)
+
+    def search(
+        self, q: np.ndarray, k: int, bitmap: np.ndarray | None, selectivity: float, config: IndexConfig
+    ) -> tuple[np.ndarray, np.ndarray]:
+        sel = _selector(bitmap, self.ntotal)
+        params = None if sel is None else faiss.SearchParameters(sel=sel)
+        dist, idx = self.index.search(q, k, params=params)
+        return dist[0], idx[0]
+
+    def nbytes(self) -> int:
+        return self.ntotal * self.dim * 4
+
+
+class HnswBase(AnnBase):
+    """HNSW graph over a flat float32 storage (``IndexHNSWFlat``, inner product), plus an IVF-SQ8
+    *filter index* over the same vectors for filtered searches.
+
+    Why two structures: FAISS's HNSW with a bitmap selector loses recall as a filter gets selective,
+    and at 1M rows its graph (M 32, efConstruction 40: what builds in minutes on 2 cores) tops out near
+    0.97-0.98 recall@10 whatever the efSearch (measured: bench/README.md). An IVF index's recall does not
+    depend on the filter: it scans the ``nprobe`` lists nearest the query and skips failing ids, so a
+    50% or 10% filter keeps the unfiltered recall. The IVF stores 8-bit scalar-quantised codes (dim + 8
+    bytes per vector) and its candidates are re-ranked exactly from the HNSW's float32 storage. Unfiltered
+    searches (and a filter passing more than ``filter_ivf_max_selectivity``) use the HNSW graph.
+    """
+
+    kind = "hnsw"
+
+    def __init__(self, index: faiss.Index, *, writable: bool, filter_ivf: faiss.Index | None = None) -> None:
+        super().__init__(index, writable=writable)
+        self.filter_ivf = filter_ivf
+
+    @classmethod
+    def build(cls, x: np.ndarray, config: IndexConfig) -> HnswBase:
+        index = faiss.IndexHNSWFlat(x.shape[1], config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = config.hnsw_ef_construction
+        base = cls(index, writable=True, filter_ivf=_train_filter_ivf(x, config))
+        base.add(x)
+        return base
+
+    def add(self, x: np.ndarray) -> None:
+        started = time.perf_counter()
+        super().add(x)
+        if self.filter_ivf is not None:
+            self.filter_ivf.add(np.ascontiguousarray(x, dtype=np.float32))
+        if len(x) >= 10_000:
+            logger.info("HNSW: added %d vectors in %.1fs", len(x), time.perf_counter() - started)
+
+    def vectors(self) -> np.ndarray:
+        return _flat_vectors(faiss.downcast_index(self.index.storage), self.ntotal, self.dim)
+
+    def ef_for(self, k: int, selectivity: float, config: IndexConfig) -> int:
+        """efSearch for a graph search whose filter passes ``selectivity`` of the slots.
+
+        With a selector, FAISS's HNSW counts only passing nodes towards ``ef`` but still walks through
+        the failing ones, so the passing nodes it reaches get sparser as selectivity falls and recall
+        drops. ``ef_search / s**2`` keeps an unfiltered search (s = 1, or nearly 1 with a few deleted
+        rows) at ``hnsw_ef_search`` and gives a 50% filter 4x, capped at ``hnsw_ef_search_max``.
+        """
+        ef = config.hnsw_ef_search / max(selectivity, 1e-6) ** 2
+        return int(min(max(ef, k, config.hnsw_ef_search), max(config.hnsw_ef_search_max, k)))
+
+    def search(
+        self, q: np.ndarray, k: int, bitmap: np.ndarray | None, selectivity: float, config: IndexConfig
+    ) -> tuple[np.ndarray, np.ndarray]:
+        sel = _selector(bitmap, self.ntotal)
+        if (
+            sel is not None
+            and self.filter_ivf is not None
+            and selectivity <= config.filter_ivf_max_selectivity
+        ):
+            return self._search_filter_ivf(q, k, sel, config)
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = self.ef_for(k, selectivity, config)
+        if sel is not None:
+            params.sel = sel
+        dist, idx = self.index.search(q, k, params=params)
+        return dist[0], idx[0]
+
+    def _search_filter_ivf(
+        self, q: np.ndarray, k: int, sel: faiss.IDSelector, config: IndexConfig
+    ) -> tuple[np.ndarray, np.ndarray]:
+        params = faiss.SearchParametersIVF()
+        params.nprobe = min(config.filter_ivf_nprobe, self.filter_ivf.nlist)
+        params.sel = sel
+        _, idx = self.filter_ivf.search(q, k * config.refine_factor, params=params)
+        return _refine(q, k, idx[0], self.vectors())
+
+    def nbytes(self) -> int:
+        hnsw = self.index.hnsw
+        graph = self.ntotal * self.dim * 4 + int(hnsw.neighbors.size()) * 4 + int(hnsw.offsets.size()) * 8
+        ivf = 0 if self.filter_ivf is None else self.ntotal * (self.filter_ivf.code_size + 8)
+        return graph + ivf
+
+    def save(self, directory: Path) -> list[Path]:
+        paths = super().save(directory)
+        if self.filter_ivf is not None:
+            path = directory / "filter_ivf.faiss"
+            faiss.write_index(self.filter_ivf, str(path))
+            paths.append(path)
+        return paths
+
+    @classmethod
+    def load(cls, directory: Path) -> HnswBase:
+        index = faiss.read_index(str(directory / "index.faiss"), faiss.IO_FLAG_MMAP_IFC)
+        return cls(index, writable=False, filter_ivf=_read_optional(directory / "filter_ivf.faiss"))
+
+    @classmethod
+    def load_writable(cls, directory: Path) -> HnswBase:
+        index = faiss.read_index(str(directory / "index.faiss"))
+        return cls(index, writable=True, filter_ivf=_read_optional(directory / "filter_ivf.faiss"))
+
+
+def _read_optional(path: Path) -> faiss.Index | None:
+    return faiss.read_index(str(path)) if path.exists() else None
+
+
+def _train_filter_ivf(x: np.ndarray, config: IndexConfig) -> faiss.Index | None:
+    """An empty, trained IVF-SQ8 index for `HnswBase`'s filtered searches (None when disabled or when
+    there are too few rows to train it)."""
+    n, dim = x.shape
+    if not config.filter_ivf or n < config.ivfpq_min_rows:
+        return None
+    nlist = config.filter_ivf_nlist or int(min(4096, max(16, 2 ** round(math.log2(math.sqrt(n))))))
+    nlist = min(nlist, max(1, n // 39))
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFScalarQuantizer(
+        quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT, False
+    )
+    index.cp.niter = 10  # k-means iterations: the lists only need to be roughly balanced and compact
+    started = time.perf_counter()
+    index.train(_sample(x, nlist * 64))
+    logger.info("filter IVF: trained nlist=%d in %.1fs", nlist, time.perf_counter() - started)
+    return index
+
+
+def _sample(x: np.ndarray, size: int) -> np.ndarray:
+    """A fixed random sample of rows (training in bounded time at any n)."""
+    n = len(x)
+    if n <= size:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    rows = np.sort(np.random.default_rng(0).choice(n, size, replace=False))
+    return np.ascontiguousarray(x[rows], dtype=np.float32)
+
+
+def _refine(
+    q: np.ndarray, k: int, candidates: np.ndarray, vectors: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of ``candidates`` (slots, -1 for none) by their raw ``vectors``."""
+    found = np.sort(candidates[candidates >= 0])  # sorted: reads a memory map front to back
+    out_d = np.full(k, -np.inf, dtype=np.float32)
+    out_i = np.full(k, -1, dtype=np.int64)
+    if len(found):
+        dist, idx = faiss.knn(q, vectors[found], min(k, len(found)), metric=faiss.METRIC_INNER_PRODUCT)
+        out_d[: idx.shape[1]] = dist[0]
+        out_i[: idx.shape[1]] = found[idx[0]]
+    return out_d, out_i
+
+
+class IvfPqBase(AnnBase):
+    """IVF-PQ codes resident, raw vectors beside them for the exact refine (memory-mapped once loaded)."""
+
+    kind = "ivfpq"
+
+    def __init__(self, index: faiss.Index, raw: np.ndarray, *, writable: bool) -> None:
+        super().__init__(index, writable=writable)
+        self.raw = raw
+
+    @staticmethod
+    def nlist_for(n: int, config: IndexConfig) -> int:
+        if config.ivf_nlist:
+            return config.ivf_nlist
+        return int(min(65536, max(16, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))))
+
+    @staticmethod
+    def pq_m_for(dim: int, config: IndexConfig) -> int:
+        return max(m for m in range(1, min(config.pq_m, dim) + 1) if dim % m == 0)
+
+    @classmethod
+    def build(cls, x: np.ndarray, config: IndexConfig) -> IvfPqBase:
+        n, dim = x.shape
+        nlist = min(cls.nlist_for(n, config), max(1, n // 39))  # k-means wants ~39 points per list
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFPQ(
+            quantizer, dim, nlist, cls.pq_m_for(dim, config), config.pq_nbits, faiss.METRIC_INNER_PRODUCT
+        )
+        # A fixed-size random sample trains in bounded time at any n (k-means is O(sample * nlist)).
+        sample = _sample(x, max(nlist * 64, 256 * 64))
+        started = time.perf_counter()
+        index.train(sample)
+        logger.info(
+            "IVF-PQ: trained nlist=%d on %d vectors in %.1fs",
+            nlist,
+            len(sample),
+            time.perf_counter() - started,
+        )
+        base = cls(index, np.empty((0, dim), dtype=np.float32), writable=True)
+        base.add(x)
+        return base
+
+    def add(self, x: np.ndarray) -> None:
+        super().add(x)
+        self.raw = np.concatenate([self.raw, np.asarray(x, dtype=np.float32)])
+
+    def vectors(self) -> np.ndarray:
+        return self.raw
+
+    def search(
+        self, q: np.ndarray, k: int, bitmap: np.ndarray | None, selectivity: float, config: IndexConfig
+    ) -> tuple[np.ndarray, np.ndarray]:
+        params = faiss.SearchParametersIVF()
+        nprobe = config.ivf_nprobe / max(selectivity, 1e-9)
+        params.nprobe = int(min(max(nprobe, config.ivf_nprobe), config.ivf_nprobe_max, self.index.nlist))
+        sel = _selector(bitmap, self.ntotal)
+        if sel is not None:
+            params.sel = sel
+        _, idx = self.index.search(q, k * config.refine_factor, params=params)
+        return _refine(q, k, idx[0], self.raw)  # exact scores of the PQ candidates
+
+    def nbytes(self) -> int:
+        return self.ntotal * (self.index.code_size + 8)  # codes + ids; raw vectors stay on disk (mmap)
+
+    def save(self, directory: Path) -> list[Path]:
+        paths = super().save(directory)
+        raw = directory / "vectors.npy"
+        np.save(raw, self.raw)
+        return [*paths, raw]
+
+    @classmethod
+    def load(cls, directory: Path) -> IvfPqBase:
+        index = faiss.read_index(str(directory / "index.faiss"))  # codes: small, read into memory
+        raw = np.load(directory / "vectors.npy", mmap_mode="r")
+        return cls(index, raw, writable=False)
+
+    @classmethod
+    def load_writable(cls, directory: Path) -> IvfPqBase:
+        index = faiss.read_index(str(directory / "index.faiss"))
+        return cls(index, np.load(directory / "vectors.npy"), writable=True)
+
+
+BASES: dict[str, type[AnnBase]] = {"flat": FlatBase, "hnsw": HnswBase, "ivfpq": IvfPqBase}
+
+
+def build_base(kind: str, x: np.ndarray, config: IndexConfig) -> AnnBase:
+    """Build a base of ``kind`` over ``x`` (float32, (n, dim)), in memory and writable."""
+    started = time.perf_counter()
+    base = BASES[kind].build(np.ascontiguousarray(x, dtype=np.float32), config)  # type: ignore[attr-defined]
+    logger.info("built %s index over %d vectors in %.1fs", kind, len(x), time.perf_counter() - started)
+    return base

@@ -214,9 +214,16 @@ class LibraryReader:
         return self._table.live_count
 
     def close(self) -> None:
+        """Release the SQLite connection (idempotent)."""
         with self._lock:
             self._closed = True
         self._store.close()
+
+    def __del__(self) -> None:
+        # Serve's multiplexing calls __del__ explicitly when it evicts a library (LRU): release the
+        # connection then, not whenever the garbage collector gets to it. A half-built reader has no store.
+        if getattr(self, "_store", None) is not None and hasattr(self, "_lock"):
+            self.close()
 
 
 def result_objects(

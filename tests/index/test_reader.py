@@ -279,3 +279,16 @@ def test_writer_snapshots_in_the_background_when_the_tail_grows(tmp_path):
         assert snapshot_seq(d) > 0
     finally:
         w.close()
+
+
+def test_eviction_closes_the_store(writer):
+    """Serve's multiplex LRU calls ``__del__`` on an evicted library: the connection must be released."""
+    import sqlite3
+
+    info, d = make(writer)
+    add(writer, info, 0)
+    r = LibraryReader(d, model_identity="m/p")
+    r.__del__()
+    with pytest.raises(sqlite3.ProgrammingError):
+        r._store.count()
+    r.close()  # idempotent

@@ -19,6 +19,8 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import ray
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.metrics import Gauge, Histogram
@@ -36,8 +38,8 @@ DEFAULT_MAX_CONCURRENT_BATCHES = 1
 SERVE_BATCHES_IN_FLIGHT = 64
 
 KINDS = ("image", "text")
-BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-LATENCY_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
+BATCH_SIZE_BUCKETS: list[float] = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+LATENCY_BUCKETS_MS: list[float] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 
 
 class EncoderConfig(BaseModel):
@@ -152,7 +154,7 @@ class _HideBatchBoundWarning(logging.Filter):
 )
 class Encoder:
     def __init__(self, spec: ModelSpec) -> None:
-        device = replica_device(spec.device, _assigned_gpus(), _cuda_available())
+        device = replica_device(spec.device, _assigned_gpus(), torch.cuda.is_available())
         if device != spec.device:
             logger.warning("this replica has no GPU assigned: encoding on the CPU (device=%r)", device)
             spec = replace(spec, device=device)
@@ -175,9 +177,11 @@ class Encoder:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply a new ``user_config``; a bad one fails the deploy loudly instead of keeping old values."""
         config = EncoderConfig.model_validate(user_config)
-        for method in (self._image_batch, self._text_batch):
-            method.set_max_batch_size(config.max_batch_size)  # type: ignore[attr-defined]
-            method.set_batch_wait_timeout_s(config.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        # Serve's batch wrappers carry setters that the type checker cannot see.
+        serve_queues: tuple[Any, ...] = (self._image_batch, self._text_batch)
+        for method in serve_queues:
+            method.set_max_batch_size(config.max_batch_size)
+            method.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.batcher.configure(
             max_batch_size=config.max_batch_size, max_concurrent=config.max_concurrent_batches
         )
@@ -246,17 +250,9 @@ class Encoder:
 
 def _assigned_gpus() -> list[str]:
     """GPU ids Ray assigned to this replica (Ray leaves every GPU visible to a replica with num_gpus 0)."""
-    import ray
-
     if not ray.is_initialized():  # a plain instance outside Ray (tests): nothing was assigned
         return []
     return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def _describe(value: Any) -> str:

@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-BatchFunction = Callable[[list[Any]], Sequence[Any]]
-"""A blocking function from a list of items to a sequence of as many results, in the same order."""
+BatchFunction = Callable[[list[Any]], Any]
+"""A blocking function from a list of items to as many results, in the same order (a list, an array...)."""
 
 
 class BatchObserver(Protocol):

@@ -9,6 +9,7 @@ call, so the module shares one Encoder and one event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Coroutine, Iterator
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -207,3 +208,26 @@ def test_queue_depth_counts_callers_not_yet_in_a_pass(
 
     ongoing, queued, after = run(loop, main())
     assert (ongoing, queued, after) == (5, 5, 0)
+
+
+def test_serves_batch_bound_warning_is_hidden(encoder: Any) -> None:
+    """Serve warns when max_batch_size x max_concurrent_batches > max_ongoing_requests; with merging the
+    many in-flight Serve batches are intended, so the Encoder filters that one warning out."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    serve_logger = logging.getLogger("ray.serve")
+    ours = [f for f in serve_logger.filters if type(f).__name__ == "_HideBatchBoundWarning"]
+    assert len(ours) == 1
+    serve_logger.addHandler(handler)
+    try:
+        encoder.reconfigure({"max_batch_size": 16})  # 16 x 64 Serve batches > 128 ongoing: Serve warns
+        assert not [r for r in records if "max_concurrent_batches" in r.getMessage()]
+        serve_logger.removeFilter(ours[0])
+        encoder.reconfigure({"max_batch_size": 17})
+        # without the filter it is there: Serve still says it, in the words the filter looks for
+        assert [r for r in records if r.getMessage().startswith("`max_batch_size` (17)")]
+    finally:
+        serve_logger.addFilter(ours[0])
+        serve_logger.removeHandler(handler)
+        encoder.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_concurrent_batches": 1})

@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -359,6 +360,10 @@ def main() -> None:
     parser.add_argument("--naive-modes", default="sync,async")
     parser.add_argument("--text-requests", type=int, default=256)
     args = parser.parse_args()
+    # Stopping the run (Ctrl-C, or kill from another shell: a background job ignores SIGINT) must still
+    # stop the naive servers and Ray: turn both signals into exceptions that reach the finally below.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     import torch
 

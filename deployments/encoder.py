@@ -1,28 +1,47 @@
 """Encoder deployment: the open_clip model behind ``@serve.batch``, one replica per GPU (or CPU slot).
 
 Images arrive as compact ``uint8`` arrays already resized by the ingress; normalisation happens on the
-device inside ``ClipEmbedder``. Images, face crops and texts batch separately (three batch queues). Face
-crops go to the optional face-embedding model (``face_model``: a second open_clip checkpoint, loaded the
-same way as the main one), or to the main model when none is configured. The forward pass
-runs in a worker thread so the event loop keeps accepting requests and forming the next batch.
+device inside ``ClipEmbedder``. Images, face crops and texts batch separately (three Serve batch queues).
+Face crops go to the optional face-embedding model (``face_model``: a second open_clip checkpoint, loaded
+the same way as the main one), or to the main model when none is configured. Batches go
+through a :class:`~index.batching.MergingBatcher`, which runs the forward pass in a worker thread (the
+event loop keeps accepting requests and forming batches), bounds how many passes run at once
+(``max_concurrent_batches``), and merges the batches that queued up while the model was busy into one
+pass of up to ``max_batch_size``. All three knobs are ``user_config``: they change without a restart.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import ray
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.metrics import Gauge, Histogram
 
-from index.embedder import ClipEmbedder, ModelSpec
+from index.batching import MergingBatcher
+from index.embedder import ClipEmbedder, ModelSpec, replica_device
 
 logger = logging.getLogger("ray.serve")
 
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.01
+DEFAULT_MAX_CONCURRENT_BATCHES = 1
+#: How many Serve-formed batches may be inside the replica at once. Deliberately far above the number of
+#: forward passes allowed to run: the surplus waits in the MergingBatcher, where it can be merged.
+SERVE_BATCHES_IN_FLIGHT = 64
+
+KINDS = ("image", "face", "text")
+BATCH_SIZE_BUCKETS: list[float] = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+LATENCY_BUCKETS_MS: list[float] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 
 
 class EncoderConfig(BaseModel):
@@ -30,8 +49,104 @@ class EncoderConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(DEFAULT_BATCH_WAIT_TIMEOUT_S, ge=0.0, le=1.0)
+    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, le=1024, description="items per forward pass")
+    batch_wait_timeout_s: float = Field(
+        DEFAULT_BATCH_WAIT_TIMEOUT_S, ge=0.0, le=1.0, description="how long Serve waits to fill a batch"
+    )
+    max_concurrent_batches: int = Field(
+        DEFAULT_MAX_CONCURRENT_BATCHES,
+        ge=1,
+        le=8,
+        description="forward passes running at once: 1 on CPU, 2 on a GPU (host work overlaps device work)",
+    )
+
+
+class EncoderMetrics:
+    """The Encoder's own Prometheus metrics (``ray.serve.metrics``; Serve adds deployment/replica tags).
+
+    Created per replica in ``Encoder.__init__``, never at import. Serve's built-in batching metrics
+    (``serve_actual_batch_size``, ``serve_batch_wait_time_ms``, ...) describe the batches Serve forms;
+    these describe the forward passes after merging and what a caller waits in total.
+    """
+
+    def __init__(self) -> None:
+        self.batch_size = Histogram(
+            "image_search_encoder_batch_size",
+            description="Items per forward pass (after merging the batches that waited for the model).",
+            boundaries=BATCH_SIZE_BUCKETS,
+            tag_keys=("kind",),
+        )
+        self.forward_ms = Histogram(
+            "image_search_encoder_forward_ms",
+            description="Wall time of one forward pass, in milliseconds.",
+            boundaries=LATENCY_BUCKETS_MS,
+            tag_keys=("kind",),
+        )
+        self.request_ms = Histogram(
+            "image_search_encoder_request_ms",
+            description="Encode latency seen by a caller: batch wait + queue for the model + forward pass.",
+            boundaries=LATENCY_BUCKETS_MS,
+            tag_keys=("kind",),
+        )
+        self.ongoing_gauge = Gauge(
+            "image_search_encoder_ongoing_requests",
+            description="Requests in this replica, waiting or being encoded.",
+            tag_keys=("kind",),
+        )
+        self.queue_gauge = Gauge(
+            "image_search_encoder_queue_depth",
+            description="Requests in this replica not yet in a forward pass.",
+            tag_keys=("kind",),
+        )
+        self.ongoing = dict.fromkeys(KINDS, 0)
+        self.running = dict.fromkeys(KINDS, 0)
+        self.requests = dict.fromkeys(KINDS, 0)
+
+    @contextmanager
+    def request(self, kind: str) -> Iterator[None]:
+        """Count one caller of ``kind`` from arrival to answer, and observe its latency."""
+        start = time.perf_counter()
+        self.ongoing[kind] += 1
+        self.requests[kind] += 1
+        self._set_gauges(kind)
+        try:
+            yield
+        finally:
+            self.ongoing[kind] -= 1
+            self.request_ms.observe((time.perf_counter() - start) * 1000, tags={"kind": kind})
+            self._set_gauges(kind)
+
+    def batch_started(self, kind: str, size: int) -> None:
+        """A forward pass of ``size`` items begins (MergingBatcher observer)."""
+        self.running[kind] += size
+        self.batch_size.observe(size, tags={"kind": kind})
+        self._set_gauges(kind)
+
+    def batch_finished(self, kind: str, size: int, seconds: float) -> None:
+        """A forward pass of ``size`` items ended after ``seconds`` (MergingBatcher observer)."""
+        self.running[kind] -= size
+        self.forward_ms.observe(seconds * 1000, tags={"kind": kind})
+        self._set_gauges(kind)
+
+    def queue_depth(self, kind: str) -> int:
+        """Callers of ``kind`` in this replica whose item is not in a forward pass yet."""
+        return max(self.ongoing[kind] - self.running[kind], 0)
+
+    def _set_gauges(self, kind: str) -> None:
+        self.ongoing_gauge.set(self.ongoing[kind], tags={"kind": kind})
+        self.queue_gauge.set(self.queue_depth(kind), tags={"kind": kind})
+
+
+class _HideBatchBoundWarning(logging.Filter):
+    """Drop Serve's warning that ``max_batch_size * max_concurrent_batches > max_ongoing_requests``.
+
+    It assumes every Serve batch is a forward pass. Here the many concurrent Serve batches are by design
+    (``SERVE_BATCHES_IN_FLIGHT``): they wait in the MergingBatcher and are merged, so passes still reach
+    ``max_batch_size``, and the advice to raise ``max_ongoing_requests`` would be wrong.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("`max_batch_size` (")
 
 
 @serve.deployment(
@@ -41,47 +156,141 @@ class EncoderConfig(BaseModel):
 )
 class Encoder:
     def __init__(self, spec: ModelSpec, face_spec: ModelSpec | None = None) -> None:
+        device = replica_device(spec.device, _assigned_gpus(), torch.cuda.is_available())
+        if device != spec.device:
+            logger.warning("this replica has no GPU assigned: encoding on the CPU (device=%r)", device)
+            spec = replace(spec, device=device)
+            face_spec = replace(face_spec, device=device) if face_spec is not None else None
         self.embedder = ClipEmbedder.load(spec)
         self.embedder.warmup()
         self.face = ClipEmbedder.load(face_spec) if face_spec is not None else None
         if self.face is not None:
             self.face.warmup()
         self.config = EncoderConfig()
+        self.metrics = EncoderMetrics()
+        self.batcher = MergingBatcher(
+            {"image": self._encode_images, "face": self._encode_faces, "text": self.embedder.encode_texts},
+            max_batch_size=self.config.max_batch_size,
+            max_concurrent=self.config.max_concurrent_batches,
+            observer=self.metrics,
+        )
+        serve_logger = logging.getLogger("ray.serve")
+        if not any(isinstance(f, _HideBatchBoundWarning) for f in serve_logger.filters):
+            serve_logger.addFilter(_HideBatchBoundWarning())
+        self._image_shape = (*spec.preprocess.size, 3)
+        self._face_shape = (*(face_spec or spec).preprocess.size, 3)
         logger.info("encoder ready: %s; face model: %s", self.embedder.info, self.face and self.face.info)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        # Validation errors fail the deploy loudly instead of silently keeping old values.
-        self.config = EncoderConfig.model_validate(user_config)
-        for method in (self.embed_image, self.embed_face, self.embed_text):
-            method.set_max_batch_size(self.config.max_batch_size)  # type: ignore[union-attr]
-            method.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)  # type: ignore[union-attr]
+        """Apply a new ``user_config``; a bad one fails the deploy loudly instead of keeping old values."""
+        config = EncoderConfig.model_validate(user_config)
+        # Serve's batch wrappers carry setters that the type checker cannot see.
+        serve_queues: tuple[Any, ...] = (self._image_batch, self._face_batch, self._text_batch)
+        for method in serve_queues:
+            method.set_max_batch_size(config.max_batch_size)
+            method.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.batcher.configure(
+            max_batch_size=config.max_batch_size, max_concurrent=config.max_concurrent_batches
+        )
+        self.config = config
 
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
-    async def embed_image(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    async def embed_image(self, image: np.ndarray) -> np.ndarray:
+        """One prepared image (``(H, W, 3)`` uint8 at the model's size) in, its unit vector out.
+
+        Raises:
+            ValueError: for anything else; checked here, so a bad input fails only its own caller and
+                not the callers it would have been batched with.
+        """
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != self._image_shape:
+            raise ValueError(
+                f"embed_image expects a uint8 array of shape {self._image_shape}; got {_describe(image)}"
+            )
+        with self.metrics.request("image"):
+            return await self._image_batch(image)
+
+    async def embed_face(self, image: np.ndarray) -> np.ndarray:
+        """One face crop, prepared for the face model (or the main model when none), in; its vector out.
+
+        Raises:
+            ValueError: for anything but a uint8 array of the face model's input shape.
+        """
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != self._face_shape:
+            raise ValueError(
+                f"embed_face expects a uint8 array of shape {self._face_shape}; got {_describe(image)}"
+            )
+        with self.metrics.request("face"):
+            return await self._face_batch(image)
+
+    async def embed_text(self, text: str) -> np.ndarray:
+        """One text in, its unit vector out (the model's own tokenizer truncates long texts).
+
+        Raises:
+            ValueError: when ``text`` is not a ``str``.
+        """
+        if not isinstance(text, str):
+            raise ValueError(f"embed_text expects a str; got {type(text).__name__}")
+        with self.metrics.request("text"):
+            return await self._text_batch(text)
+
+    @serve.batch(
+        max_batch_size=DEFAULT_MAX_BATCH_SIZE,
+        batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S,
+        max_concurrent_batches=SERVE_BATCHES_IN_FLIGHT,
+    )
+    async def _image_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Batch contract: a list of (H, W, 3) uint8 arrays in, a list of unit vectors out, same order."""
-        vectors = await asyncio.to_thread(self.embedder.encode_images, np.stack(images))
-        return list(vectors)
+        return await self.batcher.run("image", images)
 
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
-    async def embed_face(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Batch contract as ``embed_image``, for face crops (prepared for the face model, if any)."""
-        embedder = self.face or self.embedder
-        vectors = await asyncio.to_thread(embedder.encode_images, np.stack(images))
-        return list(vectors)
+    @serve.batch(
+        max_batch_size=DEFAULT_MAX_BATCH_SIZE,
+        batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S,
+        max_concurrent_batches=SERVE_BATCHES_IN_FLIGHT,
+    )
+    async def _face_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Batch contract as ``_image_batch``, for face crops."""
+        return await self.batcher.run("face", images)
 
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
-    async def embed_text(self, texts: list[str]) -> list[np.ndarray]:
+    @serve.batch(
+        max_batch_size=DEFAULT_MAX_BATCH_SIZE,
+        batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S,
+        max_concurrent_batches=SERVE_BATCHES_IN_FLIGHT,
+    )
+    async def _text_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Batch contract: a list of strings in, a list of unit vectors out, same order."""
-        vectors = await asyncio.to_thread(self.embedder.encode_texts, texts)
-        return list(vectors)
+        return await self.batcher.run("text", texts)
+
+    def _encode_images(self, images: list[np.ndarray]) -> np.ndarray:
+        return self.embedder.encode_images(np.stack(images))
+
+    def _encode_faces(self, images: list[np.ndarray]) -> np.ndarray:
+        return (self.face or self.embedder).encode_images(np.stack(images))
 
     def info(self) -> dict[str, Any]:
+        """What is loaded, the batching knobs in force, and counters (for /health, tests, benchmarks)."""
         face = self.face.info if self.face is not None else None
         return dict(self.embedder.info) | {
             "batch": self.config.model_dump(),
             "face_identity": face["identity"] if face else None,
             "face_info": face,
+            "stats": {
+                kind: {"requests": self.metrics.requests[kind], **s}
+                for kind, s in self.batcher.stats().items()
+            },
+            "pid": os.getpid(),
         }
 
     def check_health(self) -> None:
         """Cheap on purpose: Serve calls it every few seconds."""
+
+
+def _assigned_gpus() -> list[str]:
+    """GPU ids Ray assigned to this replica (Ray leaves every GPU visible to a replica with num_gpus 0)."""
+    if not ray.is_initialized():  # a plain instance outside Ray (tests): nothing was assigned
+        return []
+    return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} array of shape {value.shape}"
+    return type(value).__name__

@@ -40,6 +40,12 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+#: Envelope status for errors that Serve's proxy answers itself, by HTTP status.
+_PROXY_STATUS = {404: "NOT_FOUND", 408: "TIMEOUT", 429: "OVERLOADED", 503: "OVERLOADED"}
+#: How Serve's BackPressureError message starts (the proxy sends it as the body of its 503/429).
+_BACKPRESSURE_PREFIX = b"Request dropped due to backpressure"
+_OVERLOADED_MESSAGE = "the service is overloaded; retry with backoff"
+
 
 def envelope(
     data: Any = None, *, status: str = "SUCCESS", message: str | None = None, http: int = 200
@@ -53,7 +59,7 @@ def error_response(exc: BaseException) -> JSONResponse:
     if isinstance(exc, ServiceError):
         return envelope(status=exc.status, message=exc.message, http=exc.http_status)
     if isinstance(exc, BackPressureError):
-        err = Overloaded("the service is overloaded; retry with backoff")
+        err = Overloaded(_OVERLOADED_MESSAGE)
         return envelope(status=err.status, message=err.message, http=err.http_status)
     incident = uuid.uuid4().hex[:12]
     logger.error("internal error %s: %r", incident, exc, exc_info=exc)
@@ -193,6 +199,78 @@ async def send_envelope(
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": http, "headers": headers + list(extra_headers)})
     await send({"type": "http.response.body", "body": body})
+
+
+class ProxyErrorEnvelope:
+    """Pure ASGI middleware for Serve's HTTP proxy: its own plain-text errors become the envelope.
+
+    Serve's proxy answers some requests without reaching the ingress: 503 (or 429) when the Ingress's
+    queue is full (``max_queued_requests``), 408 past ``request_timeout_s``, 404 outside every route,
+    500 when the proxy fails. It answers those in ``text/plain``; every response of this service is JSON,
+    so a non-JSON error response can only come from the proxy, and is rewritten into the envelope with
+    the same HTTP status and headers (``Retry-After`` and ``x-request-id`` included). Everything else
+    passes through untouched. Installed with :func:`proxy_middlewares` (README: "Errors from Serve's
+    proxy").
+    """
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held: dict[str, Any] | None = None
+
+        async def rewriting_send(message: Message) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if message["status"] >= 400 and not _is_json(headers):
+                    held = {"status": message["status"], "headers": headers, "body": b""}
+                    return
+            elif message["type"] == "http.response.body" and held is not None:
+                held["body"] += message.get("body", b"")
+                if not message.get("more_body", False):
+                    await _send_proxy_envelope(send, scope, held)
+                return
+            await send(message)
+
+        await self.app(scope, receive, rewriting_send)
+
+
+def proxy_middlewares() -> list[Any]:
+    """Middlewares for Serve's HTTP proxy: set ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` to
+    ``deployments.http:proxy_middlewares`` in the environment of every Ray node (see README)."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(ProxyErrorEnvelope)]
+
+
+def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(k.lower() == b"content-type" and b"json" in v.lower() for k, v in headers)
+
+
+async def _send_proxy_envelope(send: Send, scope: Scope, held: dict[str, Any]) -> None:
+    http = int(held["status"])
+    status = _PROXY_STATUS.get(http, "INTERNAL_ERROR" if http >= 500 else "INVALID_PARAMETER")
+    body: bytes = held["body"]
+    if status == "OVERLOADED":
+        message = (
+            _OVERLOADED_MESSAGE
+            if body.startswith(_BACKPRESSURE_PREFIX)
+            else "the service is temporarily unavailable; retry with backoff"
+        )
+    elif status == "TIMEOUT":
+        message = "the request took longer than the server's request timeout"
+    elif status == "NOT_FOUND":
+        message = f"no route for path {scope.get('path', '')!r}"
+    else:
+        # The proxy's own text may carry internals (it is str(exception)): log it, never send it.
+        logger.error("proxy answered %d: %s", http, body[:500].decode("utf-8", "replace"))
+        message = "internal error in the HTTP proxy"
+    kept = tuple((k, v) for k, v in held["headers"] if k.lower() not in (b"content-type", b"content-length"))
+    await send_envelope(send, http, status, message, kept)
 
 
 #: Paths answered without an API key: liveness for orchestrators, the public schema, and the web page

@@ -17,6 +17,7 @@ model's device, which is the same arithmetic as open_clip's ``ToTensor`` + ``Nor
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import logging
 import re
@@ -364,6 +365,27 @@ def _resolve_local_dir(
     )
 
 
+def _missing_text_packages(spec: ModelSpec) -> str | None:
+    """Why ``spec``'s model cannot be built here for want of an optional package, or ``None``.
+
+    Models with a Hugging Face text tower or tokenizer (the multilingual ``xlm-roberta-base-ViT-B-32``,
+    SigLIP) build them with ``transformers``, an optional extra of this project.
+    """
+    if spec.open_clip_name.startswith(LOCAL_DIR_PREFIX):
+        model_cfg = _read_local_config(Path(spec.open_clip_name[len(LOCAL_DIR_PREFIX) :]))["model_cfg"]
+    else:
+        model_cfg = open_clip.get_model_config(spec.open_clip_name) or {}
+    text_cfg = model_cfg.get("text_cfg", {})
+    hf_names = [text_cfg[k] for k in ("hf_model_name", "hf_tokenizer_name") if text_cfg.get(k)]
+    if not hf_names or importlib.util.find_spec("transformers") is not None:
+        return None
+    return (
+        f"model {spec.model!r} uses a Hugging Face text tower or tokenizer ({hf_names[0]}) and needs the "
+        f"'transformers' package: pip install 'image-search[multilingual]'. Its text config and tokenizer "
+        f"files are downloaded from the Hugging Face hub on first start (README: Multilingual text)"
+    )
+
+
 def _spec(**fields: Any) -> ModelSpec:
     return ModelSpec(random_weights=fields["weights_source"] == "random", **fields)
 
@@ -498,6 +520,9 @@ class ClipEmbedder:
             RuntimeError: when the requested device is not available, or open_clip built the model with
                 a preprocessing config other than the one in ``spec``.
         """
+        missing = _missing_text_packages(spec)
+        if missing is not None:
+            raise ModelLoadError(missing)
         device = _pick_device(spec.device)
         precision = _pick_precision(spec.precision, device)
         try:
@@ -552,6 +577,8 @@ class ClipEmbedder:
             "precision": self._precision,
             "random_weights": self._spec.random_weights,
             "image_size": list(self._spec.preprocess.size),
+            # Intra-op threads of CPU forward passes (Ray sets OMP_NUM_THREADS from a replica's num_cpus).
+            "cpu_threads": torch.get_num_threads(),
         }
 
     def encode_images(self, batch: np.ndarray) -> np.ndarray:
@@ -667,6 +694,26 @@ def _create_model(spec: ModelSpec, device: torch.device, precision: str) -> torc
         require_pretrained=True,
         **options,
     )
+
+
+def replica_device(requested: str, assigned_gpus: Sequence[str], cuda_available: bool) -> str:
+    """The device a serving replica should ask for, given the GPUs its scheduler assigned it.
+
+    Ray leaves every GPU of a node visible to a replica that asked for none, so ``"auto"`` alone would
+    put a CPU replica's model on a GPU it never reserved (and that another replica may fill). ``"auto"``
+    therefore means the CPU when GPUs are visible but none was assigned; explicit choices are kept.
+
+    Args:
+        requested: the configured device (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``).
+        assigned_gpus: the GPU ids assigned to this replica (``num_gpus`` > 0, fractions included).
+        cuda_available: whether CUDA devices are visible to this process.
+
+    Returns:
+        ``"cpu"`` for an ``"auto"`` replica without an assigned GPU on a CUDA machine, else ``requested``.
+    """
+    if requested == "auto" and cuda_available and not assigned_gpus:
+        return "cpu"
+    return requested
 
 
 def _pick_device(requested: str) -> torch.device:

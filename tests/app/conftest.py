@@ -65,7 +65,14 @@ def serve_port() -> Iterator[int]:
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
-        runtime_env={"env_vars": {"PYTHONPATH": repo, "RAY_USAGE_STATS_ENABLED": "0"}},
+        runtime_env={
+            "env_vars": {
+                "PYTHONPATH": repo,
+                "RAY_USAGE_STATS_ENABLED": "0",
+                # Serve's proxy answers its own errors (e.g. a full Ingress queue) with the envelope too.
+                "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deployments.http:proxy_middlewares",
+            }
+        },
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -5,6 +5,7 @@ Nothing here downloads weights: trained-weight paths are exercised with checkpoi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import shutil
@@ -24,6 +25,7 @@ from index.embedder import (
     ModelLoadError,
     ModelSpec,
     PreprocessSpec,
+    replica_device,
     resolve_model_spec,
     tiny_random_dir,
 )
@@ -202,6 +204,7 @@ def test_tiny_random_loads_and_reports_itself(tiny_embedder: ClipEmbedder) -> No
         "precision": "fp32",
         "random_weights": True,
         "image_size": [64, 64],
+        "cpu_threads": torch.get_num_threads(),
     }
 
 
@@ -276,6 +279,37 @@ def test_real_checkpoint_in_local_dir_loads_those_weights(tmp_path: Path, tiny_s
 def test_cuda_requested_without_cuda() -> None:
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         ClipEmbedder.load(resolve_model_spec("tiny-random", device="cuda"))
+
+
+@pytest.mark.parametrize(
+    ("requested", "assigned", "cuda", "expected"),
+    [
+        ("auto", [], True, "cpu"),  # GPUs visible, none reserved: stay off them
+        ("auto", ["0"], True, "auto"),  # a whole or fractional GPU was assigned
+        ("auto", [], False, "auto"),  # a CPU machine: auto already means the CPU
+        ("cuda", [], True, "cuda"),  # an explicit choice is kept
+        ("cpu", ["0"], True, "cpu"),
+    ],
+)
+def test_replica_device(requested: str, assigned: list[str], cuda: bool, expected: str) -> None:
+    assert replica_device(requested, assigned, cuda) == expected
+
+
+def test_a_hugging_face_text_tower_without_transformers_is_a_clear_load_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Resolving the multilingual model works offline; loading it says which extra to install."""
+    spec = resolve_model_spec("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k")
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return None if name == "transformers" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(ModelLoadError, match=r"'transformers' package: pip install 'image-search\[multi"):
+        ClipEmbedder.load(spec)
+    # open_clip's own tokenizer needs nothing extra
+    ClipEmbedder.load(resolve_model_spec("tiny-random", device="cpu"))
 
 
 # --- encoding ----------------------------------------------------------------------------------------

@@ -1,0 +1,495 @@
+"""End-to-end serving benchmark: the model's ceiling, the Serve app, and a naive server, in one run.
+
+    python bench/serving_bench.py --model ViT-B-32 --out serving.json
+
+With the same model (random weights by default: the compute is the same as trained ones) and the same
+real JPEGs of mixed sizes (photos from scikit-image, resized and re-encoded), it measures:
+
+* ``raw_images_per_s``: the model alone in a tight in-process loop, at its best batch size (the ceiling);
+  measured before the servers start and again after they stop; the higher of the two is used.
+* ``served``: ``POST /search/by-image`` through Serve's HTTP proxy on the full app (ingress decode and
+  resize, batched encoder, library index) at each concurrency: ``images_per_s``, ``p50_ms``, ``p99_ms``,
+  ``errors`` and the encoder's mean forward-pass batch size.
+* ``naive``: the same requests against ``bench/naive_server.py`` (one uvicorn process, the model called
+  per request, same model wrapper and image preparation) in each of its modes; the better mode counts.
+* ``served_text_per_s``: ``POST /search/by-text`` at concurrency 32.
+
+Served and naive levels alternate (served c=1, naive c=1, served c=8, ...) so that a change in the
+machine's background load hits both alike. Closed loop: each of ``c`` clients sends its next request
+when the previous one is answered. Nothing here is a test; the figures go to ``bench/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import gc
+import io
+import itertools
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's code, not an installed copy
+
+PREFIX = "/api/v1/operators/image-search"
+LIBRARY = "bench"
+TEXTS = [
+    "a photo of a cat",
+    "an astronaut in a white suit",
+    "a cup of coffee on a table",
+    "a rocket on the launch pad",
+    "ein rotes Auto im Schnee",
+    "une tasse de café",
+    "two dogs playing on the beach at sunset",
+    "close-up of a tabby cat's face",
+]
+# (width, height): phone photos, web images, screenshots, portrait and landscape.
+SIZES = [
+    (320, 240),
+    (640, 480),
+    (800, 600),
+    (1024, 768),
+    (1280, 720),
+    (1600, 1200),
+    (1920, 1080),
+    (480, 640),
+    (1080, 1350),
+]
+
+
+def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """``n`` real JPEGs of mixed sizes: scikit-image's photos, resized, quality 85-95."""
+    import skimage.data
+    from PIL import Image
+
+    photos = [
+        skimage.data.astronaut(),
+        skimage.data.coffee(),
+        skimage.data.chelsea(),
+        skimage.data.rocket(),
+        skimage.data.cat(),
+    ]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        width, height = SIZES[i % len(SIZES)]
+        img = Image.fromarray(photos[i % len(photos)]).resize((width, height), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=int(rng.integers(85, 96)))
+        out.append(buf.getvalue())
+    return out
+
+
+# -- the ceiling --------------------------------------------------------------------------------------
+
+
+def measure_raw(
+    spec: Any, pixels: list[np.ndarray], batch_sizes: list[int], min_s: float
+) -> dict[int, float]:
+    """Images/s of ``encode_images`` in a tight loop, per batch size (inputs already prepared)."""
+    from index.embedder import ClipEmbedder
+
+    embedder = ClipEmbedder.load(spec)
+    embedder.warmup()
+    rates: dict[int, float] = {}
+    for b in batch_sizes:
+        batch = np.stack([pixels[i % len(pixels)] for i in range(b)])
+        embedder.encode_images(batch)  # warm this shape
+        done, start = 0, time.perf_counter()
+        while True:
+            embedder.encode_images(batch)
+            done += b
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_s and done >= 2 * b:
+                break
+        rates[b] = done / elapsed
+        print(f"  raw batch {b:4d}: {rates[b]:8.1f} images/s", flush=True)
+    del embedder
+    gc.collect()
+    return rates
+
+
+# -- load generation ----------------------------------------------------------------------------------
+
+
+def closed_loop(url: str, bodies: list[bytes], concurrency: int, n_requests: int) -> dict[str, Any]:
+    """``concurrency`` clients, each sending its next request when answered; ``n_requests`` in all."""
+    import requests
+
+    def one(session: requests.Session, body: bytes) -> tuple[bool, float]:
+        start = time.perf_counter()
+        try:
+            r = session.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=300)
+            ok = r.status_code == 200 and r.json().get("status") == "SUCCESS"
+        except requests.RequestException:
+            ok = False
+        return ok, time.perf_counter() - start
+
+    # warm-up round (connections, first batches), not measured
+    sessions = [requests.Session() for _ in range(concurrency)]
+    warm = [threading.Thread(target=one, args=(s, bodies[i % len(bodies)])) for i, s in enumerate(sessions)]
+    for t in warm:
+        t.start()
+    for t in warm:
+        t.join()
+
+    counter = itertools.count()
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+
+    def client(session: requests.Session) -> None:
+        nonlocal errors
+        while (i := next(counter)) < n_requests:
+            ok, seconds = one(session, bodies[i % len(bodies)])
+            with lock:
+                if ok:
+                    latencies.append(seconds)
+                else:
+                    errors += 1
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in sessions]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    return {
+        "concurrency": concurrency,
+        "requests": n_requests,
+        "images_per_s": round(len(latencies) / wall, 2),
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+        "errors": errors,
+        "wall_s": round(wall, 2),
+    }
+
+
+# -- the two servers ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, deadline_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    import requests
+
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited with {proc.returncode}")
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not up after {deadline_s}s")
+
+
+def start_naive(
+    args: argparse.Namespace, library_dir: Path, mode: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "naive_server.py"),
+        f"--model={args.model}",
+        f"--pretrained={args.pretrained}",
+        f"--device={args.device}",
+        f"--threads={args.threads}",
+        f"--port={port}",
+        f"--library={library_dir}",
+        f"--mode={mode}",
+    ]
+    proc = subprocess.Popen(cmd)
+    base = f"http://127.0.0.1:{port}"
+    wait_http(base + "/health", 600, proc)
+    return proc, base
+
+
+def start_served(
+    args: argparse.Namespace, storage: Path, jpegs: list[bytes], gpu: bool, batch: int
+) -> tuple[str, Callable[[], dict[str, Any]]]:
+    """Start Ray + the Serve app (this checkout), fill the library; return the base URL and a stats getter."""
+    import ray
+    import requests
+    from ray import serve
+
+    from deployments.app import build_app
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(
+        num_cpus=args.threads,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={
+            "env_vars": {
+                "PYTHONPATH": str(REPO),
+                "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "deployments.http:proxy_middlewares",
+            }
+        },
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    zero_cpu = {"ray_actor_options": {"num_cpus": 0}}
+    app_args = {
+        "model": args.model,
+        "pretrained": args.pretrained,
+        "device": args.device,
+        "storage_root": str(storage),
+        "deployment_options": {
+            # Big enough queues that nothing is shed below the highest concurrency measured.
+            "Ingress": {**zero_cpu, "max_ongoing_requests": 256},
+            "Encoder": {
+                # The encoder gets the cores the raw loop and the naive server use (OMP threads follow).
+                "ray_actor_options": {"num_cpus": args.threads, "num_gpus": 1 if gpu else 0},
+                "max_ongoing_requests": 256,
+                "user_config": {
+                    "max_batch_size": batch,
+                    "batch_wait_timeout_s": args.batch_wait_timeout_s,
+                    "max_concurrent_batches": args.max_concurrent_batches or (2 if gpu else 1),
+                },
+            },
+            "LibraryIndex": {**zero_cpu, "max_ongoing_requests": 256},
+            "Writer": zero_cpu,
+        },
+    }
+    serve.run(build_app(app_args), name="bench", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    wait_http(base + "/health", 600)
+    session = requests.Session()
+    session.post(
+        base + PREFIX + "/library/create", json={"library_name": LIBRARY, "mode": "general_search"}
+    ).raise_for_status()
+    for i, data in enumerate(jpegs):
+        r = session.post(
+            base + PREFIX + "/image/add",
+            json={
+                "library_name": LIBRARY,
+                "image_id": f"img{i:03d}",
+                "image_uri": f"bench://img{i:03d}.jpg",
+                "image_base64": base64.b64encode(data).decode(),
+                "save_image": False,
+            },
+        )
+        r.raise_for_status()
+    handle = serve.get_deployment_handle("Encoder", app_name="bench")
+    return base, lambda: handle.info.remote().result()
+
+
+def stop_served() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+
+def machine_info(gpu: bool) -> dict[str, Any]:
+    import open_clip
+    import ray
+    import torch
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "ray": ray.__version__,
+    }
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_total_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    if gpu:
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Serving benchmark (see the module docstring).")
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--pretrained", default="random", help="'random' (default) or a tag/file")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for the model, everywhere"
+    )
+    parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--min-requests", type=int, default=48)
+    parser.add_argument("--images", type=int, default=36, help="distinct JPEGs (library and queries)")
+    parser.add_argument("--raw-batches", default="", help="batch sizes for the ceiling (default: by device)")
+    parser.add_argument("--raw-min-s", type=float, default=3.0)
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    parser.add_argument("--max-concurrent-batches", type=int, default=0, help="0: 1 on CPU, 2 on GPU")
+    parser.add_argument("--naive-modes", default="sync,async")
+    parser.add_argument("--text-requests", type=int, default=256)
+    args = parser.parse_args()
+    # Stopping the run (Ctrl-C, or kill from another shell: a background job ignores SIGINT) must still
+    # stop the naive servers and Ray: turn both signals into exceptions that reach the finally below.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    import torch
+
+    from index.embedder import resolve_model_spec
+    from index.imaging import ImageLimits, decode_image, prepare_for_model
+
+    torch.set_num_threads(args.threads)
+    spec = resolve_model_spec(args.model, pretrained=args.pretrained, device=args.device)
+    gpu = args.device != "cpu" and torch.cuda.is_available()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    raw_batches = [int(b) for b in args.raw_batches.split(",") if b] or (
+        [1, 8, 32, 64, 128, 256] if gpu else [1, 8, 16, 32, 64]
+    )
+    result: dict[str, Any] = {
+        "model": spec.identity,
+        "device": "cuda" if gpu else "cpu",
+        "threads": args.threads,
+        "machine": machine_info(gpu),
+        "loadavg": {"start": os.getloadavg()},
+    }
+
+    jpegs = make_jpegs(args.images)
+    result["images"] = {
+        "count": len(jpegs),
+        "sizes": sorted({f"{w}x{h}" for w, h in SIZES[: len(jpegs)]}),
+        "mean_jpeg_kib": round(sum(map(len, jpegs)) / len(jpegs) / 1024, 1),
+    }
+    hint = max(spec.preprocess.size)
+    pixels = [
+        prepare_for_model(decode_image(j, ImageLimits(), min_side_hint=hint), spec.preprocess) for j in jpegs
+    ]
+    image_bodies = [
+        json.dumps(
+            {
+                "library_name": LIBRARY,
+                "image_base64": base64.b64encode(j).decode(),
+                "top_k": 10,
+                "return_frame": False,
+            }
+        ).encode()
+        for j in jpegs
+    ]
+    text_bodies = [
+        json.dumps({"library_name": LIBRARY, "query_text": t, "top_k": 10, "return_frame": False}).encode()
+        for t in TEXTS
+    ]
+
+    print(f"ceiling: {spec.identity} on {result['device']}, {args.threads} threads", flush=True)
+    raw = measure_raw(spec, pixels, raw_batches, args.raw_min_s)
+    best_batch = max(raw, key=lambda b: raw[b])
+    result["raw_by_batch"] = {str(b): round(r, 2) for b, r in raw.items()}
+    result["raw_best_batch"] = best_batch
+    result["loadavg"]["after_raw"] = os.getloadavg()
+
+    work = Path(tempfile.mkdtemp(prefix="serving-bench-"))
+    naive_procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        library_dir = work / "library"
+        library_dir.mkdir()
+        for i, data in enumerate(jpegs):
+            (library_dir / f"img{i:03d}.jpg").write_bytes(data)
+        modes = [m for m in args.naive_modes.split(",") if m]
+        naive_urls = {}
+        for mode in modes:
+            print(f"starting naive server ({mode})", flush=True)
+            naive_procs[mode], base = start_naive(args, library_dir, mode)
+            naive_urls[mode] = base + PREFIX + "/search/by-image"
+        print(f"starting the Serve app (encoder max_batch_size {best_batch})", flush=True)
+        served_base, encoder_info = start_served(args, work / "storage", jpegs, gpu, best_batch)
+        result["encoder"] = {k: v for k, v in encoder_info().items() if k not in ("stats", "pid")}
+
+        served: dict[str, Any] = {}
+        naive: dict[str, dict[str, Any]] = {m: {} for m in modes}
+        for c in levels:
+            n = max(args.min_requests, args.requests_per_client * c)
+            before = encoder_info()["stats"]["image"]
+            level = closed_loop(served_base + PREFIX + "/search/by-image", image_bodies, c, n)
+            after = encoder_info()["stats"]["image"]
+            passes = after["batches"] - before["batches"]
+            level["mean_batch_size"] = (
+                round((after["items"] - before["items"]) / passes, 2) if passes else None
+            )
+            served[str(c)] = level
+            print(f"  served c={c:3d}: {level}", flush=True)
+            for mode in modes:
+                naive[mode][str(c)] = closed_loop(naive_urls[mode], image_bodies, c, n)
+                print(f"  naive-{mode} c={c:3d}: {naive[mode][str(c)]}", flush=True)
+        text = closed_loop(served_base + PREFIX + "/search/by-text", text_bodies, 32, args.text_requests)
+        text["texts_per_s"] = text.pop("images_per_s")
+        print(f"  served text c=32: {text}", flush=True)
+        result["loadavg"]["after_load"] = os.getloadavg()
+    finally:
+        for proc in naive_procs.values():
+            proc.terminate()
+            proc.wait(timeout=60)
+        stop_served()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print("ceiling again, servers stopped", flush=True)
+    raw_after = measure_raw(spec, pixels, [best_batch], args.raw_min_s)[best_batch]
+    ceiling = max(raw[best_batch], raw_after)
+    ref = str(32 if 32 in levels else levels[-1])
+    best_mode = max(naive, key=lambda m: naive[m][ref]["images_per_s"]) if naive else None
+    result.update(
+        raw_images_per_s=round(ceiling, 2),
+        raw_images_per_s_before=round(raw[best_batch], 2),
+        raw_images_per_s_after=round(raw_after, 2),
+        served=served,
+        naive=naive[best_mode] if best_mode else {},
+        naive_mode=best_mode,
+        naive_by_mode=naive,
+        served_text=text,
+        served_text_per_s=text["texts_per_s"],
+    )
+    result["loadavg"]["end"] = os.getloadavg()
+    s_ref = served[ref]["images_per_s"]
+    result["ratios"] = {
+        f"served_c{ref}_over_raw": round(s_ref / ceiling, 3),
+        f"served_c{ref}_over_naive_c{ref}": round(s_ref / naive[best_mode][ref]["images_per_s"], 3)
+        if best_mode
+        else None,
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("raw_images_per_s", "ratios", "served_text_per_s")}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

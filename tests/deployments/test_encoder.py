@@ -1,0 +1,233 @@
+"""The Encoder's batch contract, on the plain class with asyncio: no Ray cluster.
+
+``@serve.batch`` works outside a replica except for one call it makes to ``serve.get_replica_context()``
+(to compare the batch size with ``max_ongoing_requests``); the fixture stands in for that context. Serve
+keeps each batch queue on the decorated function, i.e. per class and bound to the event loop of its first
+call, so the module shares one Encoder and one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine, Iterator
+from types import SimpleNamespace
+from typing import Any, TypeVar
+
+import numpy as np
+import pydantic
+import pytest
+import skimage.data
+from ray import serve
+from ray.serve import metrics
+
+from deployments.encoder import Encoder
+from index.embedder import ClipEmbedder, resolve_model_spec
+from index.imaging import prepare_for_model
+
+T = TypeVar("T")
+SPEC = resolve_model_spec("tiny-random", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    pending = asyncio.all_tasks(loop)  # Serve's batch-queue loops
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def encoder(loop: asyncio.AbstractEventLoop) -> Iterator[Any]:
+    fake_context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=128))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(serve, "get_replica_context", lambda: fake_context)
+        enc = Encoder.func_or_class(SPEC)
+        enc.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_concurrent_batches": 1})
+        yield enc
+
+
+@pytest.fixture(scope="module")
+def reference() -> ClipEmbedder:
+    """The same model outside the deployment: what each caller's vector must equal."""
+    return ClipEmbedder.load(SPEC)
+
+
+@pytest.fixture(scope="module")
+def pixels() -> list[np.ndarray]:
+    """Real photos of different sizes and shapes, prepared as the ingress prepares them."""
+    from PIL import Image
+
+    coffee = skimage.data.coffee()
+    photos = [
+        skimage.data.astronaut(),
+        coffee,
+        np.ascontiguousarray(coffee.transpose(1, 0, 2)),
+        skimage.data.chelsea(),
+        skimage.data.rocket(),
+        np.stack([skimage.data.camera()] * 3, axis=-1),
+    ]
+    return [prepare_for_model(Image.fromarray(p), SPEC.preprocess) for p in photos]
+
+
+def run(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+    # A deadline, so that a lost answer fails the test instead of hanging it.
+    return loop.run_until_complete(asyncio.wait_for(coro, 120))
+
+
+def test_interleaved_concurrent_callers_each_get_their_own_vector(
+    loop: asyncio.AbstractEventLoop, encoder: Any, reference: ClipEmbedder, pixels: list[np.ndarray]
+) -> None:
+    texts = ["a red car", "zwei Katzen", "", "x " * 300, "un perro", "日本語のテキスト", "a", "b"]
+    calls: list[tuple[str, Any]] = []
+    for i in range(24):  # images and texts interleaved, every image and text several times
+        calls.append(("image", pixels[i % len(pixels)]) if i % 3 else ("text", texts[i % len(texts)]))
+    before = encoder.info()["stats"]
+
+    async def main() -> list[np.ndarray]:
+        return await asyncio.gather(
+            *(encoder.embed_image(x) if kind == "image" else encoder.embed_text(x) for kind, x in calls)
+        )
+
+    vectors = run(loop, main())
+    for (kind, x), got in zip(calls, vectors, strict=True):
+        want = reference.encode_images(x[None])[0] if kind == "image" else reference.encode_texts([x])[0]
+        assert got.shape == (SPEC.dim,) and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    after = encoder.info()["stats"]
+    for kind in ("image", "text"):
+        n = sum(k == kind for k, _ in calls)
+        assert after[kind]["requests"] - before[kind]["requests"] == n
+        assert after[kind]["items"] - before[kind]["items"] == n
+        # they really were batched: fewer passes than callers
+        assert after[kind]["batches"] - before[kind]["batches"] < n
+
+
+def test_a_bad_input_fails_only_its_own_caller(
+    loop: asyncio.AbstractEventLoop, encoder: Any, reference: ClipEmbedder, pixels: list[np.ndarray]
+) -> None:
+    wrong_size = np.zeros((32, 32, 3), np.uint8)
+    wrong_dtype = pixels[0].astype(np.float32)
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(
+            encoder.embed_image(pixels[0]),
+            encoder.embed_image(wrong_size),
+            encoder.embed_text("fine"),
+            encoder.embed_image(wrong_dtype),
+            encoder.embed_text(b"bytes"),
+            encoder.embed_image(pixels[1]),
+            return_exceptions=True,
+        )
+
+    ok0, bad_size, text, bad_dtype, bad_text, ok1 = run(loop, main())
+    np.testing.assert_allclose(ok0, reference.encode_images(pixels[0][None])[0], atol=2e-5)
+    np.testing.assert_allclose(ok1, reference.encode_images(pixels[1][None])[0], atol=2e-5)
+    np.testing.assert_allclose(text, reference.encode_texts(["fine"])[0], atol=2e-5)
+    assert isinstance(bad_size, ValueError) and "(64, 64, 3)" in str(bad_size)
+    assert isinstance(bad_dtype, ValueError) and "float32" in str(bad_dtype)
+    assert isinstance(bad_text, ValueError) and "bytes" in str(bad_text)
+
+
+def test_reconfigure_reaches_serve_queues_and_the_batcher(
+    loop: asyncio.AbstractEventLoop, encoder: Any
+) -> None:
+    new = {"max_batch_size": 3, "batch_wait_timeout_s": 0.002, "max_concurrent_batches": 2}
+    encoder.reconfigure(new)
+    try:
+        assert encoder.info()["batch"] == new
+        for method in (encoder._image_batch, encoder._text_batch):
+            assert method._get_max_batch_size() == 3
+            assert method._get_batch_wait_timeout_s() == 0.002
+        assert (encoder.batcher.max_batch_size, encoder.batcher.max_concurrent) == (3, 2)
+
+        async def main() -> list[np.ndarray]:
+            return await asyncio.gather(*(encoder.embed_text(f"t{i}") for i in range(10)))
+
+        before = encoder.info()["stats"]["text"]["largest_batch"]
+        run(loop, main())
+        assert encoder.info()["stats"]["text"]["largest_batch"] <= max(3, before)
+        with pytest.raises(pydantic.ValidationError, match="max_batch_sizes"):
+            encoder.reconfigure({"max_batch_sizes": 4})  # a typo is refused, not ignored
+        with pytest.raises(pydantic.ValidationError, match="max_concurrent_batches"):
+            encoder.reconfigure({"max_concurrent_batches": 0})
+        assert encoder.info()["batch"] == new  # the refused configs changed nothing
+    finally:
+        encoder.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_concurrent_batches": 1})
+
+
+def test_metrics_count_every_request_and_pass(
+    loop: asyncio.AbstractEventLoop, encoder: Any, pixels: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    observed: list[tuple[str, float, str]] = []
+    gauges: dict[tuple[str, str], float] = {}
+
+    # Serve's own batching metrics go through the same classes (with other tags): keep only ours.
+    def observe(self: metrics.Histogram, value: float, tags: dict[str, str] | None = None) -> None:
+        if self._name.startswith("image_search_"):
+            observed.append((self._name, value, (tags or {})["kind"]))
+
+    def set_gauge(self: metrics.Gauge, value: float, tags: dict[str, str] | None = None) -> None:
+        if self._name.startswith("image_search_"):
+            gauges[(self._name, (tags or {})["kind"])] = value
+
+    monkeypatch.setattr(metrics.Histogram, "observe", observe)
+    monkeypatch.setattr(metrics.Gauge, "set", set_gauge)
+
+    async def main() -> None:
+        await asyncio.gather(
+            *(encoder.embed_image(pixels[i % len(pixels)]) for i in range(11)),
+            *(encoder.embed_text(f"text {i}") for i in range(5)),
+        )
+
+    run(loop, main())
+    for kind, n in (("image", 11), ("text", 5)):
+        sizes = [v for name, v, k in observed if name == "image_search_encoder_batch_size" and k == kind]
+        assert sum(sizes) == n and all(1 <= s <= 8 for s in sizes)
+        forward = [v for name, v, k in observed if name == "image_search_encoder_forward_ms" and k == kind]
+        assert len(forward) == len(sizes) and all(v >= 0 for v in forward)
+        latency = [v for name, v, k in observed if name == "image_search_encoder_request_ms" and k == kind]
+        assert len(latency) == n and all(v >= 0 for v in latency)
+        # everything answered: nothing ongoing, nothing queued
+        assert gauges[("image_search_encoder_ongoing_requests", kind)] == 0
+        assert gauges[("image_search_encoder_queue_depth", kind)] == 0
+
+
+def test_queue_depth_counts_callers_not_yet_in_a_pass(
+    loop: asyncio.AbstractEventLoop, encoder: Any, pixels: list[np.ndarray]
+) -> None:
+    async def main() -> tuple[int, int, int]:
+        tasks = [asyncio.create_task(encoder.embed_image(pixels[0])) for _ in range(5)]
+        await asyncio.sleep(0)  # all five have arrived; Serve is still waiting to fill its batch
+        seen = (encoder.metrics.ongoing["image"], encoder.metrics.queue_depth("image"))
+        await asyncio.gather(*tasks)
+        return (*seen, encoder.metrics.queue_depth("image"))
+
+    ongoing, queued, after = run(loop, main())
+    assert (ongoing, queued, after) == (5, 5, 0)
+
+
+def test_serves_batch_bound_warning_is_hidden(encoder: Any) -> None:
+    """Serve warns when max_batch_size x max_concurrent_batches > max_ongoing_requests; with merging the
+    many in-flight Serve batches are intended, so the Encoder filters that one warning out."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    serve_logger = logging.getLogger("ray.serve")
+    ours = [f for f in serve_logger.filters if type(f).__name__ == "_HideBatchBoundWarning"]
+    assert len(ours) == 1
+    serve_logger.addHandler(handler)
+    try:
+        encoder.reconfigure({"max_batch_size": 16})  # 16 x 64 Serve batches > 128 ongoing: Serve warns
+        assert not [r for r in records if "max_concurrent_batches" in r.getMessage()]
+        serve_logger.removeFilter(ours[0])
+        encoder.reconfigure({"max_batch_size": 17})
+        # without the filter it is there: Serve still says it, in the words the filter looks for
+        assert [r for r in records if r.getMessage().startswith("`max_batch_size` (17)")]
+    finally:
+        serve_logger.addFilter(ours[0])
+        serve_logger.removeHandler(handler)
+        encoder.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_concurrent_batches": 1})

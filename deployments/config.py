@@ -12,7 +12,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from filters import FilterLimits, TagLimits
+from index.fetch import DEFAULT_OBJECT_STORE_PROTOCOLS, FetchPolicy
 from index.imaging import ImageLimits
+from index.importer import ImportSettings
 
 #: The pretrained tag used when ``pretrained`` is not given, for the models we document.
 DEFAULT_PRETRAINED = {
@@ -83,6 +85,15 @@ class AppArgs(BaseModel):
     allowed_file_roots: list[str] = Field(
         default_factory=list, description="directories that file:// image URIs may point into"
     )
+    import_roots: list[str] = Field(
+        default_factory=list, description="directories local import sources (JSONL files) may be read from"
+    )
+    object_store_protocols: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_OBJECT_STORE_PROTOCOLS),
+        description="fsspec protocols accepted for image URIs and import sources (the protocol's package, "
+        "e.g. s3fs or gcsfs, must be installed)",
+    )
+    imports: ImportSettings = Field(default_factory=ImportSettings, description="bulk import limits, tuning")
     api_keys: list[str] = Field(
         default_factory=list, description="accepted API keys (Authorization: Bearer); empty: no auth"
     )
@@ -92,6 +103,16 @@ class AppArgs(BaseModel):
         description="per-deployment .options() overrides keyed by deployment name (tests, quick runs); "
         "serve_config.yaml's deployments section is the usual place for these",
     )
+
+    def fetch_policy(self) -> FetchPolicy:
+        """Where images and import sources may be read from (``index/fetch.py`` applies it)."""
+        return FetchPolicy(
+            timeout_s=self.limits.fetch_timeout_s,
+            allowed_file_roots=tuple(self.allowed_file_roots),
+            import_roots=tuple(self.import_roots),
+            object_store_protocols=tuple(self.object_store_protocols),
+            source_timeout_s=self.imports.source_timeout_s,
+        )
 
     def load_api_keys(self) -> frozenset[str]:
         """Keys from ``api_keys`` and ``api_keys_file`` (read when a replica starts)."""

@@ -57,6 +57,15 @@ class Encoder:
         vectors = await asyncio.to_thread(self.embedder.encode_images, np.stack(images))
         return list(vectors)
 
+    async def embed_image_batch(self, images: np.ndarray) -> np.ndarray:
+        """A batch the caller already formed, ``(B, H, W, 3)`` uint8 -> ``(B, dim)`` unit vectors.
+
+        For bulk imports: one call per batch instead of one per image keeps the per-call overhead of the
+        handle off the import's critical path. It bypasses the ``embed_image`` queue, so it never delays
+        interactive requests behind a long import batch queue; both share the device.
+        """
+        return await asyncio.to_thread(self.embedder.encode_images, images)
+
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
     async def embed_text(self, texts: list[str]) -> list[np.ndarray]:
         """Batch contract: a list of strings in, a list of unit vectors out, same order."""

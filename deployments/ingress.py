@@ -10,6 +10,7 @@ route signatures that Serve's class-based view rewrites.
 
 import asyncio
 import logging
+import re
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from deployments.http import ApiKeyAuth, BodyLimit, envelope, error_response, in
 from deployments.schemas import (
     AddImage,
     CreateLibrary,
+    CreateTask,
     DeleteImage,
     DeleteLibrary,
     GetImage,
@@ -41,8 +43,9 @@ from index.errors import (
     ModelMismatch,
     ModeNotSupported,
     PayloadTooLarge,
+    TaskNotFound,
 )
-from index.fetch import FetchError, fetch_bytes
+from index.fetch import FetchError
 from index.imaging import ImageDecodeError, ImageTooLarge, decode_base64, decode_image, prepare_for_model
 from index.store import NewRecord
 
@@ -51,6 +54,8 @@ logger = logging.getLogger("ray.serve")
 PREFIX = "/api/v1/operators/image-search"
 #: ``GET /library/list`` would shadow a library of this name.
 RESERVED_LIBRARY_NAMES = frozenset({"list"})
+#: Task ids are 32 hex digits (uuid4); anything else cannot name a task.
+TASK_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 api = FastAPI(
     title="Image Search API",
@@ -71,13 +76,16 @@ class Ingress:
         encoder: DeploymentHandle,
         index: DeploymentHandle,
         writer: DeploymentHandle,
+        importer: DeploymentHandle,
         args: AppArgs,
         preprocess: PreprocessSpec,
     ) -> None:
         self.encoder = encoder
         self.index = index
         self.writer = writer
+        self.importer = importer
         self.args = args
+        self.fetch_policy = args.fetch_policy()
         self.limits = args.limits
         self.preprocess = preprocess
         self.catalog = Catalog(args.storage_root, max_libraries=args.limits.max_libraries)
@@ -214,6 +222,32 @@ class Ingress:
         except Exception as exc:
             return error_response(exc)
 
+    @api.post(PREFIX + "/image/tasks/create", tags=["images"])
+    async def create_task(self, body: CreateTask) -> JSONResponse:
+        """Start a bulk import of a JSONL source; answers ``{"task_id"}`` at once."""
+        try:
+            try:
+                self.fetch_policy.check_source(body.source)  # 400 before the library lookup (404)
+            except FetchError as exc:
+                raise InvalidParameter(f"source: {exc}") from None
+            info = await self._library(body.library_name)
+            task_id = await self.importer.create_task.remote(
+                info.name, info.uid, body.source, body.save_image
+            )
+            return envelope({"task_id": task_id})
+        except Exception as exc:
+            return error_response(exc)
+
+    @api.get(PREFIX + "/image/tasks/results/{task_id}", tags=["images"])
+    async def task_results(self, task_id: str) -> JSONResponse:
+        """State, counters and per-line errors of an import task."""
+        try:
+            if not TASK_ID_RE.fullmatch(task_id):
+                raise TaskNotFound(task_id[:80])
+            return envelope(await self.importer.get_task.remote(task_id))
+        except Exception as exc:
+            return error_response(exc)
+
     # -- search ----------------------------------------------------------------------------------
 
     @api.post(PREFIX + "/search/by-image", tags=["search"])
@@ -317,11 +351,7 @@ class Ingress:
     async def _fetch(self, image_uri: str) -> bytes:
         try:
             return await asyncio.to_thread(
-                fetch_bytes,
-                image_uri,
-                max_bytes=self.limits.max_image_bytes,
-                timeout_s=self.limits.fetch_timeout_s,
-                allowed_file_roots=self.args.allowed_file_roots,
+                self.fetch_policy.fetch_image, image_uri, max_bytes=self.limits.max_image_bytes
             )
         except ImageTooLarge as exc:
             raise PayloadTooLarge(f"image_uri: {exc}") from None

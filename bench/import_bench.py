@@ -1,0 +1,206 @@
+"""Bulk import throughput through the running app, against the encoder's raw ceiling in the same run.
+
+    python bench/import_bench.py --n 2000 --out import-tiny.json
+    python bench/import_bench.py --n 300 --model ViT-B-32 --pretrained random --out import-b32.json
+
+1. Raw ceiling: the embedder alone, in this process, on images already decoded and resized, at each
+   batch size of ``--batch-sizes``; the best one is the ceiling (``raw_images_per_s``).
+2. End to end: a local Ray Serve app (same model, device and torch thread count for the Encoder) imports
+   a JSONL file of ``--n`` lines, each a distinct synthetic JPEG photo (``--width`` x ``--height``) inline
+   as base64; the clock runs from ``POST /image/tasks/create`` to the first poll that sees the task
+   finished (polls every 50 ms). The importer's ``encode_batch_size`` is set to the best raw batch size.
+
+``ratio = images_per_s / raw_images_per_s``. The end-to-end figure includes what the raw one does not:
+JSON parsing, base64 and JPEG decoding, resizing, writing records and frames to SQLite, and the Ray
+calls, all on the same machine as the encoder. Run it on an otherwise idle machine where possible; the
+JSON records the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PREFIX = "/api/v1/operators/image-search"
+
+
+def photo(seed: int, width: int, height: int) -> bytes:
+    """A distinct photo-like JPEG: smooth colour fields plus sensor-like noise (so it compresses like one)."""
+    rng = np.random.default_rng(seed)
+    small = rng.uniform(0, 255, size=(6, 8, 3)).astype(np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC), np.float32)
+    noisy = base + rng.normal(0, 12, size=base.shape)
+    buf = io.BytesIO()
+    Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=88)
+    return buf.getvalue()
+
+
+def raw_ceiling(spec: Any, batch_sizes: list[int], photos: list[bytes], min_seconds: float) -> dict[str, Any]:
+    """Images per second of ClipEmbedder.encode_images alone, per batch size."""
+    from index.embedder import ClipEmbedder
+    from index.imaging import ImageLimits, decode_image, prepare_for_model
+
+    embedder = ClipEmbedder.load(spec)
+    embedder.warmup()
+    pixels = np.stack(
+        [prepare_for_model(decode_image(p, ImageLimits()), spec.preprocess) for p in photos[:64]]
+    )
+    per_batch = {}
+    for bs in batch_sizes:
+        batch = np.resize(pixels, (bs, *pixels.shape[1:]))
+        embedder.encode_images(batch)  # warm this shape
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < min_seconds:
+            embedder.encode_images(batch)
+            n += bs
+        per_batch[bs] = n / (time.perf_counter() - start)
+        print(f"raw batch {bs}: {per_batch[bs]:.1f} images/s", flush=True)
+    best = max(per_batch, key=lambda b: per_batch[b])
+    info = embedder.info
+    del embedder
+    return {"per_batch": per_batch, "best_batch": best, "images_per_s": per_batch[best], "model": info}
+
+
+def end_to_end(args: argparse.Namespace, photos: list[bytes], best_batch: int) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    work = Path(tempfile.mkdtemp(prefix="import-bench-"))
+    (work / "in").mkdir()
+    source = work / "in" / "source.jsonl"
+    with open(source, "w") as f:
+        for i in range(args.n):
+            b64 = base64.b64encode(photos[i % len(photos)]).decode()
+            # a distinct id per line; images repeat only when n exceeds the generated set
+            f.write(
+                json.dumps({"image_id": f"img{i}", "image_uri": f"bench://{i}", "image_base64": b64}) + "\n"
+            )
+    cpus = os.cpu_count() or 1
+    ray.init(
+        num_cpus=4 * cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}},
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app_args = {
+        "model": args.model,
+        "pretrained": args.pretrained,
+        "storage_root": str(work / "data"),
+        "import_roots": [str(work / "in")],
+        "imports": {"encode_batch_size": best_batch, "decode_threads": args.decode_threads},
+        "deployment_options": {
+            # the Encoder gets as many torch threads as the raw measurement had (Ray sets OMP threads
+            # from num_cpus); the logical CPU count of ray.init leaves room for everything else
+            "Encoder": {"ray_actor_options": {"num_cpus": cpus}},
+            "Importer": {"ray_actor_options": {"num_cpus": 1}},
+            "Ingress": {"ray_actor_options": {"num_cpus": 0.25}},
+            "LibraryIndex": {"ray_actor_options": {"num_cpus": 0.25}},
+            "Writer": {"ray_actor_options": {"num_cpus": 0.25}},
+        },
+    }
+    try:
+        serve.run(build_app(app_args), name="bench", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while requests.get(base + "/health", timeout=10).status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError("app not ready")
+            time.sleep(0.5)
+        s = requests.Session()
+        r = s.post(
+            base + PREFIX + "/library/create", json={"library_name": "bench", "mode": "general_search"}
+        )
+        assert r.status_code == 200, r.text
+        start = time.perf_counter()
+        r = s.post(
+            base + PREFIX + "/image/tasks/create", json={"library_name": "bench", "source": str(source)}
+        )
+        assert r.status_code == 200, r.text
+        task_id = r.json()["data"]["task_id"]
+        while True:
+            d = s.get(base + PREFIX + f"/image/tasks/results/{task_id}", timeout=30).json()["data"]
+            if d["state"] not in ("PENDING", "RUNNING"):
+                break
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - start
+        count = s.get(base + PREFIX + "/library/bench").json()["data"]["image_count"]
+        if d["state"] != "SUCCEEDED" or count != args.n:
+            raise RuntimeError(f"import did not succeed: {d['state']} {d['error']} count={count}")
+        return {
+            "images_per_s": args.n / elapsed,
+            "seconds": elapsed,
+            "state": d["state"],
+            "image_count": count,
+        }
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=2000, help="lines in the imported JSONL")
+    p.add_argument("--out", required=True, help="JSON file for the figures")
+    p.add_argument("--model", default="tiny-random")
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--distinct", type=int, default=500, help="distinct photos generated (reused beyond)")
+    p.add_argument("--batch-sizes", default="8,16,32,64")
+    p.add_argument("--decode-threads", type=int, default=4)
+    p.add_argument("--raw-seconds", type=float, default=3.0, help="time spent per raw batch size")
+    args = p.parse_args()
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from index.embedder import resolve_model_spec
+
+    spec = resolve_model_spec(args.model, pretrained=args.pretrained, device=args.device)
+    load_before = os.getloadavg()
+    photos = [photo(i, args.width, args.height) for i in range(min(args.n, args.distinct))]
+    raw = raw_ceiling(spec, [int(b) for b in args.batch_sizes.split(",")], photos, args.raw_seconds)
+    e2e = end_to_end(args, photos, raw["best_batch"])
+    out = {
+        "n": args.n,
+        "model": args.model,
+        "pretrained": args.pretrained,
+        "device": raw["model"]["device"],
+        "image": f"{args.width}x{args.height} JPEG, {np.mean([len(x) for x in photos]) / 1024:.0f} KiB mean",
+        "raw_images_per_s": raw["images_per_s"],
+        "raw_best_batch": raw["best_batch"],
+        "raw_per_batch": raw["per_batch"],
+        "images_per_s": e2e["images_per_s"],
+        "seconds": e2e["seconds"],
+        "ratio": e2e["images_per_s"] / raw["images_per_s"],
+        "cpus": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+    }
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,8 @@
     python bench/import_bench.py --n 300 --model ViT-B-32 --pretrained random --out import-b32.json
 
 1. Raw ceiling: the embedder alone, in this process, on images already decoded and resized, at each
-   batch size of ``--batch-sizes``; the best one is the ceiling (``raw_images_per_s``).
+   batch size of ``--batch-sizes``; the best one is measured again after step 2, and the better of the
+   two measurements is the ceiling (``raw_images_per_s``): the machine is shared and its load drifts.
 2. End to end: a local Ray Serve app (same model, device and torch thread count for the Encoder) imports
    a JSONL file of ``--n`` lines, each a distinct synthetic JPEG photo (``--width`` x ``--height``) inline
    as base64; the clock runs from ``POST /image/tasks/create`` to the first poll that sees the task
@@ -50,30 +51,30 @@ def photo(seed: int, width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-def raw_ceiling(spec: Any, batch_sizes: list[int], photos: list[bytes], min_seconds: float) -> dict[str, Any]:
-    """Images per second of ClipEmbedder.encode_images alone, per batch size."""
-    from index.embedder import ClipEmbedder
-    from index.imaging import ImageLimits, decode_image, prepare_for_model
+class RawCeiling:
+    """ClipEmbedder.encode_images alone, in this process, on images already decoded and resized."""
 
-    embedder = ClipEmbedder.load(spec)
-    embedder.warmup()
-    pixels = np.stack(
-        [prepare_for_model(decode_image(p, ImageLimits()), spec.preprocess) for p in photos[:64]]
-    )
-    per_batch = {}
-    for bs in batch_sizes:
-        batch = np.resize(pixels, (bs, *pixels.shape[1:]))
-        embedder.encode_images(batch)  # warm this shape
+    def __init__(self, spec: Any, photos: list[bytes]) -> None:
+        from index.embedder import ClipEmbedder
+        from index.imaging import ImageLimits, decode_image, prepare_for_model
+
+        self.embedder = ClipEmbedder.load(spec)
+        self.embedder.warmup()
+        self.pixels = np.stack(
+            [prepare_for_model(decode_image(p, ImageLimits()), spec.preprocess) for p in photos[:64]]
+        )
+
+    def measure(self, batch_size: int, seconds: float) -> float:
+        """Images per second at ``batch_size``, over at least ``seconds``."""
+        batch = np.resize(self.pixels, (batch_size, *self.pixels.shape[1:]))
+        self.embedder.encode_images(batch)  # warm this shape
         n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < min_seconds:
-            embedder.encode_images(batch)
-            n += bs
-        per_batch[bs] = n / (time.perf_counter() - start)
-        print(f"raw batch {bs}: {per_batch[bs]:.1f} images/s", flush=True)
-    best = max(per_batch, key=lambda b: per_batch[b])
-    info = embedder.info
-    del embedder
-    return {"per_batch": per_batch, "best_batch": best, "images_per_s": per_batch[best], "model": info}
+        while time.perf_counter() - start < seconds:
+            self.embedder.encode_images(batch)
+            n += batch_size
+        rate = n / (time.perf_counter() - start)
+        print(f"raw batch {batch_size}: {rate:.1f} images/s", flush=True)
+        return rate
 
 
 def end_to_end(args: argparse.Namespace, photos: list[bytes], best_batch: int) -> dict[str, Any]:
@@ -180,22 +181,31 @@ def main() -> None:
     spec = resolve_model_spec(args.model, pretrained=args.pretrained, device=args.device)
     load_before = os.getloadavg()
     photos = [photo(i, args.width, args.height) for i in range(min(args.n, args.distinct))]
-    raw = raw_ceiling(spec, [int(b) for b in args.batch_sizes.split(",")], photos, args.raw_seconds)
-    e2e = end_to_end(args, photos, raw["best_batch"])
+    raw = RawCeiling(spec, photos)
+    per_batch = {int(b): raw.measure(int(b), args.raw_seconds) for b in args.batch_sizes.split(",")}
+    best = max(per_batch, key=lambda b: per_batch[b])
+    e2e = end_to_end(args, photos, best)
+    load_e2e = os.getloadavg()
+    # The machine is shared and its load drifts: the ceiling is measured again after the import, and
+    # the better of the two is the ceiling the import is compared with (the conservative choice).
+    raw_after = raw.measure(best, args.raw_seconds)
+    ceiling = max(per_batch[best], raw_after)
     out = {
         "n": args.n,
         "model": args.model,
         "pretrained": args.pretrained,
-        "device": raw["model"]["device"],
+        "device": raw.embedder.info["device"],
         "image": f"{args.width}x{args.height} JPEG, {np.mean([len(x) for x in photos]) / 1024:.0f} KiB mean",
-        "raw_images_per_s": raw["images_per_s"],
-        "raw_best_batch": raw["best_batch"],
-        "raw_per_batch": raw["per_batch"],
+        "raw_images_per_s": ceiling,
+        "raw_best_batch": best,
+        "raw_per_batch_before": per_batch,
+        "raw_best_batch_after": raw_after,
         "images_per_s": e2e["images_per_s"],
         "seconds": e2e["seconds"],
-        "ratio": e2e["images_per_s"] / raw["images_per_s"],
+        "ratio": e2e["images_per_s"] / ceiling,
         "cpus": os.cpu_count(),
         "loadavg_before": load_before,
+        "loadavg_after_import": load_e2e,
         "loadavg_after": os.getloadavg(),
     }
     Path(args.out).write_text(json.dumps(out, indent=1))

@@ -98,7 +98,9 @@ class ImportSettings(BaseModel):
     )
     prepare_concurrency: int = Field(64, gt=0, description="lines being parsed/fetched/decoded at once")
     encode_batch_size: int = Field(32, gt=0, description="images per encoder call")
-    encode_concurrency: int = Field(4, gt=0, description="encoder calls in flight")
+    encode_concurrency: int = Field(
+        2, gt=0, description="encoder calls in flight (2: one computing while the next one travels)"
+    )
     fetch_threads: int = Field(32, gt=0, description="threads fetching image URIs")
     decode_threads: int = Field(4, gt=0, description="threads parsing lines and decoding/resizing images")
     fetch_retries: int = Field(2, ge=0, description="retries of an image fetch (connection errors, 429, 5xx)")
@@ -313,7 +315,9 @@ class ImportRunner:
     async def start(self) -> None:
         """Claim every unfinished task (resume after a restart) and start the scheduler."""
         claimed = await asyncio.to_thread(self.tasks.claim, self.owner, all_unfinished=True)
-        self._queue.extend(t.task_id for t in claimed)
+        for t in claimed:  # a task created before start() is queued already
+            if t.task_id not in self._queue:
+                self._queue.append(t.task_id)
         if claimed:
             logger.info("resuming %d unfinished import task(s)", len(claimed))
         self._scheduler = asyncio.create_task(self._schedule(), name="import-scheduler")

@@ -42,6 +42,9 @@ class Encoder:
         self.embedder = ClipEmbedder.load(spec)
         self.embedder.warmup()
         self.config = EncoderConfig()
+        # On a CPU, torch already uses every core for one forward pass: two import batches at once
+        # would only oversubscribe them. On a GPU, overlapping calls hide transfers, so no lock there.
+        self._import_lock = asyncio.Lock() if self.embedder.info["device"] == "cpu" else None
         logger.info("encoder ready: %s", self.embedder.info)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -64,7 +67,10 @@ class Encoder:
         handle off the import's critical path. It bypasses the ``embed_image`` queue, so it never delays
         interactive requests behind a long import batch queue; both share the device.
         """
-        return await asyncio.to_thread(self.embedder.encode_images, images)
+        if self._import_lock is None:
+            return await asyncio.to_thread(self.embedder.encode_images, images)
+        async with self._import_lock:
+            return await asyncio.to_thread(self.embedder.encode_images, images)
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
     async def embed_text(self, texts: list[str]) -> list[np.ndarray]:

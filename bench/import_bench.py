@@ -27,6 +27,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -185,6 +186,7 @@ def end_to_end(
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:

@@ -274,6 +274,7 @@ def start_served(
             },
             "LibraryIndex": {**zero_cpu, "max_ongoing_requests": 256},
             "Writer": zero_cpu,
+            "Importer": zero_cpu,
         },
     }
     serve.run(build_app(app_args), name="bench", route_prefix="/")

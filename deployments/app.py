@@ -3,7 +3,8 @@
     HTTP -> Ingress (FastAPI, CPU)
               |-> Encoder       open_clip, @serve.batch, GPU when present
               |-> LibraryIndex  read path, multiplexed by library
-              '-> Writer        single writer: every mutation, snapshots
+              |-> Writer        single writer: every mutation, snapshots
+              '-> Importer      bulk import tasks (one replica) -> Encoder, Writer
 
 ``serve run deployments.app:build_app model=tiny-random storage_root=./data`` (offline demo) or
 ``serve run serve_config.yaml`` / ``serve deploy serve_config.yaml`` (production: real weights).
@@ -18,6 +19,7 @@ from ray.serve import Application
 
 from deployments.config import AppArgs
 from deployments.encoder import Encoder
+from deployments.importer import Importer
 from deployments.ingress import Ingress
 from deployments.library_index import LibraryIndex
 from deployments.writer import Writer
@@ -77,7 +79,10 @@ def build_app(raw_args: dict[str, Any]) -> Application:
     writer = Writer.options(**opts.get("Writer", {})).bind(  # type: ignore[attr-defined]
         args.storage_root, args.limits.max_libraries, args.index
     )
+    importer = Importer.options(**opts.get("Importer", {})).bind(  # type: ignore[attr-defined]
+        encoder, writer, args, spec.preprocess
+    )
     ingress = Ingress.options(**opts.get("Ingress", {}))  # type: ignore[attr-defined]
     return ingress.bind(
-        encoder, index, writer, args, spec.preprocess, face_spec.preprocess if face_spec else None
+        encoder, index, writer, importer, args, spec.preprocess, face_spec.preprocess if face_spec else None
     )

@@ -15,8 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from filters import FilterLimits, TagLimits
 from index.ann import IndexConfig
 from index.detect import ClipRegionConfig, FaceConfig, SaliencyConfig
-from index.fetch import FetchPolicy
+from index.fetch import DEFAULT_OBJECT_STORE_PROTOCOLS, FetchPolicy
 from index.imaging import ImageLimits
+from index.importer import ImportSettings
 from index.modes import DetectionConfig
 
 #: The pretrained tag used when ``pretrained`` is not given, for the models we document.
@@ -181,6 +182,15 @@ class AppArgs(BaseModel):
         "internal image store's 10.1.2.0/24",
     )
     fetch_max_redirects: int = Field(5, ge=0, le=20, description="redirects followed when fetching image_uri")
+    import_roots: list[str] = Field(
+        default_factory=list, description="directories local import sources (JSONL files) may be read from"
+    )
+    object_store_protocols: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_OBJECT_STORE_PROTOCOLS),
+        description="fsspec protocols accepted for image URIs and import sources (the protocol's package, "
+        "e.g. s3fs or gcsfs, must be installed)",
+    )
+    imports: ImportSettings = Field(default_factory=ImportSettings, description="bulk import limits, tuning")
     api_keys: list[str] = Field(
         default_factory=list, description="accepted API keys (Authorization: Bearer); empty: no auth"
     )
@@ -237,12 +247,17 @@ class AppArgs(BaseModel):
         )
 
     def fetch_policy(self) -> FetchPolicy:
-        """Where fetches of client-given URIs (``image_uri``) may go: see ``index.fetch``."""
+        """Where fetches of client-given URIs (``image_uri``, import sources and the image URIs in
+        them) may go: see ``index.fetch``."""
         return FetchPolicy(
             allowed_file_roots=tuple(self.allowed_file_roots),
             allow_private=self.fetch_allow_private,
             allowed_networks=tuple(self.fetch_allowed_networks),
             max_redirects=self.fetch_max_redirects,
+            import_roots=tuple(self.import_roots),
+            object_store_protocols=tuple(self.object_store_protocols),
+            timeout_s=self.limits.fetch_timeout_s,
+            source_timeout_s=self.imports.source_timeout_s,
         )
 
     @field_validator("api_keys")

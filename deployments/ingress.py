@@ -11,6 +11,7 @@ route signatures that Serve's class-based view rewrites.
 
 import asyncio
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from deployments.http import (
 from deployments.schemas import (
     AddImage,
     CreateLibrary,
+    CreateTask,
     DeleteImage,
     DeleteLibrary,
     GetImage,
@@ -53,6 +55,7 @@ from index.errors import (
     InvalidParameter,
     ModeNotSupported,
     PayloadTooLarge,
+    TaskNotFound,
 )
 from index.fetch import FetchError, FetchRefused, fetch_bytes
 from index.imaging import ImageDecodeError, ImageTooLarge, decode_base64, decode_image
@@ -64,6 +67,8 @@ logger = logging.getLogger("ray.serve")
 PREFIX = "/api/v1/operators/image-search"
 #: ``GET /library/list`` would shadow a library of this name.
 RESERVED_LIBRARY_NAMES = frozenset({"list"})
+#: Task ids are 32 hex digits (uuid4); anything else cannot name a task.
+TASK_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 
 
@@ -114,6 +119,7 @@ class Ingress:
         encoder: DeploymentHandle,
         index: DeploymentHandle,
         writer: DeploymentHandle,
+        importer: DeploymentHandle,
         args: AppArgs,
         preprocess: PreprocessSpec,
         face_preprocess: PreprocessSpec | None = None,
@@ -121,14 +127,15 @@ class Ingress:
         self.encoder = encoder
         self.index = index
         self.writer = writer
+        self.importer = importer
         self.args = args
+        self.fetch_policy = args.fetch_policy()
         self.limits = args.limits
         self.catalog = Catalog(args.storage_root, max_libraries=args.limits.max_libraries)
         # Detection and cropping are CPU work: they run here, in worker threads, next to decoding.
         self.pipeline = ModePipeline(preprocess, args.detection_config(), face_preprocess=face_preprocess)
         self._model: dict[str, Any] | None = None
         self._prompt_vectors: np.ndarray | None = None
-        self.fetch_policy = args.fetch_policy()
         # Read per request by the middlewares (they are installed when the module is imported).
         api.state.max_body_bytes = args.limits.max_body_bytes
         api.state.max_concurrent_requests = args.limits.max_concurrent_requests
@@ -273,6 +280,32 @@ class Ingress:
             info = await self._library(body.library_name, check_model=False)
             n = await self.writer.delete_images.remote(info.name, info.uid, body.image_id, body.image_uri)
             return envelope({"deleted": n})
+        except Exception as exc:
+            return error_response(exc)
+
+    @api.post(PREFIX + "/image/tasks/create", tags=["images"])
+    async def create_task(self, body: CreateTask) -> JSONResponse:
+        """Start a bulk import of a JSONL source; answers ``{"task_id"}`` at once."""
+        try:
+            try:
+                self.fetch_policy.check_source(body.source)  # 400 before the library lookup (404)
+            except FetchError as exc:
+                raise InvalidParameter(f"source: {exc}") from None
+            info = await self._library(body.library_name)
+            task_id = await self.importer.create_task.remote(
+                info.name, info.uid, body.source, body.save_image
+            )
+            return envelope({"task_id": task_id})
+        except Exception as exc:
+            return error_response(exc)
+
+    @api.get(PREFIX + "/image/tasks/results/{task_id}", tags=["images"])
+    async def task_results(self, task_id: str) -> JSONResponse:
+        """State, counters and per-line errors of an import task."""
+        try:
+            if not TASK_ID_RE.fullmatch(task_id):
+                raise TaskNotFound(task_id[:80])
+            return envelope(await self.importer.get_task.remote(task_id))
         except Exception as exc:
             return error_response(exc)
 

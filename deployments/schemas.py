@@ -52,6 +52,16 @@ class AddImage(Request):
     save_image: bool = True
 
 
+class CreateTask(Request):
+    library_name: str = LibraryName()
+    source: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="the JSONL file: a path under import_roots, an http(s):// URI or an object-store URI",
+    )
+    save_image: bool = True
+
+
 class GetImage(Request):
     library_name: str = LibraryName()
     image_id: str = ImageId()

@@ -24,6 +24,8 @@ what an address check can see.
 from __future__ import annotations
 
 import concurrent.futures
+import gzip
+import io
 import ipaddress
 import logging
 import socket
@@ -31,6 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 from urllib.parse import unquote, urljoin, urlsplit
 
 import certifi
@@ -43,6 +46,10 @@ logger = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+#: Answers an import retries (with backoff) before giving up on an image.
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: Object-store protocols (served by fsspec) the service accepts unless configured otherwise.
+DEFAULT_OBJECT_STORE_PROTOCOLS = ("s3", "gs", "gcs", "az", "abfs", "abfss")
 USER_AGENT = "image-search-fetch/1"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -52,7 +59,15 @@ Resolver = Callable[[str, int], Sequence[str]]
 
 
 class FetchError(ValueError):
-    """The URI could not be fetched; the message says why (and is safe to show the client)."""
+    """The URI could not be fetched; the message says why (and is safe to show the client).
+
+    Attributes:
+        retriable: a transient failure (connection error, timeout, HTTP 429/5xx) worth trying again.
+    """
+
+    def __init__(self, message: str, *, retriable: bool = False) -> None:
+        super().__init__(message)
+        self.retriable = retriable
 
 
 class FetchRefused(FetchError):
@@ -93,6 +108,12 @@ class FetchPolicy:
         max_redirects: redirects followed before giving up (0: none).
         schemes: network schemes allowed (a subset of ``http``, ``https``).
         resolver: name -> addresses; the system resolver by default (tests inject their own).
+        import_roots: directories local import sources (absolute paths or ``file://``) may lie in.
+        object_store_protocols: fsspec protocols accepted for images and import sources (none by default
+            here; ``AppArgs`` defaults to :data:`DEFAULT_OBJECT_STORE_PROTOCOLS`).
+        timeout_s: connect/read timeout and overall deadline of one image fetch (:meth:`fetch_image`).
+        source_timeout_s: connect/read timeout of an http(s) import source (no overall deadline: a large
+            file may stream for hours).
     """
 
     allowed_file_roots: tuple[str, ...] = ()
@@ -101,6 +122,10 @@ class FetchPolicy:
     max_redirects: int = 5
     schemes: tuple[str, ...] = ("http", "https")
     resolver: Resolver = field(default=system_resolver, compare=False)
+    import_roots: tuple[str, ...] = ()
+    object_store_protocols: tuple[str, ...] = ()
+    timeout_s: float = 10.0
+    source_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         nets = tuple(
@@ -109,6 +134,11 @@ class FetchPolicy:
         )
         object.__setattr__(self, "allowed_networks", nets)
         object.__setattr__(self, "allowed_file_roots", tuple(str(r) for r in self.allowed_file_roots))
+        object.__setattr__(self, "import_roots", tuple(str(r) for r in self.import_roots))
+        object.__setattr__(self, "object_store_protocols", tuple(self.object_store_protocols))
+        clash = [p for p in self.object_store_protocols if p in ("http", "https", "file", "")]
+        if clash:
+            raise ValueError(f"FetchPolicy.object_store_protocols must not list {clash}")
         if isinstance(self.max_redirects, bool) or not isinstance(self.max_redirects, int):
             raise ValueError(f"FetchPolicy.max_redirects must be an int; got {self.max_redirects!r}")
         if self.max_redirects < 0:
@@ -116,6 +146,29 @@ class FetchPolicy:
         bad = [s for s in self.schemes if s not in ("http", "https")]
         if bad or not self.schemes:
             raise ValueError(f"FetchPolicy.schemes must be a non-empty subset of http, https; got {bad}")
+
+    def fetch_image(self, uri: str, *, max_bytes: int, retries: int = 0) -> bytes:
+        """:func:`fetch_bytes` under this policy, with ``timeout_s``; transient failures (connection
+        errors, timeouts, HTTP 429/5xx) are tried again up to ``retries`` times, backing off
+        exponentially from 0.2 s. Refusals and other errors are never retried."""
+        for attempt in range(retries + 1):
+            try:
+                return fetch_bytes(uri, policy=self, max_bytes=max_bytes, timeout_s=self.timeout_s)
+            except FetchRefused:
+                raise
+            except FetchError as exc:
+                if not exc.retriable or attempt == retries:
+                    raise
+                time.sleep(0.2 * 2**attempt)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def check_source(self, source: str) -> str:
+        """:func:`check_source` under this policy."""
+        return check_source(source, policy=self)
+
+    def open_source(self, source: str) -> IO[bytes]:
+        """:func:`open_source` under this policy."""
+        return open_source(source, policy=self)
 
     def check_address(self, address: str) -> None:
         """Raise :class:`FetchRefused` unless a connection to ``address`` is allowed."""
@@ -182,8 +235,10 @@ def fetch_bytes(uri: str, *, policy: FetchPolicy, max_bytes: int, timeout_s: flo
         if parts.netloc not in ("", "localhost"):
             raise FetchRefused("file:// URIs must not name a host", reason="file host")
         return _read_file(unquote(parts.path), max_bytes=max_bytes, allowed_roots=policy.allowed_file_roots)
+    if scheme and scheme in policy.object_store_protocols:
+        return _read_object(uri, max_bytes=max_bytes)
     if scheme not in policy.schemes:
-        allowed = " or ".join(f"{s}://" for s in policy.schemes)
+        allowed = " or ".join(f"{s}://" for s in (*policy.schemes, *policy.object_store_protocols))
         raise FetchRefused(
             f"cannot fetch a URI with scheme {scheme or '(none)'!r}: use {allowed} "
             "(or file:// under an allowed root), or send the image itself",
@@ -194,13 +249,27 @@ def fetch_bytes(uri: str, *, policy: FetchPolicy, max_bytes: int, timeout_s: flo
 
 def _fetch_http(uri: str, *, policy: FetchPolicy, max_bytes: int, timeout_s: float) -> bytes:
     deadline = time.monotonic() + timeout_s
+    resp, pool = _open_http(uri, policy=policy, timeout_s=timeout_s, deadline=deadline)
+    try:
+        return _read_body(resp, max_bytes, deadline, timeout_s)
+    finally:
+        resp.release_conn()
+        pool.close()
+
+
+def _open_http(
+    uri: str, *, policy: FetchPolicy, timeout_s: float, deadline: float | None
+) -> tuple[urllib3.BaseHTTPResponse, urllib3.HTTPConnectionPool]:
+    """Follow ``uri`` (each hop checked) to a 2xx answer whose body is not read yet; the caller
+    releases the response and closes the pool. ``deadline=None``: only per-connect/read timeouts."""
     url = uri
     for hop in range(policy.max_redirects + 1):
         target = _Target.parse(url, policy)
-        addresses = _resolve(target.host, target.port, policy.resolver, _remaining(deadline, timeout_s))
+        addresses = _resolve(target.host, target.port, policy.resolver, _left(deadline, timeout_s))
         for address in addresses:
             policy.check_address(address)
         resp, pool = _connect_and_get(target, addresses, deadline, timeout_s)
+        ok = False
         try:
             if resp.status in REDIRECT_STATUSES:
                 location = resp.headers.get("Location")
@@ -210,12 +279,18 @@ def _fetch_http(uri: str, *, policy: FetchPolicy, max_bytes: int, timeout_s: flo
                 logger.debug("fetch redirect %d: %s -> %s", hop + 1, target.host, urlsplit(url).hostname)
                 continue
             if not 200 <= resp.status < 300:
-                raise FetchError(f"answered HTTP {resp.status}")
-            return _read_body(resp, max_bytes, deadline, timeout_s)
+                raise FetchError(f"answered HTTP {resp.status}", retriable=resp.status in RETRY_STATUSES)
+            ok = True
+            return resp, pool
         finally:
-            resp.release_conn()
-            pool.close()
+            if not ok:
+                resp.release_conn()
+                pool.close()
     raise FetchError(f"more than {policy.max_redirects} redirects")
+
+
+def _left(deadline: float | None, timeout_s: float) -> float:
+    return timeout_s if deadline is None else min(timeout_s, _remaining(deadline, timeout_s))
 
 
 @dataclass(frozen=True)
@@ -278,13 +353,13 @@ def _resolve(host: str, port: int, resolver: Resolver, wait_s: float) -> list[st
 
 
 def _connect_and_get(
-    target: _Target, addresses: list[str], deadline: float, timeout_s: float
+    target: _Target, addresses: list[str], deadline: float | None, timeout_s: float
 ) -> tuple[urllib3.BaseHTTPResponse, urllib3.HTTPConnectionPool]:
     """GET ``target`` from the first of the checked ``addresses`` that accepts a connection."""
     last: Exception | None = None
     for address in addresses:
-        left = _remaining(deadline, timeout_s)
-        timeout = urllib3.Timeout(connect=min(timeout_s, left), read=min(timeout_s, left))
+        left = _left(deadline, timeout_s)
+        timeout = urllib3.Timeout(connect=left, read=left)
         pool: urllib3.HTTPConnectionPool
         if target.scheme == "https":
             # Connect to the checked address; verify the certificate (and send SNI) for the name.
@@ -317,8 +392,10 @@ def _connect_and_get(
             last = exc
         except (Urllib3Error, OSError) as exc:
             pool.close()
-            raise FetchError(f"fetch failed: {_describe(exc)}") from exc
-    raise FetchError(f"fetch failed: cannot connect to host {target.host!r}") from last
+            raise FetchError(f"fetch failed: {_describe(exc)}", retriable=True) from exc
+    raise FetchError(
+        f"fetch failed: cannot connect to host {target.host!r} (ConnectionError)", retriable=True
+    ) from last
 
 
 def _read_body(resp: urllib3.BaseHTTPResponse, max_bytes: int, deadline: float, timeout_s: float) -> bytes:
@@ -338,7 +415,7 @@ def _read_body(resp: urllib3.BaseHTTPResponse, max_bytes: int, deadline: float, 
                 raise ImageTooLarge(f"the content is more than {max_bytes} bytes")
             _remaining(deadline, timeout_s)  # a slow drip must not hold a worker forever
     except (Urllib3Error, OSError) as exc:
-        raise FetchError(f"fetch failed: {_describe(exc)}") from exc
+        raise FetchError(f"fetch failed: {_describe(exc)}", retriable=True) from exc
     return bytes(buf)
 
 
@@ -363,3 +440,142 @@ def _read_file(path: str, *, max_bytes: int, allowed_roots: Sequence[str]) -> by
         return real.read_bytes()
     except OSError as exc:
         raise FetchError(f"cannot read the file: {exc.strerror}") from exc
+
+
+def _read_object(uri: str, *, max_bytes: int) -> bytes:
+    import fsspec  # imported on use: most deployments never read from an object store
+
+    try:
+        with fsspec.open(uri, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except ImportError as exc:  # fsspec's "Install s3fs to access S3"
+        raise FetchError(f"cannot read the object: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise FetchError("cannot read the object: no such object") from exc
+    except Exception as exc:  # each fsspec backend raises its own types (botocore, aiohttp, ...)
+        raise FetchError(f"cannot read the object: {type(exc).__name__}: {exc}") from exc
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"the object is more than {max_bytes} bytes")
+    return data
+
+
+# -- import sources ------------------------------------------------------------------------------
+
+
+def check_source(source: str, *, policy: FetchPolicy) -> str:
+    """Check that an import ``source`` is one the service may read; return its canonical form.
+
+    A local file is given as an absolute path or a ``file://`` URI and must lie inside
+    ``policy.import_roots`` (it is returned as the resolved absolute path, and must exist); ``http(s)://``
+    URIs are returned as given (their addresses are checked when opened, each redirect too);
+    object-store URIs must use one of ``policy.object_store_protocols``.
+
+    Raises:
+        FetchError: the message says what is wrong with ``source``.
+    """
+    parts = urlsplit(source)
+    scheme = parts.scheme.lower()
+    if scheme in policy.schemes:
+        if not parts.netloc:
+            raise FetchError(f"source {source[:200]!r} has no host")
+        return source
+    if scheme in ("", "file"):
+        if scheme == "file" and parts.netloc not in ("", "localhost"):
+            raise FetchRefused("file:// URIs must not name a host", reason="file host")
+        path = unquote(parts.path) if scheme == "file" else source
+        if not path.startswith("/"):
+            raise FetchError(
+                "source must be an absolute path, a file:// URI, an http(s):// URI or an object-store URI"
+            )
+        if not policy.import_roots:
+            raise FetchRefused(
+                "local import sources are disabled (no import_roots configured)", reason="file"
+            )
+        real = Path(path).resolve()
+        if not any(real.is_relative_to(Path(root).resolve()) for root in policy.import_roots):
+            raise FetchRefused("source points outside the allowed import roots", reason="file root")
+        if not real.is_file():
+            raise FetchError(f"source {path!r} is not a readable file")
+        return str(real)
+    if scheme in policy.object_store_protocols:
+        return source
+    allowed = [f"{s}://" for s in policy.schemes] + ["a path under import_roots"]
+    allowed += [p + "://" for p in policy.object_store_protocols]
+    raise FetchRefused(
+        f"source scheme {parts.scheme!r} is not accepted; use {', '.join(allowed)}", reason="scheme"
+    )
+
+
+def is_local_source(source: str) -> bool:
+    """Whether a source returned by :func:`check_source` is a local file (cheap to read twice)."""
+    return source.startswith("/")
+
+
+def open_source(source: str, *, policy: FetchPolicy) -> IO[bytes]:
+    """Open an import source for streaming, as a binary file object with ``readline``.
+
+    The policy is :func:`check_source`'s (it runs again here: a task may resume long after it was
+    created); http(s) sources go through the same address checks, pinned connections and checked
+    redirects as image fetches. A name ending in ``.gz`` is decompressed on the fly. The caller closes
+    the stream.
+
+    Raises:
+        FetchError: refused or unreadable source; the message says why.
+    """
+    canonical = check_source(source, policy=policy)
+    stream: IO[bytes]
+    try:
+        if is_local_source(canonical):
+            stream = open(canonical, "rb")  # noqa: SIM115 - handed to the caller, who closes it
+        elif urlsplit(canonical).scheme.lower() in policy.schemes:
+            resp, pool = _open_http(
+                canonical, policy=policy, timeout_s=policy.source_timeout_s, deadline=None
+            )
+            stream = _HTTPStream(resp, pool)
+        else:
+            import fsspec
+
+            # fsspec's buffered files have no readline(limit); io.BufferedReader adds it
+            stream = io.BufferedReader(fsspec.open(canonical, "rb").open(), CHUNK)
+    except FetchError:
+        raise
+    except ImportError as exc:
+        raise FetchError(f"cannot read source: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise FetchError("cannot read source: no such file or object") from exc
+    except OSError as exc:
+        raise FetchError(f"cannot read source: {exc.strerror or exc}") from exc
+    except Exception as exc:  # fsspec backends raise their own types
+        raise FetchError(f"cannot read source: {type(exc).__name__}: {exc}") from exc
+    if urlsplit(canonical).path.endswith(".gz"):
+        return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[return-value]
+    return stream
+
+
+class _HTTPStream(io.BufferedReader):
+    """A streamed http(s) body with ``readline``; closing it also closes its pinned connection pool."""
+
+    def __init__(self, resp: urllib3.BaseHTTPResponse, pool: urllib3.HTTPConnectionPool) -> None:
+        resp.auto_close = False  # type: ignore[attr-defined]  # BufferedReader must see EOF as b""
+        super().__init__(resp, CHUNK)  # type: ignore[arg-type]
+        self._resp = resp
+        self._pool = pool
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            return super().read(size)
+        except (Urllib3Error, OSError) as exc:
+            raise FetchError(f"reading source failed: {_describe(exc)}") from exc
+
+    def readline(self, size: int | None = -1) -> bytes:
+        try:
+            return super().readline(size)
+        except (Urllib3Error, OSError) as exc:
+            raise FetchError(f"reading source failed: {_describe(exc)}") from exc
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._resp.release_conn()
+            self._pool.close()

@@ -20,6 +20,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 DB_NAME = "records.sqlite"
 FRAMES_DIR = "frames"
+#: Threads writing (and fsyncing) the frames of one multi-record upsert.
+FRAME_WRITERS = 8
 VECTOR_KINDS = ("whole", "item", "face")
 
 _SCHEMA = """
@@ -110,6 +113,7 @@ class LibraryStore:
         if not path.exists():
             raise FileNotFoundError(f"no store at {path}")
         self._lock = threading.RLock()  # re-entrant: changes_since holds it while its consumer runs
+        self._frame_pool: ThreadPoolExecutor | None = None  # created on the first multi-frame upsert
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
@@ -137,6 +141,9 @@ class LibraryStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            if self._frame_pool is not None:
+                self._frame_pool.shutdown(wait=True)
+                self._frame_pool = None
 
     def __enter__(self) -> LibraryStore:
         return self
@@ -156,15 +163,16 @@ class LibraryStore:
         """
         if not records:
             return []
-        rows = []
+        blobs = []
         for r in records:
             vec = np.ascontiguousarray(r.vector, dtype=np.float32)
             if vec.shape != (self.dim,):
                 raise ValueError(f"vector for {r.image_id!r} has shape {vec.shape}, expected ({self.dim},)")
             if r.vector_kind not in VECTOR_KINDS:
                 raise ValueError(f"vector_kind {r.vector_kind!r} is not one of {VECTOR_KINDS}")
-            frame = self._write_frame(r.frame) if r.frame is not None else None
-            rows.append((r, vec.tobytes(), frame))
+            blobs.append(vec.tobytes())
+        frames = self._write_frames([r.frame for r in records])
+        rows = list(zip(records, blobs, frames, strict=True))
         now = time.time()
         created: list[bool] = []
         with self._write() as (conn, seq):
@@ -342,6 +350,21 @@ class LibraryStore:
 
     def _frame_path(self, frame: str) -> Path:
         return self.dir / FRAMES_DIR / frame[:2] / frame
+
+    def _write_frames(self, frames: Sequence[bytes | None]) -> list[str | None]:
+        """Write the frames of one upsert; each is fsynced, so many are written in parallel.
+
+        Concurrent fsyncs share the filesystem's journal commits: 256 frames of 100 KB took ~9.7 ms each
+        one after the other and ~1.8 ms each with 8 threads on the development machine (bulk imports
+        write batches of hundreds). A single frame (``/image/add``) is written inline.
+        """
+        if sum(f is not None for f in frames) <= 1:
+            return [self._write_frame(f) if f is not None else None for f in frames]
+        with self._lock:
+            if self._frame_pool is None:
+                self._frame_pool = ThreadPoolExecutor(FRAME_WRITERS, thread_name_prefix="frames")
+            pool = self._frame_pool
+        return list(pool.map(lambda f: self._write_frame(f) if f is not None else None, frames))
 
     def _write_frame(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()

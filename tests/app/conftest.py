@@ -30,19 +30,35 @@ API_KEY = "test-key-123"
 ZERO_CPU = {"ray_actor_options": {"num_cpus": 0}}
 
 
+def import_dir(storage_root: str) -> Path:
+    """Where app tests put JSONL sources: the deployed app's ``import_roots``."""
+    return Path(storage_root) / "imports"
+
+
 def app_args(storage_root: str, **overrides: Any) -> dict[str, Any]:
-    """Builder args for tests: tiny model, small limits, two LibraryIndex replicas."""
+    """Builder args for tests: tiny model, small limits, two LibraryIndex replicas, small import chunks
+    (so that a test sees progress between commits)."""
+    import_dir(storage_root).mkdir(parents=True, exist_ok=True)
     args: dict[str, Any] = {
         "model": "tiny-random",
         "storage_root": storage_root,
         "limits": {"max_body_bytes": 2_000_000, "max_image_bytes": 1_500_000, "max_image_pixels": 4_000_000},
         # the image server of the fetch tests runs on loopback, which the default fetch policy refuses
         "fetch_allowed_networks": ["127.0.0.0/8"],
+        "import_roots": [str(import_dir(storage_root))],
+        "imports": {
+            "chunk_lines": 4,
+            "chunks_in_flight": 2,
+            "encode_batch_size": 4,
+            "fetch_retries": 0,
+            "heartbeat_s": 2.0,
+        },
         "deployment_options": {
             "Ingress": ZERO_CPU,
             "Encoder": ZERO_CPU,
             "LibraryIndex": {**ZERO_CPU, "num_replicas": 2, "max_ongoing_requests": 4},
             "Writer": ZERO_CPU,
+            "Importer": ZERO_CPU,
         },
     }
     args.update(overrides)

@@ -213,7 +213,9 @@ def test_kill_9_during_import_loses_nothing_acknowledged(serve_port, workdir):
             str(storage),
             name="crash_restart",
             route_prefix="/crash_restart",
-            deployment_options={k: ZERO_CPU for k in ("Ingress", "Encoder", "LibraryIndex", "Writer")},
+            deployment_options={
+                k: ZERO_CPU for k in ("Ingress", "Encoder", "LibraryIndex", "Writer", "Importer")
+            },
         )
         restarted = True
         base = f"http://127.0.0.1:{serve_port}/crash_restart"

@@ -56,6 +56,7 @@ def strict(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             "Encoder": ZERO_CPU,
             "LibraryIndex": ZERO_CPU,
             "Writer": ZERO_CPU,
+            "Importer": ZERO_CPU,
         },
     )
     base = f"http://127.0.0.1:{serve_port}/{NAME}"

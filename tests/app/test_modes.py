@@ -268,7 +268,9 @@ def test_learned_options_face_model_and_clip_regions(serve_port, tmp_path):
         face_model=f"local-dir:{face_dir}",
         face_pretrained="random",
         item_detector={"kind": "clip-regions", "min_probability": 0.0, "max_proposals": 6},
-        deployment_options={d: ZERO_CPU for d in ("Ingress", "Encoder", "LibraryIndex", "Writer")},
+        deployment_options={
+            d: ZERO_CPU for d in ("Ingress", "Encoder", "LibraryIndex", "Writer", "Importer")
+        },
     )
     base = f"http://127.0.0.1:{serve_port}/learned"
     try:

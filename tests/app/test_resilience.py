@@ -151,6 +151,7 @@ def test_overload_is_a_fast_503_with_the_envelope(serve_port, tmp_path):
             },
             "LibraryIndex": {"ray_actor_options": {"num_cpus": 0}},
             "Writer": {"ray_actor_options": {"num_cpus": 0}},
+            "Importer": {"ray_actor_options": {"num_cpus": 0}},
         },
     )
     base = f"http://127.0.0.1:{serve_port}/overload"

@@ -107,6 +107,7 @@ def test_a_full_ingress_queue_is_answered_by_the_proxy_with_the_envelope(
             },
             "LibraryIndex": {"ray_actor_options": {"num_cpus": 0}},
             "Writer": {"ray_actor_options": {"num_cpus": 0}},
+            "Importer": {"ray_actor_options": {"num_cpus": 0}},
         },
     )
     base = f"http://127.0.0.1:{serve_port}/{name}"

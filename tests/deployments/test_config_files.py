@@ -31,7 +31,7 @@ def test_config_is_valid_for_serve_and_the_builder(name: str) -> None:
     spec = resolve_model_spec(args.model, pretrained=args.pretrained, device=args.device)
     assert spec.random_weights is False
     deployments = {d["name"]: d for d in app["deployments"]}
-    assert set(deployments) == {"Ingress", "Encoder", "LibraryIndex", "Writer"}
+    assert set(deployments) == {"Ingress", "Encoder", "LibraryIndex", "Writer", "Importer"}
     encoder = deployments["Encoder"]
     batch = EncoderConfig.model_validate(encoder["user_config"])
     # room for the passes the replica may run at once, or batches could never fill

@@ -98,3 +98,12 @@ def test_readonly_store_cannot_write(store, tmp_path):
             ro.upsert([rec("a")])
         store.upsert([rec("a")])
         assert ro.count() == 1  # a reader sees the writer's commit at once
+
+
+def test_a_batch_of_frames_written_in_parallel_each_reads_back(store):
+    datas = [bytes([i]) * (1000 + i) if i % 5 else None for i in range(40)] + [b"dup", b"dup"]
+    store.upsert([rec(f"i{n}", frame=d) for n, d in enumerate(datas)])
+    for n, d in enumerate(datas):
+        [r] = store.get(f"i{n}")
+        assert (store.read_frame(r.frame) if r.frame else None) == d
+    assert not list((store.dir / "frames").rglob("*.tmp"))  # no temporary file left behind

@@ -1,0 +1,84 @@
+"""Importer deployment: runs bulk import tasks in the background (``index/importer.py``).
+
+One replica (``num_replicas=1``): it is the only writer of ``<storage_root>/tasks.sqlite``, and one
+runner per task is what makes progress counters exact. It is its own deployment rather than a part of
+the Writer because an import is CPU and network work (parsing JSONL, fetching, decoding and resizing
+images) that must not slow down the Writer, whose latency every ``/image/add`` waits on; it gets its own
+CPUs (``ray_actor_options``) and talks to the Encoder and the Writer through handles like the ingress
+does, so every library mutation still goes through the single Writer.
+
+Unfinished tasks are resumed when the replica starts (a restart of the service, a crashed replica).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.config import AppArgs
+from deployments.http import unwrap
+from index.catalog import Catalog
+from index.embedder import PreprocessSpec
+from index.importer import ImportRunner
+from index.store import NewRecord
+from index.tasks import TaskStore
+
+logger = logging.getLogger("ray.serve")
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+class Importer:
+    def __init__(
+        self, encoder: DeploymentHandle, writer: DeploymentHandle, args: AppArgs, preprocess: PreprocessSpec
+    ) -> None:
+        self.encoder = encoder
+        self.writer = writer
+        self.store = TaskStore(args.storage_root, max_errors=args.imports.max_task_errors)
+        self.runner = ImportRunner(
+            tasks=self.store,
+            catalog=Catalog(args.storage_root, max_libraries=args.limits.max_libraries),
+            encode=self._encode,
+            write=self._write,
+            preprocess=preprocess,
+            settings=args.imports,
+            image_limits=args.limits.image_limits(),
+            tag_limits=args.limits.tag_limits(),
+            policy=args.fetch_policy(),
+        )
+        # Serve runs the constructor on the replica's event loop: the runner lives on that loop, and
+        # resumes unfinished tasks without waiting for a request.
+        self._started = asyncio.get_running_loop().create_task(self.runner.start())
+
+    async def create_task(self, library_name: str, library_uid: str, source: str, save_image: bool) -> str:
+        await self._started
+        task = await self.runner.create(library_name, library_uid, source, save_image)
+        return task.task_id
+
+    async def get_task(self, task_id: str) -> dict[str, Any]:
+        return await self.runner.describe(task_id)
+
+    async def _encode(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            return await self.encoder.embed_image_batch.remote(batch)
+        except Exception as exc:
+            raise unwrap(exc) from None
+
+    async def _write(self, name: str, uid: str, records: list[NewRecord]) -> list[bool]:
+        try:
+            return await self.writer.add_images.remote(name, uid, records)
+        except Exception as exc:
+            raise unwrap(exc) from None  # LibraryNotFound arrives wrapped in Ray's task error
+
+    def check_health(self) -> None:
+        if self._started.done() and (self._started.exception() is not None or not self.runner.healthy):
+            raise RuntimeError("the import scheduler stopped; the replica will be restarted")
+
+    async def __del__(self) -> None:
+        # Graceful shutdown: stop tasks where they are; the next replica resumes from the last commit.
+        await self.runner.close()
+        self.store.close()

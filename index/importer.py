@@ -1,0 +1,664 @@
+"""Bulk import: stream a JSONL source into a library in the background, durably and resumably.
+
+Plain Python and asyncio; the ``Importer`` deployment hands it two coroutines, ``encode`` (a uint8
+batch ``(B, H, W, 3)`` to unit vectors ``(B, dim)``) and ``write`` (``LibraryWriter.add_images`` through
+the Writer), so it is tested here without Ray.
+
+How one task runs:
+
+1. The source is opened (``FetchPolicy.open_source``). A local file is first counted (non-blank lines)
+   so that ``total`` is known from the start; a remote source's ``total`` stays ``None`` until its end is
+   read. On resume, the lines already committed are skipped.
+2. Lines are read in chunks of ``chunk_lines``. Each line is parsed and validated, its image decoded
+   from base64 or fetched, then decoded and resized for the model, in two thread pools (network threads
+   and CPU threads), at most ``prepare_concurrency`` lines at once across all tasks.
+3. Prepared images are grouped into batches of ``encode_batch_size`` as they become ready and sent to
+   the encoder, at most ``encode_concurrency`` batches at once: one call per batch instead of one per
+   image keeps the per-call overhead of the serving framework off the critical path.
+4. Up to ``chunks_in_flight`` chunks are processed at once, but they are *committed in order*: a
+   chunk's records are written in one ``add_images`` transaction (so a duplicate key later in the file
+   wins, as in a sequential import), then the task's resume point, counters and the chunk's line errors
+   in one ``tasks.sqlite`` transaction.
+
+A bad line becomes a :class:`LineError` and the file goes on. The task fails as a whole only when it
+cannot go on: the source cannot be read, the library was deleted, the line limit was passed, or the
+encoder or writer keep failing after retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import IO, Any, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from filters import TagError, TagLimits, validate_tags
+from index.catalog import Catalog
+from index.embedder import PreprocessSpec
+from index.errors import InvalidParameter, LibraryNotFound, Overloaded
+from index.fetch import FetchError, FetchPolicy, is_local_source
+from index.imaging import (
+    ImageDecodeError,
+    ImageLimits,
+    ImageTooLarge,
+    decode_base64,
+    decode_image,
+    prepare_for_model,
+)
+from index.store import NewRecord
+from index.tasks import (
+    FAILED,
+    PARTIALLY_SUCCEEDED,
+    SUCCEEDED,
+    LineError,
+    LostOwnership,
+    Task,
+    TaskStore,
+)
+
+logger = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+T = TypeVar("T")
+
+EncodeFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
+WriteFn = Callable[[str, str, list[NewRecord]], Awaitable[list[bool]]]
+
+
+class ImportSettings(BaseModel):
+    """Limits and tuning of bulk imports (builder arg ``imports``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_line_bytes: int = Field(
+        32 * MiB, gt=0, description="longest accepted JSONL line (a longer one is a line error)"
+    )
+    max_task_lines: int = Field(
+        1_000_000, gt=0, description="most records in one source (more: the task fails)"
+    )
+    max_running_tasks: int = Field(2, gt=0, description="tasks importing at once; others wait PENDING")
+    max_unfinished_tasks: int = Field(
+        100, gt=0, description="PENDING + RUNNING tasks; beyond: 503 OVERLOADED"
+    )
+    max_task_errors: int = Field(
+        10_000, gt=0, description="line errors kept per task (further ones are only counted)"
+    )
+    chunk_lines: int = Field(256, gt=0, description="lines per commit (resume granularity)")
+    chunks_in_flight: int = Field(
+        3, gt=0, description="chunks being prepared/encoded while earlier ones commit"
+    )
+    prepare_concurrency: int = Field(64, gt=0, description="lines being parsed/fetched/decoded at once")
+    encode_batch_size: int = Field(32, gt=0, description="images per encoder call")
+    encode_concurrency: int = Field(
+        2, gt=0, description="encoder calls in flight (2: one computing while the next one travels)"
+    )
+    fetch_threads: int = Field(32, gt=0, description="threads fetching image URIs")
+    decode_threads: int = Field(4, gt=0, description="threads parsing lines and decoding/resizing images")
+    fetch_retries: int = Field(2, ge=0, description="retries of an image fetch (connection errors, 429, 5xx)")
+    step_retries: int = Field(
+        5, ge=0, description="retries of an encoder or writer call before the task fails"
+    )
+    source_timeout_s: float = Field(30.0, gt=0, description="connect/read timeout of an http(s) source")
+    heartbeat_s: float = Field(
+        10.0, gt=0, description="runner heartbeat; tasks of a runner silent for 6x are taken over"
+    )
+
+
+class TaskFailed(Exception):
+    """The task cannot go on; the message is the task's ``error``."""
+
+
+class ImportLine(BaseModel):
+    """One JSONL line. Closed like the API's request bodies: an unknown key (``tag``) is an error."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    image_id: str = Field(min_length=1, max_length=256)
+    image_uri: str = Field(min_length=1, max_length=2048)
+    image_base64: str | None = Field(None, min_length=1)
+    tags: Any = Field(default_factory=dict)
+
+
+@dataclass
+class ParsedLine:
+    line: int
+    image_id: str
+    image_uri: str
+    tags: dict[str, Any]
+    data: bytes | None  # decoded image_base64; None: fetch image_uri
+
+
+@dataclass
+class Prepared:
+    line: int
+    image_id: str
+    image_uri: str
+    tags: dict[str, Any]
+    data: bytes
+    pixels: np.ndarray | None
+    vector: np.ndarray | None = field(default=None)
+
+
+def parse_line(
+    raw: bytes, line: int, *, tag_limits: TagLimits, max_image_bytes: int
+) -> ParsedLine | LineError:
+    """Parse and validate one JSONL line (base64 decoded here too); a LineError says what is wrong."""
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return LineError(line, f"not valid JSON: {exc}")
+    if not isinstance(obj, dict):
+        return LineError(line, f"expected a JSON object, got {type(obj).__name__}")
+    ids = {k: obj[k] if isinstance(obj.get(k), str) else None for k in ("image_id", "image_uri")}
+    try:
+        parsed = ImportLine.model_validate(obj)
+    except ValidationError as exc:
+        return LineError(line, validation_reason(exc), **ids)
+    try:
+        tags = validate_tags(parsed.tags, limits=tag_limits)
+    except TagError as exc:
+        return LineError(line, str(exc), **ids)
+    data = None
+    if parsed.image_base64 is not None:
+        try:
+            data = decode_base64(parsed.image_base64, max_bytes=max_image_bytes)
+        except ValueError as exc:  # ImageTooLarge included
+            return LineError(line, f"image_base64: {exc}", **ids)
+    return ParsedLine(line, parsed.image_id, parsed.image_uri, tags, data)
+
+
+def validation_reason(exc: ValidationError) -> str:
+    """``image_id: Field required; tag: unknown field`` (the first three problems)."""
+    parts = []
+    for err in exc.errors()[:3]:
+        where = ".".join(str(p) for p in err.get("loc", ())) or "line"
+        parts.append(
+            f"{where}: {'unknown field' if err.get('type') == 'extra_forbidden' else err.get('msg')}"
+        )
+    more = exc.error_count() - 3
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+class LineReader:
+    """Physical lines of a binary stream, with a length cap that never buffers an over-long line.
+
+    Blank lines are skipped but counted in line numbers (which are what an editor shows, 1-based).
+
+    Attributes:
+        line_no: physical lines consumed so far.
+        records: non-blank lines consumed so far (skipped ones included).
+        eof: the end of the stream was reached.
+    """
+
+    def __init__(self, stream: IO[bytes], *, max_line_bytes: int) -> None:
+        self.stream = stream
+        self.max_line_bytes = max_line_bytes
+        self.line_no = 0
+        self.records = 0
+        self.eof = False
+
+    def _next(self) -> tuple[int, bytes | None] | None:
+        """The next non-blank line as (line number, bytes, or None when too long); None at the end."""
+        while True:
+            raw = self.stream.readline(self.max_line_bytes + 2)  # content + "\r\n"
+            if not raw:
+                self.eof = True
+                return None
+            self.line_no += 1
+            if len(raw) == self.max_line_bytes + 2 and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # drain the rest of the line in bounded reads
+                    raw = self.stream.readline(1024 * 1024)
+                self.records += 1
+                return self.line_no, None
+            content = raw.rstrip(b"\r\n")
+            if not content.strip():
+                continue
+            self.records += 1
+            if len(content) > self.max_line_bytes:
+                return self.line_no, None
+            return self.line_no, content
+
+    def read_chunk(self, n: int) -> list[tuple[int, bytes | None]]:
+        """Up to ``n`` non-blank lines (fewer only at the end of the stream)."""
+        out = []
+        while len(out) < n:
+            item = self._next()
+            if item is None:
+                break
+            out.append(item)
+        return out
+
+    def skip(self, lines: int) -> None:
+        """Consume physical lines up to and including line number ``lines`` (resume)."""
+        while self.line_no < lines:
+            raw = self.stream.readline(1024 * 1024)
+            if not raw:
+                self.eof = True
+                return
+            blank = not raw.strip()
+            while not raw.endswith(b"\n"):  # an over-long line: read on to its end
+                raw = self.stream.readline(1024 * 1024)
+                if not raw:
+                    break
+                blank = blank and not raw.strip()
+            self.line_no += 1
+            if not blank:
+                self.records += 1
+
+    def count_rest(self) -> int:
+        """Consume the stream; return the number of records it held in all."""
+        while self._next() is not None:
+            pass
+        return self.records
+
+
+class ImportRunner:
+    """Runs import tasks: at most ``max_running_tasks`` at once, the rest PENDING in creation order.
+
+    Args:
+        tasks: the durable task store (this runner is its only writer).
+        catalog: to check that a task's library still exists (read only).
+        encode: uint8 ``(B, H, W, 3)`` -> float32 unit vectors ``(B, dim)``.
+        write: ``(library_name, library_uid, records)`` -> created flags; raises LibraryNotFound when the
+            library was deleted or re-created.
+        preprocess: the model's preprocessing (image size and crop).
+        settings: limits and tuning.
+        image_limits, tag_limits: the same limits as ``/image/add``.
+        policy: where images and sources may be read from.
+    """
+
+    def __init__(
+        self,
+        *,
+        tasks: TaskStore,
+        catalog: Catalog,
+        encode: EncodeFn,
+        write: WriteFn,
+        preprocess: PreprocessSpec,
+        settings: ImportSettings,
+        image_limits: ImageLimits,
+        tag_limits: TagLimits,
+        policy: FetchPolicy,
+    ) -> None:
+        self.tasks = tasks
+        self.catalog = catalog
+        self.encode = encode
+        self.write = write
+        self.preprocess = preprocess
+        self.settings = settings
+        self.image_limits = image_limits
+        self.tag_limits = tag_limits
+        self.policy = policy
+        self.owner = uuid.uuid4().hex[:16]
+        self._fetch_pool = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="import-fetch")
+        self._cpu_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="import-cpu")
+        self._queue: collections.deque[str] = collections.deque()
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._scheduler: asyncio.Task[None] | None = None
+        self._closing = False
+        self._prepare_slots = asyncio.Semaphore(settings.prepare_concurrency)
+        self._encode_slots = asyncio.Semaphore(settings.encode_concurrency)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Claim every unfinished task (resume after a restart) and start the scheduler."""
+        claimed = await asyncio.to_thread(self.tasks.claim, self.owner, all_unfinished=True)
+        for t in claimed:  # a task created before start() is queued already
+            if t.task_id not in self._queue:
+                self._queue.append(t.task_id)
+        if claimed:
+            logger.info("resuming %d unfinished import task(s)", len(claimed))
+        self._scheduler = asyncio.create_task(self._schedule(), name="import-scheduler")
+
+    @property
+    def healthy(self) -> bool:
+        return self._scheduler is not None and not self._scheduler.done()
+
+    async def close(self) -> None:
+        """Stop every task where it is (their progress up to the last commit is kept) and the pools."""
+        self._closing = True
+        pending = [t for t in (self._scheduler, *self._running.values()) if t is not None]
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self._cpu_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- API -------------------------------------------------------------------------------------
+
+    async def create(self, library_name: str, library_uid: str, source: str, save_image: bool) -> Task:
+        """Queue a new task. Raises InvalidParameter (bad source) or Overloaded (too many tasks)."""
+        try:
+            canonical = self.policy.check_source(source)
+        except FetchError as exc:
+            raise InvalidParameter(f"source: {exc}") from None
+        unfinished = await asyncio.to_thread(self.tasks.count_unfinished)
+        if unfinished >= self.settings.max_unfinished_tasks:
+            raise Overloaded(
+                f"{unfinished} import tasks are already pending or running (imports.max_unfinished_tasks); "
+                "retry when some have finished"
+            )
+        task = await asyncio.to_thread(
+            self.tasks.create,
+            library_name=library_name,
+            library_uid=library_uid,
+            source=canonical,
+            save_image=save_image,
+            owner=self.owner,
+        )
+        self._queue.append(task.task_id)
+        self._wake.set()
+        return task
+
+    async def describe(self, task_id: str) -> dict[str, Any]:
+        """The task object of the API. Raises TaskNotFound."""
+        return await asyncio.to_thread(self.tasks.describe, task_id)
+
+    # -- scheduling ------------------------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        stale_after = 6 * self.settings.heartbeat_s
+        while not self._closing:
+            while self._queue and len(self._running) < self.settings.max_running_tasks:
+                task_id = self._queue.popleft()
+                if task_id not in self._running:
+                    self._running[task_id] = asyncio.create_task(self._run(task_id), name=f"import-{task_id}")
+            # asyncio.timeout, not wait_for: 3.11's wait_for loses a cancel that races with the wake-up
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.heartbeat_s):
+                    await self._wake.wait()
+            if self._closing:
+                return
+            self._wake.clear()
+            try:
+                held = await asyncio.to_thread(
+                    self.tasks.claim, self.owner, all_unfinished=False, stale_after_s=stale_after
+                )
+            except Exception:  # a full disk must not kill the scheduler; the next beat retries
+                logger.exception("import runner heartbeat failed")
+                continue
+            for t in held:  # tasks of a runner that died without a restart of this one
+                if t.task_id not in self._running and t.task_id not in self._queue:
+                    self._queue.append(t.task_id)
+
+    async def _run(self, task_id: str) -> None:
+        try:
+            await self._import(task_id)
+        except LostOwnership:
+            logger.info("import task %s was taken over by another runner", task_id)
+        except asyncio.CancelledError:
+            raise
+        except TaskFailed as exc:
+            logger.warning("import task %s failed: %s", task_id, exc)
+            await self._finish(task_id, FAILED, str(exc))
+        except Exception as exc:
+            incident = uuid.uuid4().hex[:12]
+            logger.exception("import task %s: internal error %s", task_id, incident, exc_info=exc)
+            await self._finish(task_id, FAILED, f"internal error (incident {incident})")
+        finally:
+            self._running.pop(task_id, None)
+            self._wake.set()
+
+    async def _finish(self, task_id: str, state: str, error: str | None) -> None:
+        with contextlib.suppress(LostOwnership):
+            await asyncio.to_thread(self.tasks.finish, task_id, self.owner, state, error=error)
+
+    # -- one task --------------------------------------------------------------------------------
+
+    async def _import(self, task_id: str) -> None:
+        task = await asyncio.to_thread(self.tasks.get, task_id)
+        self._check_library(task)
+        task = await asyncio.to_thread(self.tasks.start, task_id, self.owner)
+        if task.total is None and is_local_source(task.source):
+            total = await asyncio.to_thread(self._count, task.source)
+            if total > self.settings.max_task_lines:
+                raise TaskFailed(self._too_many_lines())
+            await asyncio.to_thread(self.tasks.set_total, task_id, self.owner, total)
+        stream = await asyncio.to_thread(self._open, task.source)
+        try:
+            reader = LineReader(stream, max_line_bytes=self.settings.max_line_bytes)
+            await asyncio.to_thread(self._guarded_read, reader.skip, task.lines_done)
+            await self._pipeline(task, reader)
+        finally:
+            await asyncio.to_thread(stream.close)
+        await asyncio.to_thread(self.tasks.set_total, task_id, self.owner, reader.records)
+        done = await asyncio.to_thread(self.tasks.get, task_id)
+        if done.succeeded == 0 and done.failed == 0:
+            await self._finish(
+                task_id, FAILED, "the source holds no records (it is empty or only blank lines)"
+            )
+        elif done.failed == 0:
+            await self._finish(task_id, SUCCEEDED, None)
+        elif done.succeeded == 0:
+            await self._finish(task_id, FAILED, "no line could be imported; see errors")
+        else:
+            await self._finish(task_id, PARTIALLY_SUCCEEDED, None)
+
+    def _open(self, source: str) -> IO[bytes]:
+        try:
+            return self.policy.open_source(source)
+        except FetchError as exc:
+            raise TaskFailed(f"source: {exc}") from None
+
+    def _count(self, source: str) -> int:
+        stream = self._open(source)
+        try:
+            return self._guarded_read(
+                LineReader(stream, max_line_bytes=self.settings.max_line_bytes).count_rest
+            )
+        finally:
+            stream.close()
+
+    @staticmethod
+    def _guarded_read(read: Callable[..., T], *args: Any) -> T:
+        try:
+            return read(*args)
+        except Exception as exc:  # a dropped connection, a corrupt gzip stream, an fsspec backend error
+            raise TaskFailed(f"reading the source failed: {type(exc).__name__}: {exc}") from exc
+
+    def _too_many_lines(self) -> str:
+        return (
+            f"the source holds more than {self.settings.max_task_lines} records (imports.max_task_lines); "
+            "split it into several tasks"
+        )
+
+    def _check_library(self, task: Task) -> None:
+        try:
+            info = self.catalog.get(task.library_name)
+        except LibraryNotFound:
+            info = None
+        if info is None or info.uid != task.library_uid:
+            raise TaskFailed(f"library {task.library_name!r} was deleted while the import ran")
+
+    async def _pipeline(self, task: Task, reader: LineReader) -> None:
+        """Read chunks, process up to ``chunks_in_flight`` of them at once, commit them in order."""
+        inflight: collections.deque[tuple[int, asyncio.Task[tuple[list[Prepared], list[LineError]]]]]
+        inflight = collections.deque()
+        try:
+            while True:
+                chunk = await asyncio.to_thread(
+                    self._guarded_read, reader.read_chunk, self.settings.chunk_lines
+                )
+                if reader.records > self.settings.max_task_lines:
+                    raise TaskFailed(self._too_many_lines())
+                if chunk:
+                    inflight.append((reader.line_no, asyncio.create_task(self._process(task, chunk))))
+                while inflight and (reader.eof or len(inflight) >= self.settings.chunks_in_flight):
+                    end_line, work = inflight.popleft()
+                    await self._commit(task, end_line, *(await work))
+                if reader.eof:
+                    return
+        finally:
+            for _, work in inflight:
+                work.cancel()
+            await asyncio.gather(*(w for _, w in inflight), return_exceptions=True)
+
+    async def _commit(
+        self, task: Task, end_line: int, ready: list[Prepared], errors: list[LineError]
+    ) -> None:
+        self._check_library(task)
+        if ready:
+            records = [
+                NewRecord(
+                    image_id=p.image_id,
+                    image_uri=p.image_uri,
+                    vector=p.vector,  # type: ignore[arg-type]
+                    tags=p.tags,
+                    vector_kind="whole",
+                    frame=p.data if task.save_image else None,
+                )
+                for p in ready
+            ]
+            try:
+                await self._retry(
+                    "writing to the library", lambda: self.write(task.library_name, task.library_uid, records)
+                )
+            except LibraryNotFound:
+                raise TaskFailed(f"library {task.library_name!r} was deleted while the import ran") from None
+        await asyncio.to_thread(
+            self.tasks.commit_chunk,
+            task.task_id,
+            self.owner,
+            lines_done=end_line,
+            succeeded=len(ready),
+            errors=errors,
+        )
+
+    async def _process(
+        self, task: Task, chunk: list[tuple[int, bytes | None]]
+    ) -> tuple[list[Prepared], list[LineError]]:
+        """Prepare every line of a chunk; encode the good ones in batches as they become ready."""
+        loop = asyncio.get_running_loop()
+        prepares = [loop.create_task(self._prepare_slot(line, raw)) for line, raw in chunk]
+        encodes: list[asyncio.Task[list[Prepared]]] = []
+        errors: list[LineError] = []
+        batch: list[Prepared] = []
+        try:
+            for next_done in asyncio.as_completed(prepares):
+                outcome = await next_done
+                if isinstance(outcome, LineError):
+                    errors.append(outcome)
+                    continue
+                batch.append(outcome)
+                if len(batch) == self.settings.encode_batch_size:
+                    encodes.append(loop.create_task(self._encode_batch(batch)))
+                    batch = []
+            if batch:
+                encodes.append(loop.create_task(self._encode_batch(batch)))
+            ready = [p for work in encodes for p in await work]
+        finally:
+            for t in (*prepares, *encodes):
+                t.cancel()
+        ready.sort(key=lambda p: p.line)  # in file order: a later duplicate key wins in the upsert
+        errors.sort(key=lambda e: e.line)
+        return ready, errors
+
+    async def _prepare_slot(self, line: int, raw: bytes | None) -> Prepared | LineError:
+        async with self._prepare_slots:
+            try:
+                return await self._prepare(line, raw)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug must cost one line, not the task; it is logged in full
+                incident = uuid.uuid4().hex[:12]
+                logger.exception("import line %d: internal error %s", line, incident, exc_info=exc)
+                return LineError(line, f"internal error (incident {incident})")
+
+    async def _prepare(self, line: int, raw: bytes | None) -> Prepared | LineError:
+        loop = asyncio.get_running_loop()
+        if raw is None:
+            return LineError(
+                line, f"line is longer than {self.settings.max_line_bytes} bytes (imports.max_line_bytes)"
+            )
+        parsed = await loop.run_in_executor(
+            self._cpu_pool,
+            lambda: parse_line(
+                raw, line, tag_limits=self.tag_limits, max_image_bytes=self.image_limits.max_bytes
+            ),
+        )
+        if isinstance(parsed, LineError):
+            return parsed
+        field_name = "image_base64"
+        data = parsed.data
+        if data is None:
+            field_name = "image_uri"
+            try:
+                data = await loop.run_in_executor(
+                    self._fetch_pool,
+                    lambda: self.policy.fetch_image(
+                        parsed.image_uri,
+                        max_bytes=self.image_limits.max_bytes,
+                        retries=self.settings.fetch_retries,
+                    ),
+                )
+            except (FetchError, ImageTooLarge) as exc:
+                return LineError(line, f"image_uri: {exc}", parsed.image_id, parsed.image_uri)
+        try:
+            pixels = await loop.run_in_executor(self._cpu_pool, self._pixels, data)
+        except (ImageDecodeError, ImageTooLarge) as exc:
+            return LineError(line, f"{field_name}: {exc}", parsed.image_id, parsed.image_uri)
+        return Prepared(line, parsed.image_id, parsed.image_uri, parsed.tags, data, pixels)
+
+    def _pixels(self, data: bytes) -> np.ndarray:
+        img = decode_image(data, self.image_limits, min_side_hint=max(self.preprocess.size))
+        return prepare_for_model(img, self.preprocess)
+
+    async def _encode_batch(self, batch: list[Prepared]) -> list[Prepared]:
+        pixels = np.stack([p.pixels for p in batch])  # type: ignore[misc]
+        async with self._encode_slots:
+            vectors = await self._retry("encoding", lambda: self.encode(pixels))
+        if len(vectors) != len(batch):
+            raise RuntimeError(f"the encoder returned {len(vectors)} vectors for {len(batch)} images")
+        for p, v in zip(batch, vectors, strict=True):
+            p.vector = np.asarray(v, dtype=np.float32)
+            p.pixels = None  # the frame bytes are kept for the write; the pixels are not needed any more
+        return batch
+
+    async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Retry a call to another service with backoff (a replica restarting, a full queue)."""
+        delay = 0.5
+        for attempt in range(self.settings.step_retries + 1):
+            try:
+                return await call()
+            except (LibraryNotFound, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                if attempt == self.settings.step_retries:
+                    raise TaskFailed(
+                        f"{what} failed {attempt + 1} times; last error: {type(exc).__name__}: {exc}"
+                    ) from exc
+                logger.warning("%s failed (%r); retrying in %.1f s", what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 10.0)
+        raise AssertionError("unreachable")
+
+
+def encode_in_thread(encode_images: Callable[[np.ndarray], np.ndarray]) -> EncodeFn:
+    """An EncodeFn running a blocking encoder in a worker thread (tests, in-process use)."""
+
+    async def encode(batch: np.ndarray) -> np.ndarray:
+        return await asyncio.to_thread(encode_images, batch)
+
+    return encode
+
+
+__all__ = [
+    "ImportLine",
+    "ImportRunner",
+    "ImportSettings",
+    "LineReader",
+    "TaskFailed",
+    "encode_in_thread",
+    "parse_line",
+]

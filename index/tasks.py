@@ -1,0 +1,329 @@
+"""Durable state of import tasks: ``<storage_root>/tasks.sqlite``, written only by the import runner.
+
+A task row holds the task's definition (library name and uid, source, ``save_image``), its state, its
+counters and its resume point (``lines_done``: physical lines of the source whose outcome is committed).
+Per-line errors are rows of ``task_errors`` keyed by (task, line), so a replayed chunk can never record
+an error twice. A chunk's records are written to the library first and its progress committed here
+second: after a crash between the two the chunk is replayed, which the library's idempotent upsert on
+(image_id, image_uri) makes harmless.
+
+Ownership: each runner has an ``owner`` id and heartbeats in ``runners``. A runner that starts claims
+every unfinished task; a runner also claims tasks whose owner stopped heartbeating. Every progress
+commit checks the owner, so a runner whose task was taken over (a rolling restart that briefly ran two
+replicas) stops at its next commit instead of double counting.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from index.catalog import iso_time
+from index.errors import TaskNotFound
+
+DB_NAME = "tasks.sqlite"
+
+PENDING, RUNNING = "PENDING", "RUNNING"
+SUCCEEDED, PARTIALLY_SUCCEEDED, FAILED = "SUCCEEDED", "PARTIALLY_SUCCEEDED", "FAILED"
+UNFINISHED = (PENDING, RUNNING)
+STATES = (PENDING, RUNNING, SUCCEEDED, PARTIALLY_SUCCEEDED, FAILED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY,
+    library_name TEXT NOT NULL,
+    library_uid TEXT NOT NULL,
+    source TEXT NOT NULL,
+    save_image INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    total INTEGER,
+    lines_done INTEGER NOT NULL DEFAULT 0,
+    succeeded INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    owner TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, created_at);
+CREATE TABLE IF NOT EXISTS task_errors (
+    task_id TEXT NOT NULL,
+    line INTEGER NOT NULL,
+    image_id TEXT,
+    image_uri TEXT,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (task_id, line)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS runners (
+    owner TEXT PRIMARY KEY,
+    heartbeat_at REAL NOT NULL
+);
+"""
+
+
+class LostOwnership(RuntimeError):
+    """Another runner took the task over; this runner must stop working on it."""
+
+
+@dataclass(frozen=True)
+class LineError:
+    """Why one line of a source was not imported. ``line`` is the 1-based physical line number."""
+
+    line: int
+    reason: str
+    image_id: str | None = None
+    image_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: str
+    library_name: str
+    library_uid: str
+    source: str
+    save_image: bool
+    state: str
+    total: int | None
+    lines_done: int
+    succeeded: int
+    failed: int
+    error: str | None
+    owner: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+    @property
+    def finished(self) -> bool:
+        return self.state not in UNFINISHED
+
+
+_TASK_COLS = (
+    "task_id, library_name, library_uid, source, save_image, state, total, lines_done, succeeded, failed,"
+    " error, owner, created_at, started_at, finished_at"
+)
+
+
+def _task(row: Sequence[Any]) -> Task:
+    values = list(row)
+    values[4] = bool(values[4])
+    return Task(*values)
+
+
+class TaskStore:
+    """SQLite access to ``tasks.sqlite``. One connection guarded by a lock (used from worker threads).
+
+    Args:
+        root: the storage root (the database is ``root/tasks.sqlite``).
+        max_errors: the most error rows kept per task; further failed lines are only counted.
+    """
+
+    def __init__(self, root: str | Path, *, max_errors: int = 10_000) -> None:
+        self.path = Path(root) / DB_NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_errors = max_errors
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _txn(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    # -- creation and reads ----------------------------------------------------------------------
+
+    def create(
+        self, *, library_name: str, library_uid: str, source: str, save_image: bool, owner: str | None
+    ) -> Task:
+        """A new PENDING task owned by ``owner``."""
+        now = time.time()
+        task_id = uuid.uuid4().hex
+        with self._txn() as conn:
+            conn.execute(
+                "INSERT INTO tasks (task_id, library_name, library_uid, source, save_image, state, owner,"
+                " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (task_id, library_name, library_uid, source, int(save_image), PENDING, owner, now, now),
+            )
+        return self.get(task_id)
+
+    def get(self, task_id: str) -> Task:
+        """The task row. Raises TaskNotFound."""
+        with self._lock:
+            row = self._conn.execute(
+                f"SELECT {_TASK_COLS} FROM tasks WHERE task_id = ?", (task_id,)
+            ).fetchone()
+        if row is None:
+            raise TaskNotFound(task_id)
+        return _task(row)
+
+    def errors(self, task_id: str, *, limit: int | None = None) -> list[LineError]:
+        """The task's recorded line errors in line order."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT line, reason, image_id, image_uri FROM task_errors WHERE task_id = ? ORDER BY line"
+                " LIMIT ?",
+                (task_id, -1 if limit is None else limit),
+            ).fetchall()
+        return [LineError(*r) for r in rows]
+
+    def count_unfinished(self) -> int:
+        with self._lock:
+            return int(
+                self._conn.execute("SELECT COUNT(*) FROM tasks WHERE state IN (?, ?)", UNFINISHED).fetchone()[
+                    0
+                ]
+            )
+
+    def describe(self, task_id: str) -> dict[str, Any]:
+        """The API's task object (``GET /image/tasks/results/{task_id}``)."""
+        task = self.get(task_id)
+        errors = self.errors(task_id)
+        return {
+            "task_id": task.task_id,
+            "library_name": task.library_name,
+            "source": task.source,
+            "state": task.state,
+            "total": task.total,
+            "succeeded": task.succeeded,
+            "failed": task.failed,
+            "errors": [
+                {"line": e.line, "image_id": e.image_id, "image_uri": e.image_uri, "reason": e.reason}
+                for e in errors
+            ],
+            "errors_truncated": task.failed > len(errors),
+            "error": task.error,
+            "created_at": iso_time(task.created_at),
+            "started_at": iso_time(task.started_at) if task.started_at is not None else None,
+            "finished_at": iso_time(task.finished_at) if task.finished_at is not None else None,
+        }
+
+    # -- ownership -------------------------------------------------------------------------------
+
+    def heartbeat(self, owner: str) -> None:
+        with self._txn() as conn:
+            conn.execute(
+                "INSERT INTO runners (owner, heartbeat_at) VALUES (?, ?)"
+                " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (owner, time.time()),
+            )
+
+    def claim(self, owner: str, *, all_unfinished: bool, stale_after_s: float = 60.0) -> list[Task]:
+        """Take over unfinished tasks; return every unfinished task ``owner`` now holds, oldest first.
+
+        ``all_unfinished``: take every one (a runner that just started: any other runner is a dying
+        replica). Otherwise only those whose owner has not heartbeated for ``stale_after_s``.
+        """
+        now = time.time()
+        with self._txn() as conn:
+            conn.execute(
+                "INSERT INTO runners (owner, heartbeat_at) VALUES (?, ?)"
+                " ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (owner, now),
+            )
+            if all_unfinished:
+                conn.execute(
+                    "UPDATE tasks SET owner = ?, updated_at = ? WHERE state IN (?, ?)",
+                    (owner, now, *UNFINISHED),
+                )
+            else:
+                conn.execute(
+                    "UPDATE tasks SET owner = ?, updated_at = ? WHERE state IN (?, ?) AND (owner IS NULL OR"
+                    " owner NOT IN (SELECT owner FROM runners WHERE heartbeat_at >= ?))",
+                    (owner, now, *UNFINISHED, now - stale_after_s),
+                )
+            conn.execute("DELETE FROM runners WHERE heartbeat_at < ?", (now - 10 * stale_after_s,))
+            rows = conn.execute(
+                f"SELECT {_TASK_COLS} FROM tasks WHERE state IN (?, ?) AND owner = ?"
+                " ORDER BY state DESC, created_at",  # RUNNING before PENDING, then oldest first
+                (*UNFINISHED, owner),
+            ).fetchall()
+        return [_task(r) for r in rows]
+
+    # -- progress --------------------------------------------------------------------------------
+
+    def start(self, task_id: str, owner: str) -> Task:
+        """PENDING -> RUNNING (a RUNNING task being resumed stays RUNNING)."""
+        now = time.time()
+        with self._txn() as conn:
+            self._check_owner(conn, task_id, owner)
+            conn.execute(
+                "UPDATE tasks SET state = ?, started_at = COALESCE(started_at, ?), updated_at = ?"
+                " WHERE task_id = ?",
+                (RUNNING, now, now, task_id),
+            )
+        return self.get(task_id)
+
+    def set_total(self, task_id: str, owner: str, total: int) -> None:
+        with self._txn() as conn:
+            self._check_owner(conn, task_id, owner)
+            conn.execute(
+                "UPDATE tasks SET total = ?, updated_at = ? WHERE task_id = ?", (total, time.time(), task_id)
+            )
+
+    def commit_chunk(
+        self, task_id: str, owner: str, *, lines_done: int, succeeded: int, errors: Sequence[LineError]
+    ) -> None:
+        """Record one chunk's outcome atomically: the new resume point, counters and its line errors.
+
+        Raises:
+            LostOwnership: another runner owns the task now (nothing is written).
+        """
+        with self._txn() as conn:
+            self._check_owner(conn, task_id, owner)
+            kept = int(
+                conn.execute("SELECT COUNT(*) FROM task_errors WHERE task_id = ?", (task_id,)).fetchone()[0]
+            )
+            room = max(0, self.max_errors - kept)
+            conn.executemany(
+                "INSERT OR REPLACE INTO task_errors (task_id, line, image_id, image_uri, reason)"
+                " VALUES (?,?,?,?,?)",
+                [(task_id, e.line, e.image_id, e.image_uri, e.reason) for e in errors[:room]],
+            )
+            conn.execute(
+                "UPDATE tasks SET lines_done = ?, succeeded = succeeded + ?, failed = failed + ?,"
+                " updated_at = ? WHERE task_id = ?",
+                (lines_done, succeeded, len(errors), time.time(), task_id),
+            )
+
+    def finish(self, task_id: str, owner: str | None, state: str, *, error: str | None = None) -> None:
+        """Set a final state (``owner`` None: regardless of the owner, e.g. at creation time)."""
+        if state in UNFINISHED or state not in STATES:
+            raise ValueError(f"{state!r} is not a final state")
+        now = time.time()
+        with self._txn() as conn:
+            if owner is not None:
+                self._check_owner(conn, task_id, owner)
+            conn.execute(
+                "UPDATE tasks SET state = ?, error = ?, finished_at = ?, updated_at = ? WHERE task_id = ?",
+                (state, error, now, now, task_id),
+            )
+
+    @staticmethod
+    def _check_owner(conn: sqlite3.Connection, task_id: str, owner: str) -> None:
+        row = conn.execute("SELECT owner, state FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+        if row is None:
+            raise TaskNotFound(task_id)
+        if row[0] != owner or row[1] not in UNFINISHED:
+            raise LostOwnership(f"task {task_id} is now owned by {row[0]} in state {row[1]}")

@@ -1,0 +1,130 @@
+"""Fetch policy: import sources (local roots, http, object stores via fsspec, gzip) and image fetches."""
+
+from __future__ import annotations
+
+import gzip
+import uuid
+
+import fsspec
+import pytest
+
+from index.fetch import FetchError, FetchPolicy, FetchRefused, check_source, fetch_bytes
+from index.imaging import ImageTooLarge
+from tests.loopback import closed_port_url, loopback_server
+
+
+@pytest.fixture
+def roots(tmp_path):
+    inside = tmp_path / "in"
+    inside.mkdir()
+    (inside / "a.jsonl").write_bytes(b'{"x": 1}\n')
+    (tmp_path / "outside.jsonl").write_bytes(b"{}\n")
+    return inside
+
+
+def test_local_sources_only_inside_import_roots(roots):
+    ok = str(roots / "a.jsonl")
+    assert check_source(ok, policy=FetchPolicy(import_roots=(str(roots),))) == ok
+    assert check_source("file://" + ok, policy=FetchPolicy(import_roots=(str(roots),))) == ok
+    with pytest.raises(FetchError, match="outside the allowed"):
+        check_source(str(roots / ".." / "outside.jsonl"), policy=FetchPolicy(import_roots=(str(roots),)))
+    with pytest.raises(FetchError, match="no import_roots"):
+        check_source(ok, policy=FetchPolicy())
+    with pytest.raises(FetchError, match="not a readable file"):
+        check_source(str(roots / "missing.jsonl"), policy=FetchPolicy(import_roots=(str(roots),)))
+    with pytest.raises(FetchError, match="absolute path"):
+        check_source("a.jsonl", policy=FetchPolicy(import_roots=(str(roots),)))
+
+
+def test_symlink_out_of_the_root_is_refused(roots, tmp_path):
+    (roots / "link.jsonl").symlink_to(tmp_path / "outside.jsonl")
+    with pytest.raises(FetchError, match="outside the allowed"):
+        check_source(str(roots / "link.jsonl"), policy=FetchPolicy(import_roots=(str(roots),)))
+
+
+@pytest.mark.parametrize("source", ["ftp://h/x.jsonl", "s3://bucket/x.jsonl", "memory://x.jsonl"])
+def test_unlisted_schemes_are_refused(roots, source):
+    with pytest.raises(FetchError, match="not accepted"):
+        check_source(source, policy=FetchPolicy(import_roots=(str(roots),), object_store_protocols=("gs",)))
+
+
+def test_object_store_source_through_fsspec():
+    path = f"/t-{uuid.uuid4().hex}/x.jsonl"
+    fsspec.filesystem("memory").pipe(path, b'{"a": 1}\n{"b": 2}\n')
+    policy = FetchPolicy(object_store_protocols=("memory",))
+    with policy.open_source(f"memory://{path}") as f:
+        assert f.readline(100) == b'{"a": 1}\n'
+        assert f.readline(4) == b'{"b"'  # readline(limit) works on fsspec files too
+
+
+def test_missing_object_store_package_is_a_clear_error():
+    policy = FetchPolicy(object_store_protocols=("s3",))
+    try:
+        import s3fs  # noqa: F401
+    except ImportError:
+        with pytest.raises(FetchError, match="s3fs"):
+            policy.open_source("s3://bucket/x.jsonl")
+        with pytest.raises(FetchError, match="s3fs"):
+            policy.fetch_image("s3://bucket/x.png", max_bytes=100)
+    else:
+        pytest.skip("s3fs is installed here; its network access cannot be tested offline")
+
+
+def test_gzip_source_is_decompressed(roots):
+    (roots / "b.jsonl.gz").write_bytes(gzip.compress(b'{"x": 1}\n{"y": 2}\n'))
+    policy = FetchPolicy(import_roots=(str(roots),))
+    with policy.open_source(str(roots / "b.jsonl.gz")) as f:
+        assert f.read() == b'{"x": 1}\n{"y": 2}\n'
+
+
+def test_http_source_streams_and_reports_http_errors():
+    # the loopback server is a private address: allowed here explicitly, refused by default (below)
+    with loopback_server() as srv:
+        srv.files["s.jsonl"] = b'{"a": 1}\n'
+        policy = FetchPolicy(allowed_networks=("127.0.0.0/8",))
+        with policy.open_source(f"{srv.base}/files/s.jsonl") as f:
+            assert f.read() == b'{"a": 1}\n'
+        with pytest.raises(FetchError, match="HTTP 404"):
+            policy.open_source(f"{srv.base}/files/none.jsonl")
+    with pytest.raises(FetchError, match="ConnectionError"):
+        FetchPolicy(allow_private=True).open_source(closed_port_url())
+
+
+def test_http_source_on_a_private_address_is_refused_by_default():
+    with loopback_server() as srv:
+        srv.files["s.jsonl"] = b'{"a": 1}\n'
+        with pytest.raises(FetchRefused) as err:
+            FetchPolicy().open_source(f"{srv.base}/files/s.jsonl")
+        assert err.value.reason == "loopback"
+        assert srv.hits["/files/s.jsonl"] == 0
+
+
+def test_image_fetch_with_retries():
+    policy = FetchPolicy(allow_private=True, timeout_s=5)
+    with loopback_server() as srv:
+        data = policy.fetch_image(srv.img(3), max_bytes=10**6, retries=1)
+        assert data.startswith(b"\x89PNG")
+        with pytest.raises(ImageTooLarge):
+            policy.fetch_image(srv.img(3), max_bytes=10, retries=1)
+        with pytest.raises(FetchError, match="HTTP 404"):
+            policy.fetch_image(f"{srv.base}/img/x.gif", max_bytes=10**6, retries=1)
+        assert srv.hits["/img/x.gif"] == 1  # a 404 is not retried
+    with pytest.raises(FetchError, match="ConnectionError") as err:
+        policy.fetch_image(closed_port_url(), max_bytes=10**6, retries=0)
+    assert err.value.retriable
+
+
+def test_image_fetch_retries_do_not_retry_refusals():
+    with pytest.raises(FetchRefused):
+        FetchPolicy().fetch_image("http://127.0.0.1:9/x.png", max_bytes=100, retries=3)
+
+
+def test_object_store_image_is_size_capped():
+    path = f"/t-{uuid.uuid4().hex}/i.bin"
+    fsspec.filesystem("memory").pipe(path, b"x" * 100)
+    memory = FetchPolicy(object_store_protocols=("memory",))
+    assert fetch_bytes(f"memory://{path}", policy=memory, max_bytes=100, timeout_s=1)
+    with pytest.raises(ImageTooLarge):
+        fetch_bytes(f"memory://{path}", policy=memory, max_bytes=99, timeout_s=1)
+    with pytest.raises(FetchError, match="scheme 'memory'"):
+        fetch_bytes(f"memory://{path}", policy=FetchPolicy(), max_bytes=100, timeout_s=1)

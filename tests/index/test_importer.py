@@ -1,0 +1,470 @@
+"""The import runner without Ray: the tiny model, a real LibraryWriter, a loopback image server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from filters import TagLimits
+from index.catalog import Catalog
+from index.errors import InvalidParameter, LibraryNotFound, Overloaded
+from index.fetch import FetchPolicy
+from index.imaging import ImageLimits
+from index.importer import ImportRunner, ImportSettings, LineReader, encode_in_thread, parse_line
+from index.store import LibraryStore
+from index.tasks import TaskStore
+from index.writer import LibraryWriter
+from tests.images import image_b64
+from tests.loopback import closed_port_url, loopback_server
+
+# -- LineReader and parse_line ---------------------------------------------------------------------
+
+
+def test_line_reader_numbers_physical_lines_and_skips_blanks():
+    data = b'{"a":1}\n\n  \r\n{"b":2}\r\n' + b"x" * 50 + b'\n{"c":3}'
+    r = LineReader(io.BytesIO(data), max_line_bytes=20)
+    assert r.read_chunk(2) == [(1, b'{"a":1}'), (4, b'{"b":2}')]
+    assert r.read_chunk(5) == [(5, None), (6, b'{"c":3}')]  # None: over the length limit
+    assert r.eof and r.records == 4 and r.line_no == 6
+
+
+def test_line_reader_skip_resumes_exactly():
+    data = b"".join(b'{"i":%d}\n' % i if i % 3 else b"\n" for i in range(1, 20))
+    full = LineReader(io.BytesIO(data), max_line_bytes=100)
+    first = full.read_chunk(4)
+    rest = full.read_chunk(100)
+    resumed = LineReader(io.BytesIO(data), max_line_bytes=100)
+    resumed.skip(first[-1][0])
+    assert resumed.read_chunk(100) == rest
+    assert resumed.records == full.records
+
+
+def test_line_reader_drains_an_over_long_line_without_holding_it():
+    data = b"y" * 3_000_000 + b"\n{}\n"
+    r = LineReader(io.BytesIO(data), max_line_bytes=10)
+    assert r.read_chunk(5) == [(1, None), (2, b"{}")]
+
+
+LIMITS = {"tag_limits": TagLimits(), "max_image_bytes": 10**6}
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "expected a JSON object, got list"),
+        (b'{"image_uri": "u"}', "image_id: Field required"),
+        (b'{"image_id": "", "image_uri": "u"}', "image_id: String should have at least 1 character"),
+        (b'{"image_id": 5, "image_uri": "u"}', "image_id: Input should be a valid string"),
+        (b'{"image_id": "a", "image_uri": "u", "tag": {}}', "tag: unknown field"),
+        (b'{"image_id": "a", "image_uri": "u", "tags": {"c": {"x": 1}}}', "tags.c"),
+        (b'{"image_id": "a", "image_uri": "u", "tags": {"p": NaN}}', "tags.p"),
+        (b'{"image_id": "a", "image_uri": "u", "image_base64": "@@@"}', "image_base64: not valid base64"),
+    ],
+)
+def test_bad_lines_name_the_problem(raw, reason):
+    err = parse_line(raw, 7, **LIMITS)
+    assert err.line == 7 and err.reason.startswith(reason), err.reason
+
+
+def test_bad_line_keeps_the_ids_it_has():
+    err = parse_line(b'{"image_id": "a", "image_uri": "u", "tags": []}', 3, **LIMITS)
+    assert (err.image_id, err.image_uri) == ("a", "u")
+
+
+def test_good_line_parses():
+    ok = parse_line(
+        json.dumps(
+            {"image_id": "a", "image_uri": "u", "image_base64": image_b64(1), "tags": {"n": 1}}
+        ).encode(),
+        1,
+        **LIMITS,
+    )
+    assert ok.image_id == "a" and ok.tags == {"n": 1} and ok.data.startswith(b"\x89PNG")
+
+
+# -- the runner ------------------------------------------------------------------------------------
+
+
+class Env:
+    """A storage root with one library, its writer, and runners built on demand."""
+
+    def __init__(self, tmp_path: Path, embedder: Any) -> None:
+        self.root = tmp_path / "root"
+        self.inbox = tmp_path / "inbox"
+        self.inbox.mkdir()
+        self.embedder = embedder
+        self.writer = LibraryWriter(self.root)
+        self.tasks = TaskStore(self.root)
+        self.uid = self.create("lib")
+        self.write_calls = 0
+
+    def create(self, name: str) -> str:
+        self.writer.create_library(name, "general_search", None, self.embedder.info)
+        return Catalog(self.root).get(name).uid
+
+    async def write(self, name, uid, records):
+        self.write_calls += 1
+        return await asyncio.to_thread(self.writer.add_images, name, uid, records)
+
+    def runner(self, write=None, policy: FetchPolicy | None = None, **settings: Any) -> ImportRunner:
+        base = {"chunk_lines": 3, "encode_batch_size": 2, "chunks_in_flight": 2, "fetch_retries": 0}
+        return ImportRunner(
+            tasks=self.tasks,
+            catalog=Catalog(self.root),
+            encode=encode_in_thread(self.embedder.encode_images),
+            write=write or self.write,
+            preprocess=self.embedder.spec.preprocess,
+            settings=ImportSettings(**(base | settings)),
+            image_limits=ImageLimits(max_bytes=1_000_000),
+            tag_limits=TagLimits(),
+            # the loopback image server is allowed explicitly: the default policy refuses non-public addresses
+            policy=policy
+            or FetchPolicy(
+                import_roots=(str(self.inbox),),
+                object_store_protocols=("memory",),
+                allowed_networks=("127.0.0.0/8",),
+            ),
+        )
+
+    def jsonl(self, lines: list[Any], name: str = "src.jsonl") -> str:
+        text = "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n"
+        (self.inbox / name).write_text(text)
+        return str(self.inbox / name)
+
+    def records(self, name: str = "lib") -> list[tuple[str, str, dict]]:
+        with LibraryStore(Catalog(self.root).library_dir(name), readonly=True) as s:
+            rows = s._conn.execute("SELECT image_id, image_uri, tags, frame FROM records WHERE deleted=0")
+            return sorted((r[0], r[1], json.loads(r[2]), r[3] is not None) for r in rows)
+
+
+@pytest.fixture
+def env(tmp_path, tiny_embedder):
+    e = Env(tmp_path, tiny_embedder)
+    yield e
+    e.writer.close()
+    e.tasks.close()
+
+
+async def run_task(runner: ImportRunner, source: str, *, uid: str, library: str = "lib", save_image=True):
+    await runner.start()
+    try:
+        task = await runner.create(library, uid, source, save_image)
+        return await wait_done(runner, task.task_id)
+    finally:
+        await runner.close()
+
+
+async def wait_done(runner: ImportRunner, task_id: str, timeout_s: float = 60) -> dict:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            d = await runner.describe(task_id)
+            if d["state"] not in ("PENDING", "RUNNING"):
+                return d
+            await asyncio.sleep(0.02)
+
+
+def good(i: int, **extra) -> dict:
+    return {
+        "image_id": f"id{i}",
+        "image_uri": f"https://example.com/{i}.png",
+        "image_base64": image_b64(i),
+    } | extra
+
+
+def test_image_uris_in_a_source_follow_the_ssrf_rules(env):
+    """An image_uri on a private address is a line error under the default policy, and is not fetched."""
+    with loopback_server() as srv:
+        source = env.jsonl([good(1), {"image_id": "internal", "image_uri": srv.img(2)}])
+        policy = FetchPolicy(import_roots=(str(env.inbox),))
+        d = asyncio.run(run_task(env.runner(policy=policy), source, uid=env.uid))
+        assert srv.hits["/img/2.png"] == 0
+    assert (d["state"], d["succeeded"], d["failed"]) == ("PARTIALLY_SUCCEEDED", 1, 1), d
+    (err,) = d["errors"]
+    assert err["line"] == 2
+    assert err["reason"].startswith("image_uri: refused: the host is not a public address")
+
+
+def test_good_and_bad_lines_give_partial_success_with_exact_line_numbers(env):
+    with loopback_server() as srv:
+        unreachable = closed_port_url()
+        source = env.jsonl(
+            [
+                good(1, tags={"color": "red"}),  # line 1
+                '{"image_id": "b", "image_uri": "u", "image_base64": "%%%"}',  # 2: bad base64
+                "",  # 3: blank, skipped
+                {"image_uri": "u"},  # 4: missing image_id
+                good(5, tags={"c": {"nested": 1}}),  # 5: bad tags
+                {"image_id": "net", "image_uri": unreachable},  # 6: unreachable
+                {"image_id": "web", "image_uri": srv.img(6)},  # 7: fetched
+                "{oops",  # 8: not JSON
+                good(9),  # 9
+                {"image_id": "nf", "image_uri": f"{srv.base}/img/missing.gif"},  # 10: 404
+                {"image_id": "txt", "image_uri": "u", "image_base64": "aGVsbG8="},  # 11: not an image
+            ]
+        )
+        d = asyncio.run(run_task(env.runner(), source, uid=env.uid))
+    assert d["state"] == "PARTIALLY_SUCCEEDED", d
+    assert (d["total"], d["succeeded"], d["failed"]) == (10, 3, 7)
+    errors = {e["line"]: e for e in d["errors"]}
+    assert sorted(errors) == [2, 4, 5, 6, 8, 10, 11]
+    assert errors[2]["reason"].startswith("image_base64: not valid base64")
+    assert (errors[2]["image_id"], errors[2]["image_uri"]) == ("b", "u")
+    assert errors[4]["reason"] == "image_id: Field required" and errors[4]["image_id"] is None
+    assert errors[5]["reason"].startswith("tags.c")
+    assert errors[6]["reason"].startswith("image_uri: fetch failed: cannot connect to host")
+    assert errors[6]["image_uri"] == unreachable
+    assert errors[8]["reason"].startswith("not valid JSON")
+    assert "HTTP 404" in errors[10]["reason"]
+    assert errors[11]["reason"].startswith("image_base64: not a readable image")
+    assert env.records() == [
+        ("id1", "https://example.com/1.png", {"color": "red"}, True),
+        ("id9", "https://example.com/9.png", {}, True),
+        ("web", srv.img(6), {}, True),
+    ]
+    assert d["finished_at"] is not None and d["error"] is None
+
+
+def test_all_good_lines_succeed_and_vectors_are_the_models(env):
+    source = env.jsonl([good(i) for i in range(7)])
+    d = asyncio.run(run_task(env.runner(), source, uid=env.uid, save_image=False))
+    assert (d["state"], d["total"], d["succeeded"], d["failed"], d["errors"]) == ("SUCCEEDED", 7, 7, 0, [])
+    assert [r[3] for r in env.records()] == [False] * 7  # save_image: false keeps no frames
+    # the stored vector is the model's embedding of the decoded image
+    from index.imaging import decode_base64, decode_image, prepare_for_model
+
+    spec = env.embedder.spec
+    pixels = prepare_for_model(
+        decode_image(decode_base64(image_b64(3), max_bytes=10**6), ImageLimits()), spec.preprocess
+    )
+    want = env.embedder.encode_images(pixels[None])[0]
+    with LibraryStore(Catalog(env.root).library_dir("lib"), readonly=True) as s:
+        [rec] = s.get("id3")
+        assert np.allclose(s.vector_of(rec.row_id), want, atol=1e-5)
+
+
+def test_a_later_duplicate_key_wins_as_in_a_sequential_import(env):
+    lines = [good(1, tags={"v": 1})] + [good(i) for i in range(2, 8)] + [good(1, tags={"v": 2})]
+    d = asyncio.run(run_task(env.runner(), env.jsonl(lines), uid=env.uid))
+    assert d["state"] == "SUCCEEDED" and d["succeeded"] == 8
+    assert next(r for r in env.records() if r[0] == "id1")[2] == {"v": 2}
+    assert len(env.records()) == 7
+
+
+def test_resume_after_a_crash_replays_the_uncommitted_chunk_without_duplicates(env):
+    lines = [good(i, tags={"i": i}) for i in range(1, 12)] + ['{"bad'] + [good(i) for i in range(12, 15)]
+    source = env.jsonl(lines)
+    blocked = asyncio.Event()
+
+    async def first_life():
+        calls = 0
+
+        async def write_then_hang(name, uid, records):
+            nonlocal calls
+            calls += 1
+            out = await env.write(name, uid, records)
+            if calls == 3:  # the third chunk reaches the library but its progress is never committed
+                blocked.set()
+                await asyncio.Event().wait()
+            return out
+
+        runner = env.runner(write=write_then_hang, chunks_in_flight=1)
+        await runner.start()
+        task = await runner.create("lib", env.uid, source, True)
+        await blocked.wait()
+        await runner.close()  # the "crash": tasks stop where they are
+        return task.task_id
+
+    task_id = asyncio.run(first_life())
+    mid = env.tasks.get(task_id)
+    assert (mid.state, mid.lines_done, mid.succeeded) == ("RUNNING", 6, 6)
+    assert len(env.records()) == 9  # chunk 3 is in the library although the task does not know it
+
+    async def second_life():
+        runner = env.runner()
+        await runner.start()  # resumes unfinished tasks by itself
+        try:
+            return await wait_done(runner, task_id)
+        finally:
+            await runner.close()
+
+    d = asyncio.run(second_life())
+    assert (d["state"], d["total"], d["succeeded"], d["failed"]) == ("PARTIALLY_SUCCEEDED", 15, 14, 1)
+    assert [e["line"] for e in d["errors"]] == [12]
+    records = env.records()
+    assert len(records) == 14 and len({(r[0], r[1]) for r in records}) == 14
+
+
+def test_deleting_the_library_fails_the_task_with_a_clear_reason(env):
+    source = env.jsonl([good(i) for i in range(1, 13)])
+
+    async def scenario():
+        calls = 0
+
+        async def write_then_delete(name, uid, records):
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                await asyncio.to_thread(env.writer.delete_library, "lib")
+            return await env.write(name, uid, records)
+
+        return await run_task(env.runner(write=write_then_delete, chunks_in_flight=1), source, uid=env.uid)
+
+    d = asyncio.run(scenario())
+    assert d["state"] == "FAILED" and d["error"] == "library 'lib' was deleted while the import ran"
+    assert d["succeeded"] == 3
+
+
+def test_a_recreated_library_of_the_same_name_is_not_written_to(env):
+    source = env.jsonl([good(1)])
+    env.writer.delete_library("lib")
+    new_uid = env.create("lib")
+    d = asyncio.run(run_task(env.runner(), source, uid=env.uid))  # the uid the task was created for
+    assert d["state"] == "FAILED" and "deleted" in d["error"]
+    assert new_uid != env.uid and env.records() == []
+
+
+def test_writer_failures_are_retried_then_fail_the_task(env):
+    source = env.jsonl([good(1), good(2)])
+    attempts = 0
+
+    async def flaky(name, uid, records):
+        nonlocal attempts
+        attempts += 1
+        if attempts < 3:
+            raise ConnectionError("writer restarting")
+        return await env.write(name, uid, records)
+
+    d = asyncio.run(run_task(env.runner(write=flaky, step_retries=2), source, uid=env.uid))
+    assert d["state"] == "SUCCEEDED" and attempts == 3
+
+    async def broken(name, uid, records):
+        raise ConnectionError("writer gone")
+
+    d = asyncio.run(
+        run_task(env.runner(write=broken, step_retries=1), env.jsonl([good(3)], "b.jsonl"), uid=env.uid)
+    )
+    assert d["state"] == "FAILED" and "writing to the library failed 2 times" in d["error"]
+    assert "writer gone" in d["error"]
+
+
+def test_deleted_library_error_from_the_writer_is_not_retried(env):
+    async def gone(name, uid, records):
+        raise LibraryNotFound(name)
+
+    d = asyncio.run(run_task(env.runner(write=gone, step_retries=5), env.jsonl([good(1)]), uid=env.uid))
+    assert d["state"] == "FAILED" and "deleted" in d["error"]
+
+
+@pytest.mark.parametrize(
+    "content, error",
+    [
+        ("", "the source holds no records"),
+        ("\n\n", "the source holds no records"),
+        ('{"x": 1}\n', "no line could be imported"),
+    ],
+)
+def test_tasks_that_import_nothing_fail(env, content, error):
+    (env.inbox / "e.jsonl").write_text(content)
+    d = asyncio.run(run_task(env.runner(), str(env.inbox / "e.jsonl"), uid=env.uid))
+    assert d["state"] == "FAILED" and d["error"].startswith(error)
+
+
+def test_too_many_lines_fail_before_importing_anything(env):
+    d = asyncio.run(
+        run_task(env.runner(max_task_lines=4), env.jsonl([good(i) for i in range(5)]), uid=env.uid)
+    )
+    assert d["state"] == "FAILED" and "more than 4 records" in d["error"]
+    assert d["total"] is None and env.records() == []
+
+
+def test_over_long_line_is_a_line_error(env):
+    limit = len(json.dumps(good(1))) + 5
+    source = env.jsonl([good(1), {"image_id": "x", "image_uri": "u", "image_base64": "A" * limit}])
+    d = asyncio.run(run_task(env.runner(max_line_bytes=limit), source, uid=env.uid))
+    assert d["state"] == "PARTIALLY_SUCCEEDED"
+    assert d["errors"][0]["line"] == 2 and "longer than" in d["errors"][0]["reason"]
+
+
+def test_remote_sources_learn_their_total_at_the_end(env):
+    lines = "\n".join(json.dumps(good(i)) for i in range(4)).encode()
+    with loopback_server() as srv:
+        srv.files["s.jsonl"] = lines
+        d = asyncio.run(run_task(env.runner(), f"{srv.base}/files/s.jsonl", uid=env.uid))
+    assert (d["state"], d["total"], d["succeeded"]) == ("SUCCEEDED", 4, 4), d
+
+
+def test_object_store_source(env):
+    import uuid
+
+    import fsspec
+
+    path = f"/imp-{uuid.uuid4().hex}/s.jsonl"
+    fsspec.filesystem("memory").pipe(path, "\n".join(json.dumps(good(i)) for i in range(3)).encode())
+    d = asyncio.run(run_task(env.runner(), f"memory://{path}", uid=env.uid))
+    assert (d["state"], d["succeeded"]) == ("SUCCEEDED", 3)
+
+
+def test_unreadable_source_at_run_time_fails_the_task(env):
+    source = env.jsonl([good(1)])
+
+    async def scenario():
+        runner = env.runner()
+        task = await runner.create("lib", env.uid, source, True)  # created before start: stays PENDING
+        Path(source).unlink()
+        await runner.start()
+        try:
+            return await wait_done(runner, task.task_id)
+        finally:
+            await runner.close()
+
+    d = asyncio.run(scenario())
+    assert d["state"] == "FAILED" and d["error"].startswith("source:")
+
+
+def test_create_refuses_bad_sources_and_too_many_tasks(env):
+    async def scenario():
+        runner = env.runner(max_unfinished_tasks=1)
+        with pytest.raises(InvalidParameter, match=r"source: .*outside the allowed"):
+            await runner.create("lib", env.uid, "/etc/passwd", True)
+        with pytest.raises(InvalidParameter, match="not accepted"):
+            await runner.create("lib", env.uid, "ftp://x/y.jsonl", True)
+        await runner.create("lib", env.uid, env.jsonl([good(1)]), True)  # not started: stays PENDING
+        with pytest.raises(Overloaded):
+            await runner.create("lib", env.uid, env.jsonl([good(1)]), True)
+
+    asyncio.run(scenario())
+
+
+def test_running_tasks_are_bounded_and_pending_ones_wait_their_turn(env):
+    async def scenario():
+        runner = env.runner(max_running_tasks=1)
+        await runner.start()
+        try:
+            ids = [
+                (
+                    await runner.create(
+                        "lib", env.uid, env.jsonl([good(i + 10 * k) for i in range(6)], f"{k}.jsonl"), True
+                    )
+                ).task_id
+                for k in range(3)
+            ]
+            seen_running = set()
+            while True:
+                states = [(await runner.describe(t))["state"] for t in ids]
+                assert states.count("RUNNING") <= 1
+                seen_running |= {t for t, s in zip(ids, states, strict=True) if s == "RUNNING"}
+                if all(s == "SUCCEEDED" for s in states):
+                    return
+                await asyncio.sleep(0.005)
+        finally:
+            await runner.close()
+
+    asyncio.run(scenario())
+    assert len(env.records()) == 18

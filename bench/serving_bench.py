@@ -13,8 +13,9 @@ real JPEGs of mixed sizes (photos from scikit-image, resized and re-encoded), it
   ``errors`` and the encoder's mean forward-pass batch size.
 * ``naive``: the same requests against ``bench/naive_server.py`` (one uvicorn process, the model called
   per request, same model wrapper and image preparation). ``--naive-modes sync,async`` measures both of
-  its modes and counts the better one at c=32; the default is ``sync`` (a ``def`` route), since the
-  ``async def`` route blocks its event loop on the model and was slower wherever it was measured.
+  its modes and counts the better one at c=32; the default is ``sync`` (a ``def`` route): the ``async
+  def`` route blocks its event loop on the model, and in the run that measured both (bench/README.md) it
+  was far slower at c=1, 8 and 64 and level with ``sync`` at c=32.
 * ``served_text_per_s``: ``POST /search/by-text`` at concurrency 32.
 
 Served and naive levels alternate (served c=1, naive c=1, served c=8, ...) so that a change in the

@@ -18,6 +18,11 @@ real JPEGs of mixed sizes (photos from scikit-image, resized and re-encoded), it
   was far slower at c=1, 8 and 64 and level with ``sync`` at c=32.
 * ``served_text_per_s``: ``POST /search/by-text`` at concurrency 32.
 
+Each level also records where the machine's CPU went (``cpu_ms_per_request`` by process role: encoder,
+ingress, library_index, proxy, serve_controller, naive_server, load_generator, other Ray processes) and
+how busy the machine was (``machine_cpu_busy``, 1.0 = every core all the time): on a CPU the model and
+everything around it share the same cores, and this says what the served path costs beside the model.
+
 Served and naive levels alternate (served c=1, naive c=1, served c=8, ...) so that a change in the
 machine's background load hits both alike. Closed loop: each of ``c`` clients sends its next request
 when the previous one is answered. Nothing here is a test; the figures go to ``bench/README.md``.
@@ -164,12 +169,14 @@ def closed_loop(url: str, bodies: list[bytes], concurrency: int, n_requests: int
                     errors += 1
 
     threads = [threading.Thread(target=client, args=(s,)) for s in sessions]
+    cpu_before = cpu_snapshot()
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    cpu = cpu_split(cpu_before, cpu_snapshot(), n_requests, wall)
     ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     return {
         "concurrency": concurrency,
@@ -179,6 +186,55 @@ def closed_loop(url: str, bodies: list[bytes], concurrency: int, n_requests: int
         "p99_ms": round(float(np.percentile(ms, 99)), 1),
         "errors": errors,
         "wall_s": round(wall, 2),
+        **cpu,
+    }
+
+
+# Processes by role, from their command lines (Ray names replica processes after their deployment).
+ROLES = (
+    ("Encoder", "encoder"),
+    ("Ingress", "ingress"),
+    ("LibraryIndex", "library_index"),
+    ("ProxyActor", "proxy"),
+    ("ServeController", "serve_controller"),
+    ("naive_server.py", "naive_server"),
+    ("serving_bench.py", "load_generator"),
+)
+
+
+def cpu_snapshot() -> dict[str, Any]:
+    """CPU seconds used so far by each process on the machine, and by the machine as a whole."""
+    import psutil
+
+    procs: dict[int, tuple[str, float]] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            times = proc.cpu_times()
+            procs[proc.pid] = (" ".join(proc.info["cmdline"] or []), times.user + times.system)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    machine = psutil.cpu_times()
+    return {"procs": procs, "busy_s": sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)}
+
+
+def cpu_split(before: dict[str, Any], after: dict[str, Any], requests: int, wall: float) -> dict[str, Any]:
+    """Where the CPU went during a level: milliseconds per request by role, and how busy the machine was.
+
+    Roles not named in ``ROLES`` (Ray's GCS, raylet, dashboard, other replicas) are summed as ``other``;
+    ``unattributed`` is machine time no process still alive at the end accounts for (e.g. the kernel).
+    """
+    per_role: dict[str, float] = {}
+    for pid, (cmdline, used) in after["procs"].items():
+        if pid not in before["procs"]:
+            continue
+        delta = used - before["procs"][pid][1]
+        role = next((r for key, r in ROLES if key in cmdline), "other")
+        per_role[role] = per_role.get(role, 0.0) + delta
+    busy = after["busy_s"] - before["busy_s"]
+    per_role["unattributed"] = max(busy - sum(per_role.values()), 0.0)
+    return {
+        "cpu_ms_per_request": {r: round(v / requests * 1000, 1) for r, v in sorted(per_role.items())},
+        "machine_cpu_busy": round(busy / (wall * (os.cpu_count() or 1)), 3),
     }
 
 
@@ -356,6 +412,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=36, help="distinct JPEGs (library and queries)")
     parser.add_argument("--raw-batches", default="", help="batch sizes for the ceiling (default: by device)")
     parser.add_argument("--raw-min-s", type=float, default=3.0)
+    parser.add_argument(
+        "--served-max-batch-size",
+        type=int,
+        default=0,
+        help="the served Encoder's max_batch_size; 0: the shipped values, 32 on CPU (EncoderConfig's"
+        " default) and 64 on GPU (serve_config.yaml). Not the raw loop's best batch: on a CPU the rates"
+        " of batches 8-64 lie within the noise, and a small best batch would starve the merging batcher",
+    )
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     parser.add_argument("--max-concurrent-batches", type=int, default=0, help="0: 1 on CPU, 2 on GPU")
     parser.add_argument(
@@ -442,8 +506,10 @@ def main() -> None:
             print(f"starting naive server ({mode})", flush=True)
             naive_procs[mode], base = start_naive(args, library_dir, mode)
             naive_urls[mode] = base + PREFIX + "/search/by-image"
-        print(f"starting the Serve app (encoder max_batch_size {best_batch})", flush=True)
-        served_base, encoder_info = start_served(args, work / "storage", jpegs, gpu, best_batch)
+        served_batch = args.served_max_batch_size or (64 if gpu else 32)
+        result["served_max_batch_size"] = served_batch
+        print(f"starting the Serve app (encoder max_batch_size {served_batch})", flush=True)
+        served_base, encoder_info = start_served(args, work / "storage", jpegs, gpu, served_batch)
         result["encoder"] = {k: v for k, v in encoder_info().items() if k not in ("stats", "pid")}
 
         served: dict[str, Any] = {}

@@ -8,6 +8,8 @@ through a :class:`~index.batching.MergingBatcher`, which runs the forward pass i
 event loop keeps accepting requests and forming batches), bounds how many passes run at once
 (``max_concurrent_batches``), and merges the batches that queued up while the model was busy into one
 pass of up to ``max_batch_size``. All three knobs are ``user_config``: they change without a restart.
+On a CPU, passes running at once share the replica's threads (``num_cpus``, which Ray turns into the
+OpenMP thread count) instead of each taking all of them.
 """
 
 from __future__ import annotations
@@ -57,7 +59,10 @@ class EncoderConfig(BaseModel):
         DEFAULT_MAX_CONCURRENT_BATCHES,
         ge=1,
         le=8,
-        description="forward passes running at once: 1 on CPU, 2 on a GPU (host work overlaps device work)",
+        description=(
+            "forward passes running at once: 2 on a GPU (host work overlaps device work); on a CPU the"
+            " passes share the replica's threads (num_cpus), so 1 or 2 there"
+        ),
     )
 
 
@@ -167,9 +172,13 @@ class Encoder:
         if self.face is not None:
             self.face.warmup()
         self.config = EncoderConfig()
+        # The replica's CPU budget (Ray sets OMP_NUM_THREADS from num_cpus), shared out among the forward
+        # passes allowed to run at once; None on a GPU.
+        self._cpu_threads = torch.get_num_threads() if device == "cpu" else None
+        self._threads_per_pass = pass_threads(self._cpu_threads, self.config.max_concurrent_batches)
         self.metrics = EncoderMetrics()
         self.batcher = MergingBatcher(
-            {"image": self._encode_images, "face": self._encode_faces, "text": self.embedder.encode_texts},
+            {"image": self._encode_images, "face": self._encode_faces, "text": self._encode_texts},
             max_batch_size=self.config.max_batch_size,
             max_concurrent=self.config.max_concurrent_batches,
             observer=self.metrics,
@@ -189,6 +198,7 @@ class Encoder:
         for method in serve_queues:
             method.set_max_batch_size(config.max_batch_size)
             method.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._threads_per_pass = pass_threads(self._cpu_threads, config.max_concurrent_batches)
         self.batcher.configure(
             max_batch_size=config.max_batch_size, max_concurrent=config.max_concurrent_batches
         )
@@ -287,16 +297,20 @@ class Encoder:
         return await self.batcher.run("text", texts)
 
     def _encode_images(self, images: list[np.ndarray]) -> np.ndarray:
-        return self.embedder.encode_images(np.stack(images))
+        return self.embedder.encode_images(np.stack(images), threads=self._threads_per_pass)
 
     def _encode_faces(self, images: list[np.ndarray]) -> np.ndarray:
-        return (self.face or self.embedder).encode_images(np.stack(images))
+        return (self.face or self.embedder).encode_images(np.stack(images), threads=self._threads_per_pass)
+
+    def _encode_texts(self, texts: list[str]) -> np.ndarray:
+        return self.embedder.encode_texts(texts, threads=self._threads_per_pass)
 
     def info(self) -> dict[str, Any]:
         """What is loaded, the batching knobs in force, and counters (for /health, tests, benchmarks)."""
         face = self.face.info if self.face is not None else None
         return dict(self.embedder.info) | {
             "batch": self.config.model_dump(),
+            "cpu_threads_per_pass": self._threads_per_pass,
             "face_identity": face["identity"] if face else None,
             "face_info": face,
             "stats": {
@@ -308,6 +322,17 @@ class Encoder:
 
     def check_health(self) -> None:
         """Cheap on purpose: Serve calls it every few seconds."""
+
+
+def pass_threads(cpu_threads: int | None, max_concurrent_batches: int) -> int | None:
+    """Intra-op threads of each CPU forward pass: the replica's threads shared among concurrent passes.
+
+    ``None`` (a GPU replica) stays ``None``. Every pass gets at least one thread, so more concurrent
+    passes than threads oversubscribe the cores, as asked.
+    """
+    if cpu_threads is None:
+        return None
+    return max(1, cpu_threads // max_concurrent_batches)
 
 
 def _assigned_gpus() -> list[str]:

@@ -71,7 +71,6 @@ RESERVED_LIBRARY_NAMES = frozenset({"list"})
 TASK_ID_RE = re.compile(r"[0-9a-f]{32}")
 
 
-
 async def note_library(request: Request) -> None:
     """Put the request's ``library_name`` (path or JSON body) where the request log finds it.
 

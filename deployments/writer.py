@@ -20,9 +20,7 @@ class Writer:
     async def create_library(
         self, name: str, mode: str, description: str | None, model: dict[str, Any], index_kind: str
     ) -> dict[str, Any]:
-        return await asyncio.to_thread(
-            self.core.create_library, name, mode, description, model, index_kind
-        )
+        return await asyncio.to_thread(self.core.create_library, name, mode, description, model, index_kind)
 
     async def delete_library(self, name: str) -> None:
         await asyncio.to_thread(self.core.delete_library, name)

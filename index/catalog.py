@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from index.ann import CONFIGURED_KINDS
+from index.durable import fsync_dir
 from index.errors import (
     InvalidParameter,
     LibraryAlreadyExists,
@@ -167,7 +168,7 @@ class Catalog:
             if final.exists():
                 raise LibraryAlreadyExists(name) from exc
             raise
-        _fsync_dir(self._libraries)
+        fsync_dir(self._libraries)
         logger.info("created library %s (mode=%s, model=%s, dim=%d)", name, mode, model_identity, dim)
         return info
 
@@ -208,7 +209,7 @@ class Catalog:
             os.rename(src, dst)
         except FileNotFoundError:
             raise LibraryNotFound(name) from None
-        _fsync_dir(self._libraries)
+        fsync_dir(self._libraries)
         shutil.rmtree(dst, ignore_errors=True)
         logger.info("deleted library %s", name)
 
@@ -278,11 +279,3 @@ def _write_json_durably(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -581,13 +581,15 @@ class ClipEmbedder:
             "cpu_threads": torch.get_num_threads(),
         }
 
-    def encode_images(self, batch: np.ndarray) -> np.ndarray:
+    def encode_images(self, batch: np.ndarray, *, threads: int | None = None) -> np.ndarray:
         """Encode prepared images.
 
         Args:
             batch: ``uint8`` array of shape ``(B, height, width, 3)`` with ``(height, width)`` equal to
                 ``spec.preprocess.size``, RGB, as returned by ``index.imaging.prepare_for_model``.
                 ``B`` may be 0.
+            threads: on a CPU, the intra-op threads of this forward pass (see :func:`use_cpu_threads`);
+                ``None`` keeps the calling thread's setting. Ignored on a GPU.
 
         Returns:
             ``float32`` array of shape ``(B, dim)``, each row L2-normalised.
@@ -612,6 +614,7 @@ class ClipEmbedder:
             # torch.from_numpy warns on read-only arrays (Ray's object store hands those out) and refuses
             # negative strides (flipped views); the copy is small next to the forward pass.
             batch = np.array(batch, order="C")
+        self._use_threads(threads)
         with torch.inference_mode():
             # Ship uint8 (a quarter of float32's bytes), then do ToTensor + Normalize on the device.
             pixels = torch.from_numpy(batch).to(self._device)
@@ -620,11 +623,12 @@ class ClipEmbedder:
             features = self._model.encode_image(pixels)
             return _unit_rows(features)
 
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+    def encode_texts(self, texts: Sequence[str], *, threads: int | None = None) -> np.ndarray:
         """Encode texts with the model's own tokenizer; texts past the context length are truncated.
 
         Args:
             texts: a list (or tuple) of strings; may be empty.
+            threads: as in :meth:`encode_images`.
 
         Returns:
             ``float32`` array of shape ``(len(texts), dim)``, each row L2-normalised.
@@ -641,9 +645,17 @@ class ClipEmbedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._tokenizer_lock:
             tokens = self._tokenizer(list(texts))
+        self._use_threads(threads)
         with torch.inference_mode():
             features = self._model.encode_text(tokens.to(self._device))
             return _unit_rows(features)
+
+    def _use_threads(self, threads: int | None) -> None:
+        if threads is None:
+            return
+        _check_threads(threads)  # on a GPU too: a bad value should not wait for a CPU replica to fail
+        if self._device.type == "cpu":
+            use_cpu_threads(threads)
 
     def warmup(self) -> None:
         """Run one small image batch and one text batch, so the first real request pays no set-up cost."""
@@ -654,6 +666,27 @@ class ClipEmbedder:
     def __repr__(self) -> str:
         device, precision = str(self._device), self._precision
         return f"ClipEmbedder({self._spec.identity!r}, device={device!r}, precision={precision!r})"
+
+
+def use_cpu_threads(threads: int) -> None:
+    """Give the CPU forward passes of the calling thread ``threads`` intra-op threads.
+
+    PyTorch's OpenMP thread count belongs to the calling thread (a new thread starts from the last
+    value set anywhere), so two passes running in two threads can each use part of the cores: on a
+    busy CPU, two single-threaded passes beat one two-threaded pass (no OpenMP barrier waiting on a
+    descheduled thread, no spinning). Setting it is cheap, and skipped when it is already right.
+
+    Raises:
+        ValueError: when ``threads`` is not an int >= 1.
+    """
+    _check_threads(threads)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def _check_threads(threads: Any) -> None:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an int >= 1; got {threads!r}")
 
 
 def _create_model(spec: ModelSpec, device: torch.device, precision: str) -> torch.nn.Module:

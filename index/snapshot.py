@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from index.ann import BASES, DEFAULT_CONFIG, IndexConfig
+from index.durable import fsync_dir
 from index.table import VectorTable
 
 logger = logging.getLogger(__name__)
@@ -86,11 +87,11 @@ def write_snapshot(library_dir: Path, table: VectorTable, *, model_identity: str
     _save(tmp / "live.npy", lambda f: np.save(f, table.live))
     _save(tmp / "tags.pkl", lambda f: pickle.dump(table.tags, f, protocol=pickle.HIGHEST_PROTOCOL))
     _save(tmp / "manifest.json", lambda f: f.write(json.dumps(manifest.__dict__).encode()))
-    _fsync_path(tmp)
+    fsync_dir(tmp)
     os.rename(tmp, root / name)
     _save(root / "CURRENT.tmp", lambda f: f.write(name.encode()))
     os.replace(root / "CURRENT.tmp", root / "CURRENT")
-    _fsync_path(root)
+    fsync_dir(root)
     _prune(root, current=name, keep_newest=KEEP)
     logger.info(
         "snapshot %s written: %s index, %d slots (%d live) at seq %d",
@@ -188,14 +189,6 @@ def _save(path: Path, write: object) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _prune(root: Path, *, current: str, keep_newest: int) -> None:

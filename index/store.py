@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from index.durable import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 DB_NAME = "records.sqlite"
@@ -378,11 +380,7 @@ class LibraryStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(path.parent)
         return digest
 
     def _collect_frames(self, frames: Sequence[str]) -> None:

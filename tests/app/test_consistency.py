@@ -28,38 +28,27 @@ def test_every_replica_sees_each_write_at_once(client, library, storage_root):
             {"library_name": library, "image_id": f"i{i}", "image_uri": "u", "image_base64": image_b64(i)},
         )
         assert client.post("/image/get", {"library_name": library, "image_id": f"i{i}"})[0] == 200
-        query = np.asarray(
-            serve.get_deployment_handle("Encoder", app_name=APP).embed_image.remote(_pixels(i)).result()
-        )
-        handle = index.options(multiplexed_model_id=key)
-        answers = [
-            handle.search.remote(
-                query,
-                query_kind="image",
-                top_k=1,
-                node=None,
-                vector_kind="whole",
-                min_score=None,
-                return_frame=False,
-            )
-            for _ in range(8)
-        ]
-        for ans in (a.result() for a in answers):
+        for ans in _search_eight_times(index, key, _pixels(i), top_k=1):
             seen_replicas.add(ans["replica"])
             assert ans["results"][0]["image_id"] == f"i{i}", ans  # the write just acknowledged
             assert ans["results"][0]["score"] >= 0.99
     assert len(seen_replicas) == 2, "both LibraryIndex replicas should have answered"
     # a delete is visible at once on every replica too
     client.ok("/image/delete", {"library_name": library, "image_id": "i7"})
-    query = np.asarray(
-        serve.get_deployment_handle("Encoder", app_name=APP).embed_image.remote(_pixels(7)).result()
-    )
+    for ans in _search_eight_times(index, key, _pixels(7), top_k=8):
+        assert "i7" not in [r["image_id"] for r in ans["results"]]
+
+
+def _search_eight_times(index, key, pixels, *, top_k):
+    """Eight searches for ``pixels`` sent at once straight to the LibraryIndex (both replicas answer)."""
+    encoder = serve.get_deployment_handle("Encoder", app_name=APP)
+    query = np.asarray(encoder.embed_image.remote(pixels).result())
     handle = index.options(multiplexed_model_id=key)
     answers = [
         handle.search.remote(
             query,
             query_kind="image",
-            top_k=8,
+            top_k=top_k,
             node=None,
             vector_kind="whole",
             min_score=None,
@@ -67,8 +56,7 @@ def test_every_replica_sees_each_write_at_once(client, library, storage_root):
         )
         for _ in range(8)
     ]
-    for ans in (a.result() for a in answers):
-        assert "i7" not in [r["image_id"] for r in ans["results"]]
+    return [a.result() for a in answers]
 
 
 def test_read_your_writes_over_http_under_concurrency(client, library):

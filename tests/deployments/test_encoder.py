@@ -21,7 +21,7 @@ import skimage.data
 from ray import serve
 from ray.serve import metrics
 
-from deployments.encoder import Encoder
+from deployments.encoder import Encoder, pass_threads
 from index.embedder import ClipEmbedder, resolve_model_spec
 from index.imaging import prepare_for_model
 
@@ -157,6 +157,39 @@ def test_reconfigure_reaches_serve_queues_and_the_batcher(
         assert encoder.info()["batch"] == new  # the refused configs changed nothing
     finally:
         encoder.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_concurrent_batches": 1})
+
+
+def test_concurrent_passes_share_the_replicas_cpu_threads(
+    loop: asyncio.AbstractEventLoop, encoder: Any, pixels: list[np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two passes at once on a CPU get half the replica's threads each, instead of oversubscribing it."""
+    calls: list[int | None] = []
+    real = encoder.embedder.encode_images
+
+    def spy(batch: np.ndarray, *, threads: int | None = None) -> np.ndarray:
+        calls.append(threads)
+        return real(batch, threads=threads)
+
+    monkeypatch.setattr(encoder, "_cpu_threads", 4)  # as if Ray had given the replica num_cpus: 4
+    monkeypatch.setattr(encoder.embedder, "encode_images", spy)
+    try:
+        for concurrent, expected in ((2, 2), (1, 4), (8, 1)):
+            encoder.reconfigure(
+                {"max_batch_size": 8, "batch_wait_timeout_s": 0.002, "max_concurrent_batches": concurrent}
+            )
+            assert encoder.info()["cpu_threads_per_pass"] == expected
+            calls.clear()
+            run(loop, encoder.embed_image(pixels[0]))
+            assert calls == [expected]
+    finally:
+        encoder.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_concurrent_batches": 1})
+
+
+@pytest.mark.parametrize(
+    ("cpu_threads", "concurrent", "expected"), [(None, 2, None), (2, 1, 2), (2, 2, 1), (6, 4, 1), (16, 2, 8)]
+)
+def test_pass_threads(cpu_threads: int | None, concurrent: int, expected: int | None) -> None:
+    assert pass_threads(cpu_threads, concurrent) == expected
 
 
 def test_metrics_count_every_request_and_pass(

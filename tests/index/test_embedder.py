@@ -9,6 +9,7 @@ import importlib.util
 import json
 import logging
 import shutil
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from index.embedder import (
     replica_device,
     resolve_model_spec,
     tiny_random_dir,
+    use_cpu_threads,
 )
 from index.imaging import prepare_for_model
 
@@ -339,6 +341,42 @@ def test_read_only_and_non_contiguous_batches(tiny_embedder: ClipEmbedder) -> No
         warnings.simplefilter("error")
         np.testing.assert_array_equal(tiny_embedder.encode_images(read_only), expected)
     np.testing.assert_allclose(tiny_embedder.encode_images(flipped), expected, atol=1e-6)
+
+
+def test_threads_apply_to_the_calling_thread_only(tiny_embedder: ClipEmbedder) -> None:
+    """Two passes in two threads may each take part of the cores without changing anyone else's count."""
+    images, texts = _random_images(2), ["a cat", "a dog"]
+    expected_images, expected_texts = tiny_embedder.encode_images(images), tiny_embedder.encode_texts(texts)
+    main_threads = torch.get_num_threads()
+    seen: dict[str, int] = {}
+
+    def worker() -> None:
+        torch.set_num_threads(max(2, main_threads))  # what a new thread may inherit
+        got_images = tiny_embedder.encode_images(images, threads=1)
+        seen["after_images"] = torch.get_num_threads()
+        torch.set_num_threads(3)
+        got_texts = tiny_embedder.encode_texts(texts, threads=1)
+        seen["after_texts"] = torch.get_num_threads()
+        # the thread count changes the arithmetic's order, not its result
+        np.testing.assert_allclose(got_images, expected_images, atol=1e-5)
+        np.testing.assert_allclose(got_texts, expected_texts, atol=1e-5)
+        tiny_embedder.encode_images(images)  # threads=None keeps the thread's own setting
+        seen["untouched"] = torch.get_num_threads()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == {"after_images": 1, "after_texts": 1, "untouched": 1}
+    assert torch.get_num_threads() == main_threads
+    torch.set_num_threads(main_threads)  # what later new threads inherit
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_bad_thread_counts_are_refused(tiny_embedder: ClipEmbedder, threads: object) -> None:
+    with pytest.raises(ValueError, match="threads must be an int >= 1"):
+        tiny_embedder.encode_images(_random_images(1), threads=threads)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="threads must be an int >= 1"):
+        use_cpu_threads(threads)  # type: ignore[arg-type]
 
 
 def test_empty_batches(tiny_embedder: ClipEmbedder) -> None:

@@ -32,6 +32,7 @@ import collections
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +69,8 @@ from index.tasks import (
 logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+#: How often the runner deletes finished tasks past their retention.
+PRUNE_INTERVAL_S = 3600.0
 T = TypeVar("T")
 
 EncodeFn = Callable[[np.ndarray], Awaitable[np.ndarray]]
@@ -110,6 +113,12 @@ class ImportSettings(BaseModel):
     source_timeout_s: float = Field(30.0, gt=0, description="connect/read timeout of an http(s) source")
     heartbeat_s: float = Field(
         10.0, gt=0, description="runner heartbeat; tasks of a runner silent for 6x are taken over"
+    )
+    finished_task_retention_days: float = Field(
+        30.0,
+        gt=0,
+        le=36_500,
+        description="finished tasks are deleted this long after they finished (then TASK_NOT_FOUND)",
     )
 
 
@@ -306,6 +315,7 @@ class ImportRunner:
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
         self._closing = False
+        self._next_prune = 0.0  # time.monotonic() of the next deletion of expired finished tasks
         self._prepare_slots = asyncio.Semaphore(settings.prepare_concurrency)
         self._encode_slots = asyncio.Semaphore(settings.encode_concurrency)
 
@@ -319,6 +329,7 @@ class ImportRunner:
                 self._queue.append(t.task_id)
         if claimed:
             logger.info("resuming %d unfinished import task(s)", len(claimed))
+        await self._prune_expired()
         self._scheduler = asyncio.create_task(self._schedule(), name="import-scheduler")
 
     @property
@@ -391,6 +402,29 @@ class ImportRunner:
             for t in held:  # tasks of a runner that died without a restart of this one
                 if t.task_id not in self._running and t.task_id not in self._queue:
                     self._queue.append(t.task_id)
+            await self._prune_expired()
+
+    async def _prune_expired(self) -> None:
+        """Delete finished tasks past ``finished_task_retention_days``; at most once an hour.
+
+        Without it ``tasks.sqlite`` grows with every task ever run (each keeps up to
+        ``max_task_errors`` error rows). A failure is logged and retried at the next heartbeat.
+        """
+        if time.monotonic() < self._next_prune:
+            return
+        cutoff = time.time() - self.settings.finished_task_retention_days * 86_400
+        try:
+            deleted = await asyncio.to_thread(self.tasks.prune_finished, finished_before=cutoff)
+        except Exception:
+            logger.exception("deleting expired import tasks failed")
+            return
+        self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
+        if deleted:
+            logger.info(
+                "deleted %d import task(s) finished more than %g days ago",
+                deleted,
+                self.settings.finished_task_retention_days,
+            )
 
     async def _run(self, task_id: str) -> None:
         try:

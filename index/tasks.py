@@ -320,6 +320,23 @@ class TaskStore:
                 (state, error, now, now, task_id),
             )
 
+    def prune_finished(self, *, finished_before: float) -> int:
+        """Delete finished tasks (and their error rows) that finished before ``finished_before``.
+
+        Unfinished tasks are never deleted, whatever their age. Returns how many tasks were deleted.
+        """
+        with self._txn() as conn:
+            conn.execute(
+                "DELETE FROM task_errors WHERE task_id IN (SELECT task_id FROM tasks"
+                " WHERE state NOT IN (?, ?) AND finished_at < ?)",
+                (*UNFINISHED, finished_before),
+            )
+            deleted = conn.execute(
+                "DELETE FROM tasks WHERE state NOT IN (?, ?) AND finished_at < ?",
+                (*UNFINISHED, finished_before),
+            ).rowcount
+        return int(deleted)
+
     @staticmethod
     def _check_owner(conn: sqlite3.Connection, task_id: str, owner: str) -> None:
         row = conn.execute("SELECT owner, state FROM tasks WHERE task_id = ?", (task_id,)).fetchone()

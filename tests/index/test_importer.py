@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydantic
 import pytest
 
 from filters import TagLimits
 from index.catalog import Catalog
-from index.errors import InvalidParameter, LibraryNotFound, Overloaded
+from index.errors import InvalidParameter, LibraryNotFound, Overloaded, TaskNotFound
 from index.fetch import FetchPolicy
 from index.imaging import ImageLimits
 from index.importer import ImportRunner, ImportSettings, LineReader, encode_in_thread, parse_line
@@ -468,3 +469,32 @@ def test_running_tasks_are_bounded_and_pending_ones_wait_their_turn(env):
 
     asyncio.run(scenario())
     assert len(env.records()) == 18
+
+
+def test_finished_tasks_past_their_retention_are_deleted_when_the_runner_starts(env):
+    old = env.tasks.create(library_name="lib", library_uid=env.uid, source="/x", save_image=True, owner="x")
+    env.tasks.finish(old.task_id, None, "SUCCEEDED")
+    env.tasks._conn.execute(  # it finished 31 days ago
+        "UPDATE tasks SET finished_at = finished_at - 31 * 86400 WHERE task_id = ?", (old.task_id,)
+    )
+    recent = env.tasks.create(
+        library_name="lib", library_uid=env.uid, source="/y", save_image=True, owner="x"
+    )
+    env.tasks.finish(recent.task_id, None, "FAILED", error="nothing")
+
+    async def scenario():
+        runner = env.runner(finished_task_retention_days=30)
+        await runner.start()
+        try:
+            with pytest.raises(TaskNotFound):
+                await runner.describe(old.task_id)
+            assert (await runner.describe(recent.task_id))["state"] == "FAILED"
+        finally:
+            await runner.close()
+
+    asyncio.run(scenario())
+
+
+def test_retention_must_be_positive():
+    with pytest.raises(pydantic.ValidationError, match="finished_task_retention_days"):
+        ImportSettings(finished_task_retention_days=0)

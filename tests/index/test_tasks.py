@@ -102,3 +102,26 @@ def test_finished_tasks_cannot_be_committed_to(store):
         store.finish(t, "A", RUNNING)
     assert store.describe(t)["error"] == "library deleted"
     assert store.count_unfinished() == 0
+
+
+def test_prune_deletes_only_finished_tasks_that_finished_before_the_cutoff(store, monkeypatch):
+    clock = [1_000.0]
+    monkeypatch.setattr("index.tasks.time.time", lambda: clock[0])
+    old_done, old_failed, old_running = new(store), new(store), new(store)
+    store.start(old_done.task_id, "A")
+    store.commit_chunk(old_done.task_id, "A", lines_done=2, succeeded=1, errors=[LineError(2, "bad")])
+    store.finish(old_done.task_id, "A", SUCCEEDED)
+    store.finish(old_failed.task_id, "A", FAILED, error="x")
+    store.start(old_running.task_id, "A")  # unfinished: kept whatever its age
+    clock[0] = 5_000.0
+    recent = new(store)
+    store.finish(recent.task_id, "A", SUCCEEDED)
+
+    assert store.prune_finished(finished_before=4_000.0) == 2
+    for gone in (old_done, old_failed):
+        with pytest.raises(TaskNotFound):
+            store.get(gone.task_id)
+        assert store.errors(gone.task_id) == []  # its error rows went with it
+    assert store.get(old_running.task_id).state == RUNNING
+    assert store.get(recent.task_id).state == SUCCEEDED
+    assert store.prune_finished(finished_before=4_000.0) == 0

@@ -315,6 +315,8 @@ def start_served(
         "pretrained": args.pretrained,
         "device": args.device,
         "storage_root": str(storage),
+        # the Ingress's calls to the Encoder carry up to one forward pass of items (serve_config.yaml)
+        "encode_batching": {"max_batch_size": batch},
         "deployment_options": {
             # Big enough queues that nothing is shed below the highest concurrency measured.
             "Ingress": {**zero_cpu, "max_ongoing_requests": 256},

@@ -136,6 +136,22 @@ class FaceDetectorArgs(BaseModel):
     margin: float = Field(FaceConfig.margin, ge=0, le=1, description="crop margin per side")
 
 
+class EncodeBatching(BaseModel):
+    """How each Ingress replica gathers the items of concurrent requests into one call to the Encoder.
+
+    One call per item would cost a Serve call (routing, serialisation, the replica's request handling)
+    per image on both sides; on a GPU, where an image costs less than that, the calls would bound the
+    encoder. The Encoder still merges the batches of all ingress replicas into its forward passes.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(32, ge=1, le=1024, description="most items in one call to the Encoder")
+    batch_wait_timeout_s: float = Field(
+        0.002, ge=0.0, le=1.0, description="how long a call waits for more items (the latency it adds)"
+    )
+
+
 class AppArgs(BaseModel):
     """Arguments of ``build_app``."""
 
@@ -191,6 +207,9 @@ class AppArgs(BaseModel):
         "e.g. s3fs or gcsfs, must be installed)",
     )
     imports: ImportSettings = Field(default_factory=ImportSettings, description="bulk import limits, tuning")
+    encode_batching: EncodeBatching = Field(
+        default_factory=EncodeBatching, description="the Ingress's calls to the Encoder (batches of items)"
+    )
     api_keys: list[str] = Field(
         default_factory=list, description="accepted API keys (Authorization: Bearer); empty: no auth"
     )

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.metrics import Gauge, Histogram
 
+from deployments.autoscaling import ONGOING_ITEMS_METRIC
 from index.batching import MergingBatcher
 from index.embedder import ClipEmbedder, ModelSpec, replica_device
 
@@ -94,32 +95,36 @@ class EncoderMetrics:
             tag_keys=("kind",),
         )
         self.ongoing_gauge = Gauge(
-            "image_search_encoder_ongoing_requests",
-            description="Requests in this replica, waiting or being encoded.",
+            "image_search_encoder_ongoing_items",
+            description="Items (images, crops, texts) in this replica, waiting or being encoded.",
             tag_keys=("kind",),
         )
         self.queue_gauge = Gauge(
             "image_search_encoder_queue_depth",
-            description="Requests in this replica not yet in a forward pass.",
+            description="Items in this replica not yet in a forward pass.",
             tag_keys=("kind",),
         )
         self.ongoing = dict.fromkeys(KINDS, 0)
         self.running = dict.fromkeys(KINDS, 0)
-        self.requests = dict.fromkeys(KINDS, 0)
+        self.calls = dict.fromkeys(KINDS, 0)
 
     @contextmanager
-    def request(self, kind: str) -> Iterator[None]:
-        """Count one caller of ``kind`` from arrival to answer, and observe its latency."""
+    def request(self, kind: str, items: int = 1) -> Iterator[None]:
+        """Count one call of ``kind`` carrying ``items`` items from arrival to answer; observe its latency."""
         start = time.perf_counter()
-        self.ongoing[kind] += 1
-        self.requests[kind] += 1
+        self.ongoing[kind] += items
+        self.calls[kind] += 1
         self._set_gauges(kind)
         try:
             yield
         finally:
-            self.ongoing[kind] -= 1
+            self.ongoing[kind] -= items
             self.request_ms.observe((time.perf_counter() - start) * 1000, tags={"kind": kind})
             self._set_gauges(kind)
+
+    def ongoing_items(self) -> int:
+        """Items of every kind in this replica, waiting or being encoded (the autoscaling signal)."""
+        return sum(self.ongoing.values())
 
     def batch_started(self, kind: str, size: int) -> None:
         """A forward pass of ``size`` items begins (MergingBatcher observer)."""
@@ -134,7 +139,7 @@ class EncoderMetrics:
         self._set_gauges(kind)
 
     def queue_depth(self, kind: str) -> int:
-        """Callers of ``kind`` in this replica whose item is not in a forward pass yet."""
+        """Items of ``kind`` in this replica that are not in a forward pass yet."""
         return max(self.ongoing[kind] - self.running[kind], 0)
 
     def _set_gauges(self, kind: str) -> None:
@@ -262,21 +267,42 @@ class Encoder:
         Raises:
             ValueError: for anything but a non-empty uint8 array of shape ``(B, *image shape)``.
         """
-        if (
-            not isinstance(images, np.ndarray)
-            or images.dtype != np.uint8
-            or images.ndim != 4
-            or images.shape[1:] != self._image_shape
-            or len(images) == 0
-        ):
-            shape = ", ".join(map(str, self._image_shape))
-            raise ValueError(
-                f"embed_image_batch expects a non-empty uint8 array of shape (B, {shape}); "
-                f"got {_describe(images)}"
-            )
-        with self.metrics.request("image"):
+        _check_image_batch("embed_image_batch", images, self._image_shape)
+        with self.metrics.request("image", len(images)):
             vectors = await self.batcher.run("image", list(images))
         return np.stack(vectors)
+
+    async def embed_face_batch(self, images: np.ndarray) -> np.ndarray:
+        """``embed_image_batch`` for face crops (the face model's input shape).
+
+        Raises:
+            ValueError: for anything but a non-empty uint8 array of shape ``(B, *face input shape)``.
+        """
+        _check_image_batch("embed_face_batch", images, self._face_shape)
+        with self.metrics.request("face", len(images)):
+            vectors = await self.batcher.run("face", list(images))
+        return np.stack(vectors)
+
+    async def embed_text_batch(self, texts: list[str]) -> np.ndarray:
+        """A batch of texts the caller already formed -> ``(B, dim)`` unit vectors.
+
+        Raises:
+            ValueError: for anything but a non-empty list of ``str``.
+        """
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            got = type(texts).__name__ if not isinstance(texts, list) else "a list with other items or none"
+            raise ValueError(f"embed_text_batch expects a non-empty list of str; got {got}")
+        with self.metrics.request("text", len(texts)):
+            vectors = await self.batcher.run("text", texts)
+        return np.stack(vectors)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (``deployments.autoscaling``): items in this replica.
+
+        Callers send batches (the ingress gathers concurrent requests into one call), so Serve's own
+        count of ongoing calls says little about the load; the items those calls carry do.
+        """
+        return {ONGOING_ITEMS_METRIC: float(self.metrics.ongoing_items())}
 
     @serve.batch(
         max_batch_size=DEFAULT_MAX_BATCH_SIZE,
@@ -314,8 +340,7 @@ class Encoder:
             "face_identity": face["identity"] if face else None,
             "face_info": face,
             "stats": {
-                kind: {"requests": self.metrics.requests[kind], **s}
-                for kind, s in self.batcher.stats().items()
+                kind: {"calls": self.metrics.calls[kind], **s} for kind, s in self.batcher.stats().items()
             },
             "pid": os.getpid(),
         }
@@ -340,6 +365,20 @@ def _assigned_gpus() -> list[str]:
     if not ray.is_initialized():  # a plain instance outside Ray (tests): nothing was assigned
         return []
     return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+
+
+def _check_image_batch(method: str, images: Any, shape: tuple[int, ...]) -> None:
+    if (
+        not isinstance(images, np.ndarray)
+        or images.dtype != np.uint8
+        or images.ndim != 4
+        or images.shape[1:] != shape
+        or len(images) == 0
+    ):
+        dims = ", ".join(map(str, shape))
+        raise ValueError(
+            f"{method} expects a non-empty uint8 array of shape (B, {dims}); got {_describe(images)}"
+        )
 
 
 def _describe(value: Any) -> str:

@@ -69,6 +69,8 @@ PREFIX = "/api/v1/operators/image-search"
 RESERVED_LIBRARY_NAMES = frozenset({"list"})
 #: Task ids are 32 hex digits (uuid4); anything else cannot name a task.
 TASK_ID_RE = re.compile(r"[0-9a-f]{32}")
+#: Encoder calls one Ingress replica may have in flight per kind; items beyond wait here, in bigger batches.
+ENCODE_CALLS_IN_FLIGHT = 16
 
 
 async def note_library(request: Request) -> None:
@@ -133,6 +135,11 @@ class Ingress:
         self.catalog = Catalog(args.storage_root, max_libraries=args.limits.max_libraries)
         # Detection and cropping are CPU work: they run here, in worker threads, next to decoding.
         self.pipeline = ModePipeline(preprocess, args.detection_config(), face_preprocess=face_preprocess)
+        # Serve's batch queues are configured per replica from the builder's args.
+        batched: tuple[Any, ...] = (self._encode_images, self._encode_faces, self._encode_texts)
+        for method in batched:
+            method.set_max_batch_size(args.encode_batching.max_batch_size)
+            method.set_batch_wait_timeout_s(args.encode_batching.batch_wait_timeout_s)
         self._model: dict[str, Any] | None = None
         self._prompt_vectors: np.ndarray | None = None
         # Read per request by the middlewares (they are installed when the module is imported).
@@ -349,7 +356,7 @@ class Ingress:
                     f"Image library {info.name!r} is in {info.mode} mode and does not support "
                     "text-to-image search."
                 )
-            vector = await self.encoder.embed_text.remote(body.query_text)
+            vector = await self._encode_texts(body.query_text)
             answer = await self._index(info).search.remote(
                 vector, query_kind="text", vector_kind="whole", **self._search_kwargs(body, node)
             )
@@ -464,15 +471,29 @@ class Ingress:
         plan = await asyncio.to_thread(self.pipeline.plan, image, mode, query=query)
         # Several crops (clip-regions candidates) go out at once and batch together in the Encoder. Face
         # crops go to embed_face: the face-embedding model when one is configured, else CLIP.
-        method = self.encoder.embed_face if plan.vector_kind == "face" else self.encoder.embed_image
-        vectors = list(await asyncio.gather(*(method.remote(c) for c in plan.crops)))
+        encode = self._encode_faces if plan.vector_kind == "face" else self._encode_images
+        vectors = list(await asyncio.gather(*(encode(c) for c in plan.crops)))
         prompts = await self._prompts() if plan.candidates else None
         return self.pipeline.finish(plan, vectors, prompts, query=query)
+
+    # One Encoder call per batch of concurrent requests' items (AppArgs.encode_batching sets size and wait
+    # per replica). Many batches may be in flight: the Encoder merges them into its forward passes.
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=ENCODE_CALLS_IN_FLIGHT)
+    async def _encode_images(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+        return list(await self.encoder.embed_image_batch.remote(np.stack(crops)))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=ENCODE_CALLS_IN_FLIGHT)
+    async def _encode_faces(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+        return list(await self.encoder.embed_face_batch.remote(np.stack(crops)))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=ENCODE_CALLS_IN_FLIGHT)
+    async def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:
+        return list(await self.encoder.embed_text_batch.remote(texts))
 
     async def _prompts(self) -> np.ndarray:
         """Unit vectors of the clip-regions prompts (computed once per replica)."""
         if self._prompt_vectors is None:
             texts = self.pipeline.prompts
-            vectors = await asyncio.gather(*(self.encoder.embed_text.remote(t) for t in texts))
+            vectors = await asyncio.gather(*(self._encode_texts(t) for t in texts))
             self._prompt_vectors = np.stack(vectors)
         return self._prompt_vectors

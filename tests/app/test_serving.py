@@ -21,12 +21,15 @@ pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def production_app(name: str, storage_root: str, encoder_batch: dict[str, Any]) -> ServeDeploySchema:
-    """serve_config.yaml's application, shrunk to fit this machine: tiny model, no GPU, 0 CPUs."""
+def production_app(
+    name: str, storage_root: str, encoder_batch: dict[str, Any], **args: Any
+) -> ServeDeploySchema:
+    """serve_config.yaml's application, shrunk to fit this machine: tiny model, no GPU, 0 CPUs; ``args``
+    override builder args."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     (app,) = copy.deepcopy(config["applications"])
     app["name"], app["route_prefix"] = name, f"/{name}"
-    app["args"].update(model="tiny-random", storage_root=storage_root)
+    app["args"].update(model="tiny-random", storage_root=storage_root, **args)
     for key in ("pretrained", "model_cache_dir"):
         app["args"].pop(key)
     for d in app["deployments"]:
@@ -59,12 +62,14 @@ def test_a_changed_user_config_applies_to_the_running_encoder(serve_port: int, t
     # The Python counterpart of `serve deploy` (the CLI goes through the dashboard, not run in tests).
     client = serve.context._get_global_client()
     try:
-        client.deploy_apps(production_app(name, str(tmp_path), first), _blocking=True)
+        # a 50 ms ingress batch wait: the 8 overlapping clients below surely share calls to the Encoder
+        wait = {"encode_batching": {"max_batch_size": 64, "batch_wait_timeout_s": 0.05}}
+        client.deploy_apps(production_app(name, str(tmp_path), first, **wait), _blocking=True)
         base = f"http://127.0.0.1:{serve_port}/{name}"
         wait_ready(base)
         before = encoder_info(name, first)
 
-        client.deploy_apps(production_app(name, str(tmp_path), second), _blocking=True)
+        client.deploy_apps(production_app(name, str(tmp_path), second, **wait), _blocking=True)
         after = encoder_info(name, second)
         assert after["pid"] == before["pid"], "the replica was restarted instead of reconfigured"
         # and it still serves, through HTTP, with the new settings
@@ -79,7 +84,9 @@ def test_a_changed_user_config_applies_to_the_running_encoder(serve_port: int, t
             )
         assert all(code == 200 for code, _ in answers), answers
         stats = encoder_info(name, second)["stats"]["text"]
-        assert stats["requests"] >= 24 and stats["largest_batch"] <= 16
+        assert stats["items"] >= 24 and stats["largest_batch"] <= 16
+        # the ingress sent them in batches (the 8 clients overlap: fewer calls than texts)
+        assert stats["calls"] < stats["items"]
     finally:
         serve.delete(name)
 
@@ -100,15 +107,13 @@ def test_a_full_ingress_queue_is_answered_by_the_proxy_with_the_envelope(
                 "max_ongoing_requests": 1,
                 "max_queued_requests": 1,
             },
-            # a slow batch wait keeps each request in the Ingress for a while
-            "Encoder": {
-                "ray_actor_options": {"num_cpus": 0},
-                "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2},
-            },
+            "Encoder": {"ray_actor_options": {"num_cpus": 0}},
             "LibraryIndex": {"ray_actor_options": {"num_cpus": 0}},
             "Writer": {"ray_actor_options": {"num_cpus": 0}},
             "Importer": {"ray_actor_options": {"num_cpus": 0}},
         },
+        # a slow batch wait in the Ingress keeps each request there for a while
+        encode_batching={"max_batch_size": 8, "batch_wait_timeout_s": 0.2},
     )
     base = f"http://127.0.0.1:{serve_port}/{name}"
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Coroutine, Iterator
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ import skimage.data
 from ray import serve
 from ray.serve import metrics
 
+from deployments.autoscaling import ONGOING_ITEMS_METRIC
 from deployments.encoder import Encoder, pass_threads
 from index.embedder import ClipEmbedder, resolve_model_spec
 from index.imaging import prepare_for_model
@@ -100,7 +102,7 @@ def test_interleaved_concurrent_callers_each_get_their_own_vector(
     after = encoder.info()["stats"]
     for kind in ("image", "text"):
         n = sum(k == kind for k, _ in calls)
-        assert after[kind]["requests"] - before[kind]["requests"] == n
+        assert after[kind]["calls"] - before[kind]["calls"] == n
         assert after[kind]["items"] - before[kind]["items"] == n
         # they really were batched: fewer passes than callers
         assert after[kind]["batches"] - before[kind]["batches"] < n
@@ -225,7 +227,7 @@ def test_metrics_count_every_request_and_pass(
         latency = [v for name, v, k in observed if name == "image_search_encoder_request_ms" and k == kind]
         assert len(latency) == n and all(v >= 0 for v in latency)
         # everything answered: nothing ongoing, nothing queued
-        assert gauges[("image_search_encoder_ongoing_requests", kind)] == 0
+        assert gauges[("image_search_encoder_ongoing_items", kind)] == 0
         assert gauges[("image_search_encoder_queue_depth", kind)] == 0
 
 
@@ -241,6 +243,71 @@ def test_queue_depth_counts_callers_not_yet_in_a_pass(
 
     ongoing, queued, after = run(loop, main())
     assert (ongoing, queued, after) == (5, 5, 0)
+
+
+def test_batch_calls_return_each_item_its_own_vector(
+    loop: asyncio.AbstractEventLoop, encoder: Any, reference: ClipEmbedder, pixels: list[np.ndarray]
+) -> None:
+    """Batches from several callers (as ingress replicas send them) interleave with single items."""
+    texts = ["a cat", "a rocket", "coffee", "an astronaut"]
+
+    async def main() -> list[np.ndarray]:
+        return await asyncio.gather(
+            encoder.embed_image_batch(np.stack(pixels[:3])),
+            encoder.embed_text_batch(texts[:2]),
+            encoder.embed_face_batch(np.stack(pixels[3:])),
+            encoder.embed_text_batch(texts[2:]),
+            encoder.embed_image(pixels[5]),
+        )
+
+    images, texts_a, faces, texts_b, single = run(loop, main())
+    np.testing.assert_allclose(images, reference.encode_images(np.stack(pixels[:3])), atol=1e-5)
+    np.testing.assert_allclose(faces, reference.encode_images(np.stack(pixels[3:])), atol=1e-5)
+    np.testing.assert_allclose(np.vstack([texts_a, texts_b]), reference.encode_texts(texts), atol=1e-5)
+    np.testing.assert_allclose(single, reference.encode_images(pixels[5][None])[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("method", "bad", "message"),
+    [
+        ("embed_text_batch", [], "non-empty list of str"),
+        ("embed_text_batch", ["a", b"b"], "non-empty list of str"),
+        ("embed_text_batch", "a text", "got str"),
+        (
+            "embed_face_batch",
+            np.zeros((0, 64, 64, 3), np.uint8),
+            "non-empty uint8 array of shape (B, 64, 64, 3)",
+        ),
+        ("embed_face_batch", np.zeros((2, 64, 64, 3), np.float32), "float32"),
+        ("embed_image_batch", np.zeros((2, 32, 64, 3), np.uint8), "(2, 32, 64, 3)"),
+    ],
+)
+def test_bad_batches_are_refused(
+    loop: asyncio.AbstractEventLoop, encoder: Any, method: str, bad: Any, message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run(loop, getattr(encoder, method)(bad))
+
+
+def test_items_in_flight_are_counted_per_item_and_reported_for_autoscaling(
+    loop: asyncio.AbstractEventLoop, encoder: Any, pixels: list[np.ndarray]
+) -> None:
+    async def main() -> tuple[dict[str, float], int, dict[str, float]]:
+        calls = [
+            asyncio.create_task(encoder.embed_image_batch(np.stack(pixels[:4]))),
+            asyncio.create_task(encoder.embed_text_batch(["a", "b", "c"])),
+            asyncio.create_task(encoder.embed_image(pixels[0])),
+        ]
+        await asyncio.sleep(0)  # every call has arrived; none has been answered
+        during = encoder.record_autoscaling_stats()
+        queued = encoder.metrics.queue_depth("image") + encoder.metrics.queue_depth("text")
+        await asyncio.gather(*calls)
+        return during, queued, encoder.record_autoscaling_stats()
+
+    during, queued, after = run(loop, main())
+    assert during == {ONGOING_ITEMS_METRIC: 8.0}  # 4 images + 3 texts + 1 image, not 3 calls
+    assert queued <= 8
+    assert after == {ONGOING_ITEMS_METRIC: 0.0}
 
 
 def test_serves_batch_bound_warning_is_hidden(encoder: Any) -> None:

@@ -23,7 +23,7 @@ from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.config import AppArgs
+from deployments.config import AppArgs, EncodeBatching
 from deployments.http import (
     ApiKeyAuth,
     BodyLimit,
@@ -71,6 +71,9 @@ RESERVED_LIBRARY_NAMES = frozenset({"list"})
 TASK_ID_RE = re.compile(r"[0-9a-f]{32}")
 #: Encoder calls one Ingress replica may have in flight per kind; items beyond wait here, in bigger batches.
 ENCODE_CALLS_IN_FLIGHT = 16
+_ENCODE_BATCH: dict[str, Any] = EncodeBatching().model_dump() | {
+    "max_concurrent_batches": ENCODE_CALLS_IN_FLIGHT
+}
 
 
 async def note_library(request: Request) -> None:
@@ -469,24 +472,25 @@ class Ingress:
     async def _embed(self, image: Image.Image, mode: str, *, query: bool) -> Embedded:
         """Detect and crop for the library's mode (worker thread), then encode the crops (Encoder)."""
         plan = await asyncio.to_thread(self.pipeline.plan, image, mode, query=query)
-        # Several crops (clip-regions candidates) go out at once and batch together in the Encoder. Face
-        # crops go to embed_face: the face-embedding model when one is configured, else CLIP.
+        # Several crops (clip-regions candidates) go out at once and share an Encoder call with other
+        # requests' items. Face crops go to the face path: the face-embedding model when one is
+        # configured, else CLIP.
         encode = self._encode_faces if plan.vector_kind == "face" else self._encode_images
         vectors = list(await asyncio.gather(*(encode(c) for c in plan.crops)))
         prompts = await self._prompts() if plan.candidates else None
         return self.pipeline.finish(plan, vectors, prompts, query=query)
 
     # One Encoder call per batch of concurrent requests' items (AppArgs.encode_batching sets size and wait
-    # per replica). Many batches may be in flight: the Encoder merges them into its forward passes.
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=ENCODE_CALLS_IN_FLIGHT)
+    # per replica, in __init__). Many batches may be in flight: the Encoder merges them into its passes.
+    @serve.batch(**_ENCODE_BATCH)
     async def _encode_images(self, crops: list[np.ndarray]) -> list[np.ndarray]:
         return list(await self.encoder.embed_image_batch.remote(np.stack(crops)))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=ENCODE_CALLS_IN_FLIGHT)
+    @serve.batch(**_ENCODE_BATCH)
     async def _encode_faces(self, crops: list[np.ndarray]) -> list[np.ndarray]:
         return list(await self.encoder.embed_face_batch.remote(np.stack(crops)))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=ENCODE_CALLS_IN_FLIGHT)
+    @serve.batch(**_ENCODE_BATCH)
     async def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:
         return list(await self.encoder.embed_text_batch.remote(texts))
 

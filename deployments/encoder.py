@@ -268,9 +268,7 @@ class Encoder:
             ValueError: for anything but a non-empty uint8 array of shape ``(B, *image shape)``.
         """
         _check_image_batch("embed_image_batch", images, self._image_shape)
-        with self.metrics.request("image", len(images)):
-            vectors = await self.batcher.run("image", list(images))
-        return np.stack(vectors)
+        return await self._run_batch("image", list(images))
 
     async def embed_face_batch(self, images: np.ndarray) -> np.ndarray:
         """``embed_image_batch`` for face crops (the face model's input shape).
@@ -279,9 +277,7 @@ class Encoder:
             ValueError: for anything but a non-empty uint8 array of shape ``(B, *face input shape)``.
         """
         _check_image_batch("embed_face_batch", images, self._face_shape)
-        with self.metrics.request("face", len(images)):
-            vectors = await self.batcher.run("face", list(images))
-        return np.stack(vectors)
+        return await self._run_batch("face", list(images))
 
     async def embed_text_batch(self, texts: list[str]) -> np.ndarray:
         """A batch of texts the caller already formed -> ``(B, dim)`` unit vectors.
@@ -292,8 +288,12 @@ class Encoder:
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             got = type(texts).__name__ if not isinstance(texts, list) else "a list with other items or none"
             raise ValueError(f"embed_text_batch expects a non-empty list of str; got {got}")
-        with self.metrics.request("text", len(texts)):
-            vectors = await self.batcher.run("text", texts)
+        return await self._run_batch("text", texts)
+
+    async def _run_batch(self, kind: str, items: list[Any]) -> np.ndarray:
+        """A caller's pre-formed batch through the merging batcher, counted as its items."""
+        with self.metrics.request(kind, len(items)):
+            vectors = await self.batcher.run(kind, items)
         return np.stack(vectors)
 
     def record_autoscaling_stats(self) -> dict[str, float]:

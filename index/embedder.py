@@ -653,9 +653,10 @@ class ClipEmbedder:
     def _use_threads(self, threads: int | None) -> None:
         if threads is None:
             return
-        _check_threads(threads)  # on a GPU too: a bad value should not wait for a CPU replica to fail
         if self._device.type == "cpu":
             use_cpu_threads(threads)
+        else:
+            _check_threads(threads)  # a bad value should not wait for a CPU replica to fail
 
     def warmup(self) -> None:
         """Run one small image batch and one text batch, so the first real request pays no set-up cost."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +27,8 @@ from urllib.parse import quote
 
 import requests
 from pydantic import BaseModel, ConfigDict, Field
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 PREFIX = "/api/v1/operators/image-search"
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -34,6 +37,10 @@ Mode = Literal["general_search", "item_search", "adaptive_search"]
 TagValue = str | int | float | bool | list[str | int | float | bool]
 #: An image given to the client: raw bytes, or the path of a file to read.
 ImageInput = bytes | str | os.PathLike[str]
+
+#: Answers retried (with the connection failures): the service shed the request (503 ``OVERLOADED``, or a
+#: proxy's 503 in front of it) or a proxy rate-limited it (429).
+RETRY_STATUSES = frozenset({429, 503})
 
 #: Import-task states after which a task changes no more.
 TERMINAL_TASK_STATES = frozenset({"SUCCEEDED", "PARTIALLY_SUCCEEDED", "FAILED"})
@@ -254,6 +261,35 @@ def encode_image(image: ImageInput) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+class _Backoff(Retry):
+    """urllib3's ``Retry`` with a delay before the first retry as well (urllib3 retries that one at once)."""
+
+    def get_backoff_time(self) -> float:
+        if not self.history:
+            return 0.0
+        delay = self.backoff_factor * 2 ** (len(self.history) - 1) + random.random() * self.backoff_jitter
+        return float(min(self.backoff_max, delay))
+
+
+def _retry_policy(retries: int, backoff: float) -> Retry:
+    """Connection failures and 503/429 answers, every method (all routes are idempotent), honouring
+    ``Retry-After``; the last answer is returned rather than raised when the retries run out."""
+    return _Backoff(
+        total=retries,
+        connect=retries,
+        read=False,  # a read timeout raises as itself (requests.Timeout), never retried
+        status=retries,
+        other=0,
+        redirect=0,
+        allowed_methods=None,
+        status_forcelist=RETRY_STATUSES,
+        backoff_factor=backoff,
+        backoff_jitter=backoff,
+        respect_retry_after_header=True,
+        raise_on_status=False,
+    )
+
+
 class ImageSearchClient:
     """Client of one image-search service.
 
@@ -262,10 +298,11 @@ class ImageSearchClient:
             the app is not at ``/``); the API prefix ``/api/v1/operators/image-search`` is added here.
         api_key: sent as ``Authorization: Bearer <key>`` when given.
         timeout: seconds for each HTTP request (connect and read), or a ``(connect, read)`` pair.
-        retries: how many times a request answered 503 ``OVERLOADED`` (or a refused connection) is
-            retried, with exponential backoff; other errors are raised at once. Every route of the
-            service is safe to retry: adds are upserts and deletes are idempotent.
-        backoff: the first retry's delay in seconds (doubled each time).
+        retries: how many times a request answered 503 or 429 (or whose connection failed) is retried,
+            after the answer's ``Retry-After`` or else an exponential backoff with jitter; other errors
+            (read timeouts included) are raised at once. Every route of the service is safe to retry:
+            adds are upserts and deletes are idempotent.
+        backoff: the first retry's delay in seconds (doubled each time, plus up to ``backoff`` of jitter).
     """
 
     def __init__(
@@ -294,6 +331,9 @@ class ImageSearchClient:
         session = getattr(self._local, "session", None)
         if session is None:
             session = requests.Session()
+            adapter = HTTPAdapter(max_retries=_retry_policy(self.retries, self.backoff))
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
             if self.api_key:
                 session.headers["Authorization"] = f"Bearer {self.api_key}"
             self._local.session = session
@@ -321,21 +361,8 @@ class ImageSearchClient:
             requests.RequestException: the service could not be reached (after the retries).
         """
         url = self.url + PREFIX + path
-        attempt = 0
-        while True:
-            try:
-                response = self._session.request(method, url, json=body, timeout=self.timeout)
-            except requests.ConnectionError:
-                if attempt >= self.retries:
-                    raise
-            else:
-                try:
-                    return self._unwrap(response)
-                except OverloadedError:
-                    if attempt >= self.retries:
-                        raise
-            time.sleep(self.backoff * 2**attempt)
-            attempt += 1
+        response = self._session.request(method, url, json=body, timeout=self.timeout)
+        return self._unwrap(response)
 
     @staticmethod
     def _unwrap(response: requests.Response) -> Any:

@@ -18,6 +18,7 @@ class Reply:
     http: int
     body: Any  # a dict is sent as JSON, a str as text/html
     delay_s: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,6 +58,8 @@ def scripted() -> Iterator[Script]:
             self.send_response(reply.http)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
 

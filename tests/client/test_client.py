@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import time
+from types import SimpleNamespace
 
 import pytest
 import requests
+import urllib3.util.retry
 
 from image_search_client import (
     ERRORS_BY_STATUS,
@@ -117,6 +120,34 @@ def test_overloaded_is_retried_with_backoff_then_raised(scripted):
     with pytest.raises(OverloadedError):
         ImageSearchClient(scripted.url, retries=1, backoff=0.01).list_libraries()
     assert len(scripted.received) == 2
+
+
+def record_retry_sleeps(monkeypatch) -> list[float]:
+    """The delays urllib3's Retry sleeps between attempts (recorded instead of slept)."""
+    slept: list[float] = []
+    monkeypatch.setattr(urllib3.util.retry, "time", SimpleNamespace(sleep=slept.append, time=time.time))
+    return slept
+
+
+def test_429_and_retry_after_are_honoured(scripted, monkeypatch):
+    slept = record_retry_sleeps(monkeypatch)
+    scripted.replies = [
+        Reply(429, "slow down", headers={"Retry-After": "3"}),
+        err(503, "OVERLOADED", "busy"),
+        ok({"libraries": []}),
+    ]
+    assert ImageSearchClient(scripted.url, retries=2, backoff=0.25).list_libraries() == []
+    assert len(scripted.received) == 3
+    # the server's Retry-After first, then the client's own backoff: 0.25 x 2 plus up to 0.25 of jitter
+    assert slept[0] == 3 and 0.5 <= slept[1] <= 0.75 and len(slept) == 2
+
+
+def test_first_retry_waits_backoff_plus_jitter(scripted, monkeypatch):
+    slept = record_retry_sleeps(monkeypatch)
+    scripted.replies = [err(503, "OVERLOADED", "busy")] * 3 + [ok({"libraries": []})]
+    ImageSearchClient(scripted.url, retries=3, backoff=0.5).list_libraries()
+    assert [int(s / 0.5) for s in slept] == [1, 2, 4]  # doubling; the jitter adds less than one backoff
+    assert all(0.5 * 2**i <= s <= 0.5 * 2**i + 0.5 for i, s in enumerate(slept))
 
 
 def test_other_errors_are_not_retried(scripted):

@@ -25,9 +25,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index.embedder import resolve_model_spec
-from index.imaging import ImageLimits, decode_image
-from index.modes import ModePipeline
+from index.detect.modes import ModePipeline
+from index.model.imaging import ImageLimits, decode_image
+from index.model.spec import resolve_model_spec
 from tests.images import product, scene
 
 

@@ -60,8 +60,8 @@ class RawCeiling:
     """ClipEmbedder.encode_images alone, in this process, on images already decoded and resized."""
 
     def __init__(self, spec: Any, photos: list[bytes]) -> None:
-        from index.embedder import ClipEmbedder
-        from index.imaging import ImageLimits, decode_image, prepare_for_model
+        from index.model.embedder import ClipEmbedder
+        from index.model.imaging import ImageLimits, decode_image, prepare_for_model
 
         self.embedder = ClipEmbedder.load(spec)
         self.embedder.warmup()
@@ -224,7 +224,7 @@ def main() -> None:
     args = p.parse_args()
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from index.embedder import resolve_model_spec
+    from index.model.spec import resolve_model_spec
 
     spec = resolve_model_spec(args.model, pretrained=args.pretrained, device=args.device)
     load_before = os.getloadavg()

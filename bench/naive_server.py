@@ -2,7 +2,7 @@
 
 One uvicorn process, one FastAPI route, the model called once per request (no batching), search by a
 numpy inner product over the library's vectors. It uses the same model wrapper and the same image
-preparation as the service (``index.embedder``, ``index.imaging``), so the comparison measures serving,
+preparation as the service (``index.model``), so the comparison measures serving,
 not a different model or different preprocessing.
 
     python bench/naive_server.py --model ViT-B-32 --pretrained random --port 8100 --library DIR
@@ -33,8 +33,9 @@ def create_app(model: str, pretrained: str, device: str, library: Path, mode: st
     """Load the model, embed the library's JPEGs, and return the FastAPI app."""
     from fastapi import FastAPI
 
-    from index.embedder import ClipEmbedder, resolve_model_spec
-    from index.imaging import ImageLimits, decode_base64, decode_image, prepare_for_model
+    from index.model.embedder import ClipEmbedder
+    from index.model.imaging import ImageLimits, decode_base64, decode_image, prepare_for_model
+    from index.model.spec import resolve_model_spec
 
     spec = resolve_model_spec(model, pretrained=pretrained, device=device)
     embedder = ClipEmbedder.load(spec)

@@ -110,7 +110,7 @@ class RawLoop:
     """The model alone, in this process, on inputs already prepared: the ceiling of any server."""
 
     def __init__(self, spec: Any, pixels: list[np.ndarray]) -> None:
-        from index.embedder import ClipEmbedder
+        from index.model.embedder import ClipEmbedder
 
         self.embedder = ClipEmbedder.load(spec)
         self.embedder.warmup()
@@ -326,7 +326,6 @@ def start_served(
                 "max_ongoing_requests": 256,
                 "user_config": {
                     "max_batch_size": batch,
-                    "batch_wait_timeout_s": args.batch_wait_timeout_s,
                     "max_concurrent_batches": args.max_concurrent_batches or (2 if gpu else 1),
                 },
             },
@@ -422,7 +421,6 @@ def main() -> None:
         " default) and 64 on GPU (serve_config.yaml). Not the raw loop's best batch: on a CPU the rates"
         " of batches 8-64 lie within the noise, and a small best batch would starve the merging batcher",
     )
-    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     parser.add_argument("--max-concurrent-batches", type=int, default=0, help="0: 1 on CPU, 2 on GPU")
     parser.add_argument(
         "--naive-modes",
@@ -438,8 +436,8 @@ def main() -> None:
 
     import torch
 
-    from index.embedder import resolve_model_spec
-    from index.imaging import ImageLimits, decode_image, prepare_for_model
+    from index.model.imaging import ImageLimits, decode_image, prepare_for_model
+    from index.model.spec import resolve_model_spec
 
     torch.set_num_threads(args.threads)
     spec = resolve_model_spec(args.model, pretrained=args.pretrained, device=args.device)

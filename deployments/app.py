@@ -23,8 +23,8 @@ from deployments.importer import Importer
 from deployments.ingress import Ingress
 from deployments.library_index import LibraryIndex
 from deployments.writer import Writer
-from index.detect import cascade_path
-from index.embedder import resolve_model_spec
+from index.detect.faces import cascade_path
+from index.model.spec import resolve_model_spec
 from index.scores import ScoreCalibration
 
 logger = logging.getLogger("ray.serve")

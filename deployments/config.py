@@ -14,11 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from filters import FilterLimits, TagLimits
 from index.ann import IndexConfig
-from index.detect import ClipRegionConfig, FaceConfig, SaliencyConfig
-from index.fetch import DEFAULT_OBJECT_STORE_PROTOCOLS, FetchPolicy
-from index.imaging import ImageLimits
-from index.importer import ImportSettings
-from index.modes import DetectionConfig
+from index.detect.faces import FaceConfig
+from index.detect.modes import DetectionConfig
+from index.detect.regions import ClipRegionConfig
+from index.detect.saliency import SaliencyConfig
+from index.ingest.fetch import DEFAULT_OBJECT_STORE_PROTOCOLS, FetchPolicy
+from index.ingest.importer import ImportSettings
+from index.model.imaging import ImageLimits
 
 #: The pretrained tag used when ``pretrained`` is not given, for the models we document.
 DEFAULT_PRETRAINED = {
@@ -95,7 +97,7 @@ class Limits(BaseModel):
 
 
 class ItemDetectorArgs(BaseModel):
-    """``item_detector``: how ``item_search`` finds the main item (see ``index/detect.py``)."""
+    """``item_detector``: how ``item_search`` finds the main item (see ``index/detect/``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -242,7 +244,7 @@ class AppArgs(BaseModel):
         return frozenset(keys)
 
     def detection_config(self) -> DetectionConfig:
-        """The plain-Python detection settings (``index.modes.DetectionConfig``)."""
+        """The plain-Python detection settings (``index.detect.modes.DetectionConfig``)."""
         item = self.item_detector
         return DetectionConfig(
             item_detector=item.kind,
@@ -267,7 +269,7 @@ class AppArgs(BaseModel):
 
     def fetch_policy(self) -> FetchPolicy:
         """Where fetches of client-given URIs (``image_uri``, import sources and the image URIs in
-        them) may go: see ``index.fetch``."""
+        them) may go: see ``index.ingest.fetch``."""
         return FetchPolicy(
             allowed_file_roots=tuple(self.allowed_file_roots),
             allow_private=self.fetch_allow_private,

@@ -1,15 +1,11 @@
-"""Encoder deployment: the open_clip model behind ``@serve.batch``, one replica per GPU (or CPU slot).
+"""Encoder deployment: the open_clip model, one replica per GPU (or CPU slot).
 
-Images arrive as compact ``uint8`` arrays already resized by the ingress; normalisation happens on the
-device inside ``ClipEmbedder``. Images, face crops and texts batch separately (three Serve batch queues).
-Face crops go to the optional face-embedding model (``face_model``: a second open_clip checkpoint, loaded
-the same way as the main one), or to the main model when none is configured. Batches go
-through a :class:`~index.batching.MergingBatcher`, which runs the forward pass in a worker thread (the
-event loop keeps accepting requests and forming batches), bounds how many passes run at once
-(``max_concurrent_batches``), and merges the batches that queued up while the model was busy into one
-pass of up to ``max_batch_size``. All three knobs are ``user_config``: they change without a restart.
-On a CPU, passes running at once share the replica's threads (``num_cpus``, which Ray turns into the
-OpenMP thread count) instead of each taking all of them.
+Callers send batches they formed (``embed_image_batch``, ``embed_face_batch``, ``embed_text_batch``:
+uint8 ``(B, H, W, 3)`` at the model size, or a list of texts) and get ``(B, dim)`` unit vectors. Every
+batch goes through one :class:`~index.model.batching.MergingBatcher`, which merges the batches waiting
+for the model into passes of up to ``max_batch_size`` and runs at most ``max_concurrent_batches`` at once
+(``user_config``, changeable without a restart). Face crops go to the optional face model, else the main
+one. Rationale: docs/ARCHITECTURE.md, "index.model.batching and the Encoder".
 """
 
 from __future__ import annotations
@@ -30,17 +26,14 @@ from ray import serve
 from ray.serve.metrics import Gauge, Histogram
 
 from deployments.autoscaling import ONGOING_ITEMS_METRIC
-from index.batching import MergingBatcher
-from index.embedder import ClipEmbedder, ModelSpec, replica_device
+from index.model.batching import MergingBatcher
+from index.model.embedder import ClipEmbedder, replica_device
+from index.model.spec import ModelSpec
 
 logger = logging.getLogger("ray.serve")
 
 DEFAULT_MAX_BATCH_SIZE = 32
-DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.01
 DEFAULT_MAX_CONCURRENT_BATCHES = 1
-#: How many Serve-formed batches may be inside the replica at once. Deliberately far above the number of
-#: forward passes allowed to run: the surplus waits in the MergingBatcher, where it can be merged.
-SERVE_BATCHES_IN_FLIGHT = 64
 
 KINDS = ("image", "face", "text")
 BATCH_SIZE_BUCKETS: list[float] = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -53,9 +46,6 @@ class EncoderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1, le=1024, description="items per forward pass")
-    batch_wait_timeout_s: float = Field(
-        DEFAULT_BATCH_WAIT_TIMEOUT_S, ge=0.0, le=1.0, description="how long Serve waits to fill a batch"
-    )
     max_concurrent_batches: int = Field(
         DEFAULT_MAX_CONCURRENT_BATCHES,
         ge=1,
@@ -70,9 +60,8 @@ class EncoderConfig(BaseModel):
 class EncoderMetrics:
     """The Encoder's own Prometheus metrics (``ray.serve.metrics``; Serve adds deployment/replica tags).
 
-    Created per replica in ``Encoder.__init__``, never at import. Serve's built-in batching metrics
-    (``serve_actual_batch_size``, ``serve_batch_wait_time_ms``, ...) describe the batches Serve forms;
-    these describe the forward passes after merging and what a caller waits in total.
+    Created per replica in ``Encoder.__init__``, never at import. They describe the forward passes after
+    merging and what a caller waits in total.
     """
 
     def __init__(self) -> None:
@@ -147,18 +136,6 @@ class EncoderMetrics:
         self.queue_gauge.set(self.queue_depth(kind), tags={"kind": kind})
 
 
-class _HideBatchBoundWarning(logging.Filter):
-    """Drop Serve's warning that ``max_batch_size * max_concurrent_batches > max_ongoing_requests``.
-
-    It assumes every Serve batch is a forward pass. Here the many concurrent Serve batches are by design
-    (``SERVE_BATCHES_IN_FLIGHT``): they wait in the MergingBatcher and are merged, so passes still reach
-    ``max_batch_size``, and the advice to raise ``max_ongoing_requests`` would be wrong.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("`max_batch_size` (")
-
-
 @serve.deployment(
     ray_actor_options={"num_cpus": 1},
     max_ongoing_requests=128,
@@ -188,9 +165,6 @@ class Encoder:
             max_concurrent=self.config.max_concurrent_batches,
             observer=self.metrics,
         )
-        serve_logger = logging.getLogger("ray.serve")
-        if not any(isinstance(f, _HideBatchBoundWarning) for f in serve_logger.filters):
-            serve_logger.addFilter(_HideBatchBoundWarning())
         self._image_shape = (*spec.preprocess.size, 3)
         self._face_shape = (*(face_spec or spec).preprocess.size, 3)
         logger.info("encoder ready: %s; face model: %s", self.embedder.info, self.face and self.face.info)
@@ -198,71 +172,17 @@ class Encoder:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply a new ``user_config``; a bad one fails the deploy loudly instead of keeping old values."""
         config = EncoderConfig.model_validate(user_config)
-        # Serve's batch wrappers carry setters that the type checker cannot see.
-        serve_queues: tuple[Any, ...] = (self._image_batch, self._face_batch, self._text_batch)
-        for method in serve_queues:
-            method.set_max_batch_size(config.max_batch_size)
-            method.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self._threads_per_pass = pass_threads(self._cpu_threads, config.max_concurrent_batches)
         self.batcher.configure(
             max_batch_size=config.max_batch_size, max_concurrent=config.max_concurrent_batches
         )
         self.config = config
 
-    async def embed_image(self, image: np.ndarray) -> np.ndarray:
-        """One prepared image (``(H, W, 3)`` uint8 at the model's size) in, its unit vector out.
-
-        Raises:
-            ValueError: for anything else; checked here, so a bad input fails only its own caller and
-                not the callers it would have been batched with.
-        """
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != self._image_shape:
-            raise ValueError(
-                f"embed_image expects a uint8 array of shape {self._image_shape}; got {_describe(image)}"
-            )
-        with self.metrics.request("image"):
-            return await self._image_batch(image)
-
-    async def embed_face(self, image: np.ndarray) -> np.ndarray:
-        """One face crop, prepared for the face model (or the main model when none), in; its vector out.
-
-        Raises:
-            ValueError: for anything but a uint8 array of the face model's input shape.
-        """
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != self._face_shape:
-            raise ValueError(
-                f"embed_face expects a uint8 array of shape {self._face_shape}; got {_describe(image)}"
-            )
-        with self.metrics.request("face"):
-            return await self._face_batch(image)
-
-    async def embed_text(self, text: str) -> np.ndarray:
-        """One text in, its unit vector out (the model's own tokenizer truncates long texts).
-
-        Raises:
-            ValueError: when ``text`` is not a ``str``.
-        """
-        if not isinstance(text, str):
-            raise ValueError(f"embed_text expects a str; got {type(text).__name__}")
-        with self.metrics.request("text"):
-            return await self._text_batch(text)
-
-    @serve.batch(
-        max_batch_size=DEFAULT_MAX_BATCH_SIZE,
-        batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S,
-        max_concurrent_batches=SERVE_BATCHES_IN_FLIGHT,
-    )
-    async def _image_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Batch contract: a list of (H, W, 3) uint8 arrays in, a list of unit vectors out, same order."""
-        return await self.batcher.run("image", images)
-
     async def embed_image_batch(self, images: np.ndarray) -> np.ndarray:
         """A batch the caller already formed, ``(B, H, W, 3)`` uint8 -> ``(B, dim)`` unit vectors.
 
-        For bulk imports: one handle call per batch instead of one per image keeps the per-call overhead
-        off the import's critical path. The batch goes through the same merging batcher (and metrics) as
-        ``embed_image``, so it shares the forward-pass concurrency limit with interactive requests
-        instead of running alongside them (on a CPU two passes at once only oversubscribe the cores).
+        The Ingress (its requests' items, gathered) and the Importer (an import's images) call this; one
+        handle call per batch keeps Serve's per-call overhead off the critical path.
 
         Raises:
             ValueError: for anything but a non-empty uint8 array of shape ``(B, *image shape)``.
@@ -286,7 +206,10 @@ class Encoder:
             ValueError: for anything but a non-empty list of ``str``.
         """
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            got = type(texts).__name__ if not isinstance(texts, list) else "a list with other items or none"
+            if not isinstance(texts, list):
+                got = type(texts).__name__
+            else:
+                got = next((f"a {type(t).__name__} item" for t in texts if not isinstance(t, str)), "none")
             raise ValueError(f"embed_text_batch expects a non-empty list of str; got {got}")
         return await self._run_batch("text", texts)
 
@@ -303,24 +226,6 @@ class Encoder:
         count of ongoing calls says little about the load; the items those calls carry do.
         """
         return {ONGOING_ITEMS_METRIC: float(self.metrics.ongoing_items())}
-
-    @serve.batch(
-        max_batch_size=DEFAULT_MAX_BATCH_SIZE,
-        batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S,
-        max_concurrent_batches=SERVE_BATCHES_IN_FLIGHT,
-    )
-    async def _face_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Batch contract as ``_image_batch``, for face crops."""
-        return await self.batcher.run("face", images)
-
-    @serve.batch(
-        max_batch_size=DEFAULT_MAX_BATCH_SIZE,
-        batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S,
-        max_concurrent_batches=SERVE_BATCHES_IN_FLIGHT,
-    )
-    async def _text_batch(self, texts: list[str]) -> list[np.ndarray]:
-        """Batch contract: a list of strings in, a list of unit vectors out, same order."""
-        return await self.batcher.run("text", texts)
 
     def _encode_images(self, images: list[np.ndarray]) -> np.ndarray:
         return self.embedder.encode_images(np.stack(images), threads=self._threads_per_pass)

@@ -1,4 +1,4 @@
-"""Importer deployment: runs bulk import tasks in the background (``index/importer.py``).
+"""Importer deployment: runs bulk import tasks in the background (``index/ingest/importer.py``).
 
 One replica (``num_replicas=1``): it is the only writer of ``<storage_root>/tasks.sqlite``, and one
 runner per task is what makes progress counters exact. It is its own deployment rather than a part of
@@ -23,10 +23,10 @@ from ray.serve.handle import DeploymentHandle
 from deployments.config import AppArgs
 from deployments.http import unwrap
 from index.catalog import Catalog
-from index.embedder import PreprocessSpec
-from index.importer import ImportRunner
+from index.ingest.importer import ImportRunner
+from index.ingest.tasks import TaskStore
+from index.model.spec import PreprocessSpec
 from index.store import NewRecord
-from index.tasks import TaskStore
 
 logger = logging.getLogger("ray.serve")
 

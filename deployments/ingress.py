@@ -1,7 +1,7 @@
 """Ingress deployment: the REST routes of ``../shared/spec/API.md`` on FastAPI.
 
 It validates (pydantic at the edge, ``filters`` for tags and tag_filter), decodes uploads and runs the
-library mode's detection and cropping (``index.modes.ModePipeline``) in worker threads (CPUs are here;
+library mode's detection and cropping (``index.detect.modes.ModePipeline``) in worker threads (CPUs are here;
 the encoder only receives compact uint8 arrays), and forwards to the Encoder, the LibraryIndex (reads)
 and the Writer (mutations).
 
@@ -49,7 +49,7 @@ from deployments.schemas import (
 )
 from filters import FilterError, TagError, parse_filter, validate_tags
 from index.catalog import Catalog, LibraryInfo, check_served_model
-from index.embedder import PreprocessSpec
+from index.detect.modes import Embedded, ModePipeline
 from index.errors import (
     ImageNotFound,
     InvalidParameter,
@@ -57,9 +57,9 @@ from index.errors import (
     PayloadTooLarge,
     TaskNotFound,
 )
-from index.fetch import FetchError, FetchRefused, fetch_bytes
-from index.imaging import ImageDecodeError, ImageTooLarge, decode_base64, decode_image
-from index.modes import Embedded, ModePipeline
+from index.ingest.fetch import FetchError, FetchRefused, fetch_bytes
+from index.model.imaging import ImageDecodeError, ImageTooLarge, decode_base64, decode_image
+from index.model.spec import PreprocessSpec
 from index.store import NewRecord
 
 logger = logging.getLogger("ray.serve")

@@ -15,7 +15,8 @@ import numpy as np
 from ray import serve
 
 from index.ann import IndexConfig
-from index.catalog import Catalog, iso_time
+from index.catalog import Catalog
+from index.clock import iso_time
 from index.errors import ImageNotFound, LibraryNotFound
 from index.reader import LibraryReader, record_object, result_objects
 from index.scores import ScoreCalibration

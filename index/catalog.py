@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from index.ann import CONFIGURED_KINDS
+from index.clock import iso_time
 from index.durable import fsync_dir
 from index.errors import (
     InvalidParameter,
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 #: 1-64 characters of [A-Za-z0-9_-], starting with a letter or digit: never a path on disk.
 LIBRARY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MODES = ("general_search", "item_search", "adaptive_search")
-#: What a library of each mode embeds (``embedding`` of the library object; see ``index/modes.py``).
+#: What a library of each mode embeds (``embedding`` of the library object; see ``index/detect/modes.py``).
 EMBEDDING_OF_MODE = {
     "general_search": "whole_image",
     "item_search": "item_crop",
@@ -266,10 +267,6 @@ def library_object(info: LibraryInfo, image_count: int, index_kind: str) -> dict
         "index": {"kind": index_kind, "configured": info.index_kind},
         "embedding": EMBEDDING_OF_MODE[info.mode],
     } | ({"face_model": info.face_model_identity} if info.mode == "adaptive_search" else {})
-
-
-def iso_time(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _write_json_durably(path: Path, obj: Any) -> None:

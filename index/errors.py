@@ -105,3 +105,14 @@ class ModelMismatch(ServiceError):
             f"library {name!r} was built with model {library_model!r} but this deployment serves "
             f"{served_model!r}; vectors of different models cannot be compared"
         )
+
+
+# Bad image input, raised below the edge (decoding, fetching); the ingress maps them to 413 and 400.
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a readable image of an accepted format (truncated, corrupt, or not an image)."""
+
+
+class ImageTooLarge(ValueError):
+    """The payload or the image's pixel count is over the configured limit."""

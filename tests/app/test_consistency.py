@@ -42,7 +42,7 @@ def test_every_replica_sees_each_write_at_once(client, library, storage_root):
 def _search_eight_times(index, key, pixels, *, top_k):
     """Eight searches for ``pixels`` sent at once straight to the LibraryIndex (both replicas answer)."""
     encoder = serve.get_deployment_handle("Encoder", app_name=APP)
-    query = np.asarray(encoder.embed_image.remote(pixels).result())
+    query = np.asarray(encoder.embed_image_batch.remote(pixels[None]).result())[0]
     handle = index.options(multiplexed_model_id=key)
     answers = [
         handle.search.remote(
@@ -114,8 +114,8 @@ def test_restart_on_same_storage_loses_nothing(client, base_url, storage_root):
 def _pixels(seed: int) -> np.ndarray:
     import base64
 
-    from index.embedder import resolve_model_spec
-    from index.imaging import ImageLimits, decode_image, prepare_for_model
+    from index.model.imaging import ImageLimits, decode_image, prepare_for_model
+    from index.model.spec import resolve_model_spec
 
     spec = resolve_model_spec("tiny-random")
     img = decode_image(base64.b64decode(image_b64(seed)), ImageLimits())

@@ -18,8 +18,8 @@ import skimage.data
 from PIL import Image
 from ray import serve
 
-from index.detect import Box
-from index.embedder import tiny_random_dir
+from index.detect.boxes import Box
+from index.model.spec import tiny_random_dir
 from tests.app.conftest import ZERO_CPU, Client, deploy, wait_ready
 from tests.images import b64, encode, product, scene
 

@@ -55,7 +55,7 @@ def test_killed_library_index_replica_is_replaced_while_searches_go_on(client, l
     # the replica that serves this library: ask it directly (the answer names the replica)
     key = Catalog(storage_root).get(library).key
     encoder = serve.get_deployment_handle("Encoder", app_name=APP)
-    vector = np.asarray(encoder.embed_text.remote("x").result())
+    vector = np.asarray(encoder.embed_text_batch.remote(["x"]).result())[0]
     answer = (
         serve.get_deployment_handle("LibraryIndex", app_name=APP)
         .options(multiplexed_model_id=key)
@@ -147,7 +147,7 @@ def test_overload_is_a_fast_503_with_the_envelope(serve_port, tmp_path):
                 "ray_actor_options": {"num_cpus": 0},
                 "max_ongoing_requests": 1,
                 "max_queued_requests": 1,
-                "user_config": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
+                "user_config": {"max_batch_size": 1},
             },
             "LibraryIndex": {"ray_actor_options": {"num_cpus": 0}},
             "Writer": {"ray_actor_options": {"num_cpus": 0}},

@@ -57,8 +57,8 @@ def test_a_changed_user_config_applies_to_the_running_encoder(serve_port: int, t
     """Deployed the way production is (a config applied to the cluster, as `serve deploy` does): a new
     Encoder user_config reaches the running replica through reconfigure(), with no restart."""
     name = "reconf"
-    first = {"max_batch_size": 4, "batch_wait_timeout_s": 0.01, "max_concurrent_batches": 1}
-    second = {"max_batch_size": 16, "batch_wait_timeout_s": 0.002, "max_concurrent_batches": 2}
+    first = {"max_batch_size": 4, "max_concurrent_batches": 1}
+    second = {"max_batch_size": 16, "max_concurrent_batches": 2}
     # The Python counterpart of `serve deploy` (the CLI goes through the dashboard, not run in tests).
     client = serve.context._get_global_client()
     try:

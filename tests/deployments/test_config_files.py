@@ -11,7 +11,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from deployments.config import AppArgs
 from deployments.encoder import EncoderConfig
-from index.embedder import resolve_model_spec
+from index.model.spec import resolve_model_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = ["serve_config.yaml", "serve_config.multilingual.yaml"]

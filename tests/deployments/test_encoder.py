@@ -1,55 +1,50 @@
-"""The Encoder's batch contract, on the plain class with asyncio: no Ray cluster.
+"""The Encoder's batch contract, on the plain class with asyncio (no Ray cluster): every caller's batch
+gets its own vectors, merged passes stay within the limits, and metrics count items and passes.
 
-``@serve.batch`` works outside a replica except for one call it makes to ``serve.get_replica_context()``
-(to compare the batch size with ``max_ongoing_requests``); the fixture stands in for that context. Serve
-keeps each batch queue on the decorated function, i.e. per class and bound to the event loop of its first
-call, so the module shares one Encoder and one event loop.
+The module shares one Encoder and one event loop (the MergingBatcher's workers live on the loop).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 from collections.abc import Coroutine, Iterator
-from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import numpy as np
 import pydantic
 import pytest
 import skimage.data
-from ray import serve
 from ray.serve import metrics
 
 from deployments.autoscaling import ONGOING_ITEMS_METRIC
 from deployments.encoder import Encoder, pass_threads
-from index.embedder import ClipEmbedder, resolve_model_spec
-from index.imaging import prepare_for_model
+from index.model.embedder import ClipEmbedder
+from index.model.imaging import prepare_for_model
+from index.model.spec import resolve_model_spec
 
 T = TypeVar("T")
 SPEC = resolve_model_spec("tiny-random", device="cpu")
+DEFAULT = {"max_batch_size": 8, "max_concurrent_batches": 1}
 
 
 @pytest.fixture(scope="module")
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop = asyncio.new_event_loop()
     yield loop
-    pending = asyncio.all_tasks(loop)  # Serve's batch-queue loops
+    pending = asyncio.all_tasks(loop)  # batcher workers, if any are left
     for task in pending:
         task.cancel()
-    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    if pending:
+        loop.run_until_complete(asyncio.wait(pending))
     loop.close()
 
 
 @pytest.fixture(scope="module")
-def encoder(loop: asyncio.AbstractEventLoop) -> Iterator[Any]:
-    fake_context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=128))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(serve, "get_replica_context", lambda: fake_context)
-        enc = Encoder.func_or_class(SPEC)
-        enc.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_concurrent_batches": 1})
-        yield enc
+def encoder(loop: asyncio.AbstractEventLoop) -> Any:
+    enc = Encoder.func_or_class(SPEC)
+    enc.reconfigure(DEFAULT)
+    return enc
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +75,15 @@ def run(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
     return loop.run_until_complete(asyncio.wait_for(coro, 120))
 
 
+async def one_image(encoder: Any, image: np.ndarray) -> np.ndarray:
+    """A caller with a batch of one image (as an ingress with one request in flight sends it)."""
+    return (await encoder.embed_image_batch(image[None]))[0]
+
+
+async def one_text(encoder: Any, text: str) -> np.ndarray:
+    return (await encoder.embed_text_batch([text]))[0]
+
+
 def test_interleaved_concurrent_callers_each_get_their_own_vector(
     loop: asyncio.AbstractEventLoop, encoder: Any, reference: ClipEmbedder, pixels: list[np.ndarray]
 ) -> None:
@@ -91,7 +95,7 @@ def test_interleaved_concurrent_callers_each_get_their_own_vector(
 
     async def main() -> list[np.ndarray]:
         return await asyncio.gather(
-            *(encoder.embed_image(x) if kind == "image" else encoder.embed_text(x) for kind, x in calls)
+            *(one_image(encoder, x) if kind == "image" else one_text(encoder, x) for kind, x in calls)
         )
 
     vectors = run(loop, main())
@@ -116,12 +120,12 @@ def test_a_bad_input_fails_only_its_own_caller(
 
     async def main() -> list[Any]:
         return await asyncio.gather(
-            encoder.embed_image(pixels[0]),
-            encoder.embed_image(wrong_size),
-            encoder.embed_text("fine"),
-            encoder.embed_image(wrong_dtype),
-            encoder.embed_text(b"bytes"),
-            encoder.embed_image(pixels[1]),
+            one_image(encoder, pixels[0]),
+            one_image(encoder, wrong_size),
+            one_text(encoder, "fine"),
+            one_image(encoder, wrong_dtype),
+            one_text(encoder, b"bytes"),  # type: ignore[arg-type]
+            one_image(encoder, pixels[1]),
             return_exceptions=True,
         )
 
@@ -129,25 +133,20 @@ def test_a_bad_input_fails_only_its_own_caller(
     np.testing.assert_allclose(ok0, reference.encode_images(pixels[0][None])[0], atol=2e-5)
     np.testing.assert_allclose(ok1, reference.encode_images(pixels[1][None])[0], atol=2e-5)
     np.testing.assert_allclose(text, reference.encode_texts(["fine"])[0], atol=2e-5)
-    assert isinstance(bad_size, ValueError) and "(64, 64, 3)" in str(bad_size)
+    assert isinstance(bad_size, ValueError) and "(B, 64, 64, 3)" in str(bad_size)
     assert isinstance(bad_dtype, ValueError) and "float32" in str(bad_dtype)
     assert isinstance(bad_text, ValueError) and "bytes" in str(bad_text)
 
 
-def test_reconfigure_reaches_serve_queues_and_the_batcher(
-    loop: asyncio.AbstractEventLoop, encoder: Any
-) -> None:
-    new = {"max_batch_size": 3, "batch_wait_timeout_s": 0.002, "max_concurrent_batches": 2}
+def test_reconfigure_reaches_the_batcher(loop: asyncio.AbstractEventLoop, encoder: Any) -> None:
+    new = {"max_batch_size": 3, "max_concurrent_batches": 2}
     encoder.reconfigure(new)
     try:
         assert encoder.info()["batch"] == new
-        for method in (encoder._image_batch, encoder._text_batch):
-            assert method._get_max_batch_size() == 3
-            assert method._get_batch_wait_timeout_s() == 0.002
         assert (encoder.batcher.max_batch_size, encoder.batcher.max_concurrent) == (3, 2)
 
         async def main() -> list[np.ndarray]:
-            return await asyncio.gather(*(encoder.embed_text(f"t{i}") for i in range(10)))
+            return await asyncio.gather(*(one_text(encoder, f"t{i}") for i in range(10)))
 
         before = encoder.info()["stats"]["text"]["largest_batch"]
         run(loop, main())
@@ -158,7 +157,7 @@ def test_reconfigure_reaches_serve_queues_and_the_batcher(
             encoder.reconfigure({"max_concurrent_batches": 0})
         assert encoder.info()["batch"] == new  # the refused configs changed nothing
     finally:
-        encoder.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_concurrent_batches": 1})
+        encoder.reconfigure(DEFAULT)
 
 
 def test_concurrent_passes_share_the_replicas_cpu_threads(
@@ -176,15 +175,13 @@ def test_concurrent_passes_share_the_replicas_cpu_threads(
     monkeypatch.setattr(encoder.embedder, "encode_images", spy)
     try:
         for concurrent, expected in ((2, 2), (1, 4), (8, 1)):
-            encoder.reconfigure(
-                {"max_batch_size": 8, "batch_wait_timeout_s": 0.002, "max_concurrent_batches": concurrent}
-            )
+            encoder.reconfigure({"max_batch_size": 8, "max_concurrent_batches": concurrent})
             assert encoder.info()["cpu_threads_per_pass"] == expected
             calls.clear()
-            run(loop, encoder.embed_image(pixels[0]))
+            run(loop, one_image(encoder, pixels[0]))
             assert calls == [expected]
     finally:
-        encoder.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_concurrent_batches": 1})
+        encoder.reconfigure(DEFAULT)
 
 
 @pytest.mark.parametrize(
@@ -200,7 +197,7 @@ def test_metrics_count_every_request_and_pass(
     observed: list[tuple[str, float, str]] = []
     gauges: dict[tuple[str, str], float] = {}
 
-    # Serve's own batching metrics go through the same classes (with other tags): keep only ours.
+    # Serve's own metrics go through the same classes (with other tags): keep only ours.
     def observe(self: metrics.Histogram, value: float, tags: dict[str, str] | None = None) -> None:
         if self._name.startswith("image_search_"):
             observed.append((self._name, value, (tags or {})["kind"]))
@@ -214,8 +211,8 @@ def test_metrics_count_every_request_and_pass(
 
     async def main() -> None:
         await asyncio.gather(
-            *(encoder.embed_image(pixels[i % len(pixels)]) for i in range(11)),
-            *(encoder.embed_text(f"text {i}") for i in range(5)),
+            *(one_image(encoder, pixels[i % len(pixels)]) for i in range(11)),
+            *(one_text(encoder, f"text {i}") for i in range(5)),
         )
 
     run(loop, main())
@@ -235,8 +232,8 @@ def test_queue_depth_counts_callers_not_yet_in_a_pass(
     loop: asyncio.AbstractEventLoop, encoder: Any, pixels: list[np.ndarray]
 ) -> None:
     async def main() -> tuple[int, int, int]:
-        tasks = [asyncio.create_task(encoder.embed_image(pixels[0])) for _ in range(5)]
-        await asyncio.sleep(0)  # all five have arrived; Serve is still waiting to fill its batch
+        tasks = [asyncio.create_task(one_image(encoder, pixels[0])) for _ in range(5)]
+        await asyncio.sleep(0)  # all five have arrived; the batcher's worker has not started a pass yet
         seen = (encoder.metrics.ongoing["image"], encoder.metrics.queue_depth("image"))
         await asyncio.gather(*tasks)
         return (*seen, encoder.metrics.queue_depth("image"))
@@ -248,7 +245,7 @@ def test_queue_depth_counts_callers_not_yet_in_a_pass(
 def test_batch_calls_return_each_item_its_own_vector(
     loop: asyncio.AbstractEventLoop, encoder: Any, reference: ClipEmbedder, pixels: list[np.ndarray]
 ) -> None:
-    """Batches from several callers (as ingress replicas send them) interleave with single items."""
+    """Batches from several callers (as ingress replicas and the importer send them) interleave."""
     texts = ["a cat", "a rocket", "coffee", "an astronaut"]
 
     async def main() -> list[np.ndarray]:
@@ -257,7 +254,7 @@ def test_batch_calls_return_each_item_its_own_vector(
             encoder.embed_text_batch(texts[:2]),
             encoder.embed_face_batch(np.stack(pixels[3:])),
             encoder.embed_text_batch(texts[2:]),
-            encoder.embed_image(pixels[5]),
+            one_image(encoder, pixels[5]),
         )
 
     images, texts_a, faces, texts_b, single = run(loop, main())
@@ -296,7 +293,7 @@ def test_items_in_flight_are_counted_per_item_and_reported_for_autoscaling(
         calls = [
             asyncio.create_task(encoder.embed_image_batch(np.stack(pixels[:4]))),
             asyncio.create_task(encoder.embed_text_batch(["a", "b", "c"])),
-            asyncio.create_task(encoder.embed_image(pixels[0])),
+            asyncio.create_task(one_image(encoder, pixels[0])),
         ]
         await asyncio.sleep(0)  # every call has arrived; none has been answered
         during = encoder.record_autoscaling_stats()
@@ -308,26 +305,3 @@ def test_items_in_flight_are_counted_per_item_and_reported_for_autoscaling(
     assert during == {ONGOING_ITEMS_METRIC: 8.0}  # 4 images + 3 texts + 1 image, not 3 calls
     assert queued <= 8
     assert after == {ONGOING_ITEMS_METRIC: 0.0}
-
-
-def test_serves_batch_bound_warning_is_hidden(encoder: Any) -> None:
-    """Serve warns when max_batch_size x max_concurrent_batches > max_ongoing_requests; with merging the
-    many in-flight Serve batches are intended, so the Encoder filters that one warning out."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    serve_logger = logging.getLogger("ray.serve")
-    ours = [f for f in serve_logger.filters if type(f).__name__ == "_HideBatchBoundWarning"]
-    assert len(ours) == 1
-    serve_logger.addHandler(handler)
-    try:
-        encoder.reconfigure({"max_batch_size": 16})  # 16 x 64 Serve batches > 128 ongoing: Serve warns
-        assert not [r for r in records if "max_concurrent_batches" in r.getMessage()]
-        serve_logger.removeFilter(ours[0])
-        encoder.reconfigure({"max_batch_size": 17})
-        # without the filter it is there: Serve still says it, in the words the filter looks for
-        assert [r for r in records if r.getMessage().startswith("`max_batch_size` (17)")]
-    finally:
-        serve_logger.addFilter(ours[0])
-        serve_logger.removeHandler(handler)
-        encoder.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_concurrent_batches": 1})

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import skimage.data
 
-from index.embedder import ClipEmbedder, ModelSpec, resolve_model_spec
+from index.model.embedder import ClipEmbedder
+from index.model.spec import ModelSpec, resolve_model_spec
 
 
 @pytest.fixture(scope="session", autouse=True)

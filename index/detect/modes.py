@@ -21,7 +21,7 @@ image (detection, cropping, resizing; the ingress runs it in a worker thread) an
 crops to encode; the caller encodes them (the Encoder deployment); :meth:`ModePipeline.finish` turns the
 vectors into the result. With the ``clip-regions`` item detector the plan holds several candidate crops
 and ``finish`` keeps the one CLIP finds most item-like (its vector is the item's embedding). A plan of
-kind ``face`` is encoded by the face path (``Encoder.embed_face``: the optional learned face-embedding
+kind ``face`` is encoded by the face path (``Encoder.embed_face_batch``: the optional learned face-embedding
 model, else the CLIP image encoder), and its crop is prepared for that model.
 """
 
@@ -33,20 +33,12 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from index.detect import (
-    Box,
-    ClipRegionConfig,
-    ClipRegionScorer,
-    FaceConfig,
-    HaarFaceDetector,
-    SaliencyConfig,
-    SaliencyItemDetector,
-    as_rgb_array,
-    face_crop,
-    square_crop,
-)
-from index.embedder import PreprocessSpec
-from index.imaging import prepare_for_model
+from index.detect.boxes import Box, as_rgb_array, square_crop
+from index.detect.faces import FaceConfig, HaarFaceDetector, face_crop
+from index.detect.regions import ClipRegionConfig, ClipRegionScorer
+from index.detect.saliency import SaliencyConfig, SaliencyItemDetector
+from index.model.imaging import prepare_for_model
+from index.model.spec import PreprocessSpec
 
 ItemDetectorKind = Literal["saliency", "clip-regions"]
 ITEM_DETECTORS: tuple[str, ...] = ("saliency", "clip-regions")

@@ -40,7 +40,7 @@ import certifi
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from index.imaging import ImageTooLarge
+from index.errors import ImageTooLarge
 
 logger = logging.getLogger(__name__)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 from pathlib import Path
@@ -15,11 +16,12 @@ import pytest
 from filters import TagLimits
 from index.catalog import Catalog
 from index.errors import InvalidParameter, LibraryNotFound, Overloaded, TaskNotFound
-from index.fetch import FetchPolicy
-from index.imaging import ImageLimits
-from index.importer import ImportRunner, ImportSettings, LineReader, encode_in_thread, parse_line
+from index.ingest.fetch import FetchPolicy
+from index.ingest.importer import ImportRunner, ImportSettings
+from index.ingest.lines import LineReader, parse_line
+from index.ingest.tasks import TaskStore
+from index.model.imaging import ImageLimits
 from index.store import LibraryStore
-from index.tasks import TaskStore
 from index.writer import LibraryWriter
 from tests.images import image_b64
 from tests.loopback import closed_port_url, loopback_server
@@ -119,7 +121,7 @@ class Env:
         return ImportRunner(
             tasks=self.tasks,
             catalog=Catalog(self.root),
-            encode=encode_in_thread(self.embedder.encode_images),
+            encode=functools.partial(asyncio.to_thread, self.embedder.encode_images),
             write=write or self.write,
             preprocess=self.embedder.spec.preprocess,
             settings=ImportSettings(**(base | settings)),
@@ -238,7 +240,7 @@ def test_all_good_lines_succeed_and_vectors_are_the_models(env):
     assert (d["state"], d["total"], d["succeeded"], d["failed"], d["errors"]) == ("SUCCEEDED", 7, 7, 0, [])
     assert [r[3] for r in env.records()] == [False] * 7  # save_image: false keeps no frames
     # the stored vector is the model's embedding of the decoded image
-    from index.imaging import decode_base64, decode_image, prepare_for_model
+    from index.model.imaging import decode_base64, decode_image, prepare_for_model
 
     spec = env.embedder.spec
     pixels = prepare_for_model(

@@ -1,4 +1,4 @@
-"""index.modes: what each library mode embeds, run end to end with the tiny random-weight model.
+"""index.detect.modes: what each library mode embeds, run end to end with the tiny random-weight model.
 
 Nothing here assumes that the random model's vectors mean anything; the ranking test relies only on
 the crop being (almost) the same pixels whatever the background, which is the point of cropping.
@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import skimage.data
 
-from index.detect import Box, ClipRegionConfig
-from index.embedder import ClipEmbedder
-from index.imaging import prepare_for_model
-from index.modes import DetectionConfig, Embedded, ModePipeline
+from index.detect.boxes import Box
+from index.detect.modes import DetectionConfig, Embedded, ModePipeline
+from index.detect.regions import ClipRegionConfig
+from index.model.embedder import ClipEmbedder
+from index.model.imaging import prepare_for_model
 from tests.images import product, scene
 
 

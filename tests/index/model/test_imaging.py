@@ -1,4 +1,4 @@
-"""index.imaging: base64 and image decoding with their limits, and open_clip-faithful preparation."""
+"""index.model.imaging: base64 and image decoding with their limits, and open_clip-faithful preparation."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import torch
 from open_clip.transform import image_transform_v2
 from PIL import Image, ImageFile
 
-from index.embedder import ModelSpec, PreprocessSpec
-from index.imaging import (
+from index.model.imaging import (
     ImageDecodeError,
     ImageLimits,
     ImageTooLarge,
@@ -23,6 +22,7 @@ from index.imaging import (
     decode_image,
     prepare_for_model,
 )
+from index.model.spec import ModelSpec, PreprocessSpec
 
 LIMITS = ImageLimits()
 

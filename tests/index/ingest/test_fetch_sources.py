@@ -8,8 +8,8 @@ import uuid
 import fsspec
 import pytest
 
-from index.fetch import FetchError, FetchPolicy, FetchRefused, check_source, fetch_bytes
-from index.imaging import ImageTooLarge
+from index.ingest.fetch import FetchError, FetchPolicy, FetchRefused, check_source, fetch_bytes
+from index.model.imaging import ImageTooLarge
 from tests.loopback import closed_port_url, loopback_server
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from index.catalog import iso_time
+from index.clock import iso_time
 from index.errors import TaskNotFound
 
 DB_NAME = "tasks.sqlite"

@@ -1,4 +1,4 @@
-"""index.embedder: model resolution, loading, and encoding with the tiny random-weight model.
+"""index.model.spec and index.model.embedder: model resolution, loading, and encoding (tiny random model).
 
 Nothing here downloads weights: trained-weight paths are exercised with checkpoints written to tmp_path.
 """
@@ -6,6 +6,7 @@ Nothing here downloads weights: trained-weight paths are exercised with checkpoi
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import logging
 import shutil
@@ -17,21 +18,14 @@ from typing import Any
 import numpy as np
 import open_clip
 import pytest
+import skimage.data
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from index.embedder import (
-    ClipEmbedder,
-    ModelLoadError,
-    ModelSpec,
-    PreprocessSpec,
-    replica_device,
-    resolve_model_spec,
-    tiny_random_dir,
-    use_cpu_threads,
-)
-from index.imaging import prepare_for_model
+from index.model.embedder import ClipEmbedder, ModelLoadError, replica_device, use_cpu_threads
+from index.model.imaging import ImageLimits, decode_image, prepare_for_model
+from index.model.spec import ModelSpec, PreprocessSpec, resolve_model_spec, tiny_random_dir
 
 TINY_DIM = 64
 
@@ -211,7 +205,7 @@ def test_tiny_random_loads_and_reports_itself(tiny_embedder: ClipEmbedder) -> No
 
 
 def test_random_weights_are_announced_loudly(tiny_spec: ModelSpec, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="index.embedder"):
+    with caplog.at_level(logging.WARNING, logger="index.model.embedder"):
         ClipEmbedder.load(tiny_spec)
     assert any(
         r.levelno == logging.WARNING and "RANDOM WEIGHTS: search results are meaningless" in r.getMessage()

@@ -1,4 +1,4 @@
-"""index.fetch: the SSRF policy (schemes, addresses after DNS, redirects), limits and file roots.
+"""index.ingest.fetch: the SSRF policy (schemes, addresses after DNS, redirects), limits and file roots.
 
 A loopback HTTP server stands in for the internet; an injected resolver decides what each test host name
 "resolves" to, so every address class is exercised without a network.
@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from index.fetch import FetchError, FetchPolicy, FetchRefused, fetch_bytes, non_public_reason
-from index.imaging import ImageTooLarge
+from index.ingest.fetch import FetchError, FetchPolicy, FetchRefused, fetch_bytes, non_public_reason
+from index.model.imaging import ImageTooLarge
 
 PAYLOAD = b"\x89PNG fake image bytes" * 10
 LOOPBACK = ("127.0.0.0/8",)

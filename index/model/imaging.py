@@ -27,7 +27,8 @@ from open_clip.transform import image_transform_v2
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 from torchvision.transforms import Normalize, ToTensor
 
-from index.embedder import PreprocessSpec
+from index.errors import ImageDecodeError, ImageTooLarge
+from index.model.spec import PreprocessSpec
 
 MiB = 1024 * 1024
 
@@ -36,14 +37,6 @@ _NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=]")
 # Modes Pillow's convert("RGB") would clip at 255 instead of scaling (16-bit PNG and TIFF greyscale).
 _WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-
-
-class ImageDecodeError(ValueError):
-    """The bytes are not a readable image of an accepted format (truncated, corrupt, or not an image)."""
-
-
-class ImageTooLarge(ValueError):
-    """The payload or the image's pixel count is over the configured limit."""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from index.batching import MergingBatcher
+from index.model.batching import MergingBatcher
 
 WAIT_S = 10.0  # generous bound on thread handshakes, so a bug fails the test instead of hanging it
 

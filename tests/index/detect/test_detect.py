@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -12,21 +13,11 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from index.detect import (
-    Box,
-    ClipRegionConfig,
-    ClipRegionScorer,
-    Face,
-    FaceConfig,
-    HaarFaceDetector,
-    SaliencyConfig,
-    SaliencyItemDetector,
-    as_rgb_array,
-    cascade_path,
-    face_crop,
-    load_cascade,
-    square_crop,
-)
+import index.detect.faces
+from index.detect.boxes import Box, as_rgb_array, square_crop
+from index.detect.faces import Face, FaceConfig, HaarFaceDetector, cascade_path, face_crop, load_cascade
+from index.detect.regions import ClipRegionConfig, ClipRegionScorer
+from index.detect.saliency import SaliencyConfig, SaliencyItemDetector
 from tests.images import backdrop, product, scene
 
 BACKDROPS = ["plain", "warm", "gradient", "vignette", "two_tone", "stripes", "noisy"]
@@ -237,6 +228,9 @@ def test_alignment_can_be_switched_off() -> None:
 def test_cascades_resolve_by_name_or_path_and_fail_clearly(tmp_path) -> None:
     path = cascade_path("haarcascade_eye.xml")
     assert path.is_file() and not load_cascade(str(path)).empty()
+    # the package's own copies, not OpenCV's data folder (OpenCV 5 ships none)
+    assert path.parent == Path(index.detect.faces.__file__).parent / "cascades"
+    assert cascade_path(FaceConfig().cascade).parent == path.parent
     with pytest.raises(ValueError, match=r"not found.*bundled: .*haarcascade_frontalface_alt2\.xml"):
         cascade_path("haarcascade_nope.xml")
     bad = tmp_path / "bad.xml"

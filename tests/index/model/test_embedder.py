@@ -483,3 +483,28 @@ def test_auto_device_uses_cuda_fp16_and_agrees_with_cpu(tiny_embedder: ClipEmbed
         axis=1
     )
     assert text_cosines.min() > 0.99
+
+
+@pytest.mark.parametrize("draft", [False, True])
+def test_jpeg_draft_decode_switch_against_open_clips_own_pipeline(
+    tiny_embedder: ClipEmbedder, tiny_spec: ModelSpec, draft: bool
+) -> None:
+    """jpeg_draft_decode=False: the service's vector of a big JPEG is open_clip's (Image.open + convert +
+    eval transform) to float tolerance; True: a reduced-scale decode, whose vector differs."""
+    photo = Image.fromarray(skimage.data.astronaut()).resize((1536, 1536), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    model, preprocess, _ = _reference_model(tiny_spec)
+    with torch.inference_mode():
+        reference_image = Image.open(io.BytesIO(data)).convert("RGB")
+        expected = model.encode_image(preprocess(reference_image).unsqueeze(0), normalize=True).numpy()
+    limits = ImageLimits(jpeg_draft_decode=draft)
+    decoded = decode_image(data, limits, min_side_hint=max(tiny_spec.preprocess.size))
+    ours = tiny_embedder.encode_images(prepare_for_model(decoded, tiny_spec.preprocess)[None])
+    if draft:
+        assert decoded.size[0] < 1536
+        assert np.abs(ours - expected).max() > 1e-4  # ten times the tolerance of the exact path
+    else:
+        assert decoded.size == (1536, 1536)
+        np.testing.assert_allclose(ours, expected, atol=1e-5)

@@ -27,7 +27,7 @@ from ray.serve.metrics import Gauge, Histogram
 
 from deployments.autoscaling import ONGOING_ITEMS_METRIC
 from index.model.batching import MergingBatcher
-from index.model.embedder import ClipEmbedder, replica_device
+from index.model.embedder import ClipEmbedder, describe_input, replica_device
 from index.model.spec import ModelSpec
 
 logger = logging.getLogger("ray.serve")
@@ -282,11 +282,6 @@ def _check_image_batch(method: str, images: Any, shape: tuple[int, ...]) -> None
     ):
         dims = ", ".join(map(str, shape))
         raise ValueError(
-            f"{method} expects a non-empty uint8 array of shape (B, {dims}); got {_describe(images)}"
+            f"{method} expects a non-empty uint8 array of shape (B, {dims}); got {describe_input(images)}"
         )
 
-
-def _describe(value: Any) -> str:
-    if isinstance(value, np.ndarray):
-        return f"{value.dtype} array of shape {value.shape}"
-    return type(value).__name__

@@ -38,11 +38,6 @@ class ModeNotSupported(ServiceError):
     http_status = 400
 
 
-class Unauthorized(ServiceError):
-    status = "UNAUTHORIZED"
-    http_status = 401
-
-
 class PayloadTooLarge(ServiceError):
     status = "PAYLOAD_TOO_LARGE"
     http_status = 413

@@ -188,7 +188,7 @@ class ClipEmbedder:
         ):
             raise ValueError(
                 f"encode_images expects a uint8 array of shape (B, {height}, {width}, 3); "
-                f"got {_describe(batch)}"
+                f"got {describe_input(batch)}"
             )
         if batch.shape[0] == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -358,7 +358,8 @@ def _unit_rows(features: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(features.cpu().numpy(), dtype=np.float32)
 
 
-def _describe(value: Any) -> str:
+def describe_input(value: Any) -> str:
+    """``"uint8 array of shape (2, 64, 64, 3)"``, or the type's name: what an error message says was given."""
     if isinstance(value, np.ndarray):
         return f"{value.dtype} array of shape {value.shape}"
     return type(value).__name__

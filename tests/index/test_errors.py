@@ -23,7 +23,6 @@ from index import errors
         (errors.ModelMismatch("shop", "a/b", "c/d"), "MODEL_MISMATCH", 409, "built with model 'a/b'"),
         (errors.PayloadTooLarge("image_base64: big"), "PAYLOAD_TOO_LARGE", 413, "image_base64: big"),
         (errors.Overloaded("busy"), "OVERLOADED", 503, "busy"),
-        (errors.Unauthorized("key"), "UNAUTHORIZED", 401, "key"),
     ],
 )
 def test_status_message_and_pickling(err, status, http, text):

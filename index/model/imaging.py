@@ -162,6 +162,29 @@ def decode_image(data: bytes, limits: ImageLimits, *, min_side_hint: int | None 
         raise ImageTooLarge(f"the image is {len(data)} bytes; the limit is {limits.max_bytes}")
     if len(data) == 0:
         raise ImageDecodeError("the image is empty (0 bytes)")
+    image = _open_header(data, limits)
+    try:
+        draft = min_side_hint is not None and limits.jpeg_draft_decode
+        if draft and isinstance(image, JpegImagePlugin.JpegImageFile):
+            image.draft("RGB", (min_side_hint, min_side_hint))  # type: ignore[arg-type]
+        image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"the image has too many pixels: {exc}") from None
+    except Exception as exc:  # truncated data surfaces here as OSError; corrupt data as anything
+        raise ImageDecodeError(
+            f"cannot decode the {image.format} image (truncated or corrupt?): {exc}"
+        ) from exc
+    # A broken EXIF block should not cost the user the picture: keep it as stored.
+    with contextlib.suppress(Exception):
+        ImageOps.exif_transpose(image, in_place=True)
+    try:
+        return _to_rgb(image)
+    except Exception as exc:
+        raise ImageDecodeError(f"cannot convert the {image.mode} image to RGB: {exc}") from exc
+
+
+def _open_header(data: bytes | bytearray | memoryview, limits: ImageLimits) -> Image.Image:
+    """Open ``data`` reading only its header; refuse a format or pixel count over ``limits``."""
     accepted = ", ".join(limits.formats)
     try:
         # Opening reads only the header. Pillow's own bomb check can fire here for huge headers; it is
@@ -187,24 +210,7 @@ def decode_image(data: bytes, limits: ImageLimits, *, min_side_hint: int | None 
         )
     if width == 0 or height == 0:
         raise ImageDecodeError(f"the image has no pixels ({width}x{height})")
-    try:
-        draft = min_side_hint is not None and limits.jpeg_draft_decode
-        if draft and isinstance(image, JpegImagePlugin.JpegImageFile):
-            image.draft("RGB", (min_side_hint, min_side_hint))  # type: ignore[arg-type]
-        image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"the image has too many pixels: {exc}") from None
-    except Exception as exc:  # truncated data surfaces here as OSError; corrupt data as anything
-        raise ImageDecodeError(
-            f"cannot decode the {image.format} image (truncated or corrupt?): {exc}"
-        ) from exc
-    # A broken EXIF block should not cost the user the picture: keep it as stored.
-    with contextlib.suppress(Exception):
-        ImageOps.exif_transpose(image, in_place=True)
-    try:
-        return _to_rgb(image)
-    except Exception as exc:
-        raise ImageDecodeError(f"cannot convert the {image.mode} image to RGB: {exc}") from exc
+    return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

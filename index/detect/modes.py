@@ -11,18 +11,9 @@ adaptive_search    a face found: the (aligned) face crop, ``face``;     the same
                    else the whole image, ``whole``                      query's kind
 =================  ==================================================  ======================================
 
-An ``item_search`` import with no detected item is kept as an ``item`` vector of the whole image, so that
-it stays findable: a product photographed so close that no background shows is exactly such an image.
-Face and whole-image vectors are never compared: the record keeps its ``vector_kind`` and every search
-is restricted to the query's kind.
-
-The work is split so that each part runs where it belongs: :meth:`ModePipeline.plan` is CPU work on the
-image (detection, cropping, resizing; the ingress runs it in a worker thread) and returns the model-sized
-crops to encode; the caller encodes them (the Encoder deployment); :meth:`ModePipeline.finish` turns the
-vectors into the result. With the ``clip-regions`` item detector the plan holds several candidate crops
-and ``finish`` keeps the one CLIP finds most item-like (its vector is the item's embedding). A plan of
-kind ``face`` is encoded by the face path (``Encoder.embed_face_batch``: the optional learned face-embedding
-model, else the CLIP image encoder), and its crop is prepared for that model.
+An ``item_search`` image with no detected item is stored as an ``item`` vector of the whole image.
+:meth:`ModePipeline.plan` is the CPU part (detect, crop, resize) and returns the crops to encode;
+:meth:`ModePipeline.finish` turns their vectors into the result. Why: docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations

@@ -1,28 +1,7 @@
-"""Bulk import: stream a JSONL source into a library in the background, durably and resumably.
-
-Plain Python and asyncio; the ``Importer`` deployment hands it two coroutines, ``encode`` (a uint8
-batch ``(B, H, W, 3)`` to unit vectors ``(B, dim)``) and ``write`` (``LibraryWriter.add_images`` through
-the Writer), so it is tested here without Ray.
-
-How one task runs:
-
-1. The source is opened (``FetchPolicy.open_source``). A local file is first counted (non-blank lines)
-   so that ``total`` is known from the start; a remote source's ``total`` stays ``None`` until its end is
-   read. On resume, the lines already committed are skipped.
-2. Lines are read in chunks of ``chunk_lines``. Each line is parsed and validated, its image decoded
-   from base64 or fetched, then decoded and resized for the model, in two thread pools (network threads
-   and CPU threads), at most ``prepare_concurrency`` lines at once across all tasks.
-3. Prepared images are grouped into batches of ``encode_batch_size`` as they become ready and sent to
-   the encoder, at most ``encode_concurrency`` batches at once: one call per batch instead of one per
-   image keeps the per-call overhead of the serving framework off the critical path.
-4. Up to ``chunks_in_flight`` chunks are processed at once, but they are *committed in order*: a
-   chunk's records are written in one ``add_images`` transaction (so a duplicate key later in the file
-   wins, as in a sequential import), then the task's resume point, counters and the chunk's line errors
-   in one ``tasks.sqlite`` transaction.
-
-A bad line becomes a :class:`LineError` and the file goes on. The task fails as a whole only when it
-cannot go on: the source cannot be read, the library was deleted, the line limit was passed, or the
-encoder or writer keep failing after retries.
+"""Bulk import: :class:`ImportRunner` streams JSONL sources into libraries in the background, durably
+and resumably, at most ``max_running_tasks`` tasks at once. It is given two coroutines, ``encode``
+(uint8 ``(B, H, W, 3)`` -> unit vectors ``(B, dim)``) and ``write`` (``LibraryWriter.add_images``), so it
+runs without Ray. Pipeline, commit order, resume and ownership: docs/ARCHITECTURE.md, "Bulk import".
 """
 
 from __future__ import annotations

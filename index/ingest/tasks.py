@@ -1,16 +1,7 @@
-"""Durable state of import tasks: ``<storage_root>/tasks.sqlite``, written only by the import runner.
-
-A task row holds the task's definition (library name and uid, source, ``save_image``), its state, its
-counters and its resume point (``lines_done``: physical lines of the source whose outcome is committed).
-Per-line errors are rows of ``task_errors`` keyed by (task, line), so a replayed chunk can never record
-an error twice. A chunk's records are written to the library first and its progress committed here
-second: after a crash between the two the chunk is replayed, which the library's idempotent upsert on
-(image_id, image_uri) makes harmless.
-
-Ownership: each runner has an ``owner`` id and heartbeats in ``runners``. A runner that starts claims
-every unfinished task; a runner also claims tasks whose owner stopped heartbeating. Every progress
-commit checks the owner, so a runner whose task was taken over (a rolling restart that briefly ran two
-replicas) stops at its next commit instead of double counting.
+"""Durable state of import tasks, ``<storage_root>/tasks.sqlite``, written only by the import runner:
+a task's definition, state, counters and resume point (``lines_done``), its per-line errors keyed by
+(task, line), and the runners' heartbeats; every progress commit checks the task's owner
+(:class:`LostOwnership`). Why: docs/ARCHITECTURE.md, "Bulk import".
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
-"""Running batched forward passes on one device: bounded concurrency, and merging of batches that wait.
-
-Ray Serve's ``@serve.batch`` forms a batch as soon as ``max_batch_size`` items are queued or
-``batch_wait_timeout_s`` has passed since the first one, whether or not the model is free. When the
-forward pass is slow (a CPU, or a big model) and requests trickle in (each one decoded by the ingress
-first), that yields a run of small batches queued behind the running one, and the model then works
-through them one small batch at a time. :class:`MergingBatcher` sits between those batches and the
-model: while the model is busy, batches of the same kind wait here, and when a slot frees up they are
-merged (oldest first, up to ``max_batch_size`` items) into one forward pass. A dynamic batcher that
-forms batches when the model becomes free (Triton's, for instance) behaves the same way.
-
-Plain asyncio, no Ray: the Encoder deployment holds one and the tests drive it directly.
+"""Bounded, merging batching on one device: :class:`MergingBatcher` runs blocking batch functions in
+worker threads, at most ``max_concurrent`` passes at once, and merges the batches of a kind that wait
+for the model (oldest first) into passes of up to ``max_batch_size``. Plain asyncio, no Ray. Why:
+docs/ARCHITECTURE.md, "index.model.batching and the Encoder".
 """
 
 from __future__ import annotations

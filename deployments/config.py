@@ -7,7 +7,11 @@ sizes in ``user_config``) live in ``serve_config.yaml``'s ``deployments:`` secti
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import json
+import os
+import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -297,6 +301,43 @@ class AppArgs(BaseModel):
             except ValueError as exc:
                 raise ValueError(f"fetch_allowed_networks[{i}]: {exc}") from None
         return nets
+
+    @model_validator(mode="before")
+    @classmethod
+    def _command_line_strings(cls, data: Any) -> Any:
+        """``serve run deployments.app:build_app key=value ...`` passes every value as a string: a list
+        field takes a JSON list or comma-separated values (``import_roots=/a,/b``), an object field a
+        JSON object (``limits='{"max_top_k": 100}'``). Scalars are converted by pydantic itself."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, value in data.items():
+            field = cls.model_fields.get(name)
+            if field is None or not isinstance(value, str):
+                continue
+            kind = typing.get_origin(field.annotation) or field.annotation
+            text = value.strip()
+            if kind is list and not text.startswith("["):
+                out[name] = [v.strip() for v in text.split(",") if v.strip()]
+            elif kind in (list, dict) or (
+                isinstance(kind, type) and (issubclass(kind, BaseModel) or dataclasses.is_dataclass(kind))
+            ):
+                try:
+                    out[name] = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{name}: {value[:100]!r} is not valid JSON ({exc.msg})") from None
+        return out
+
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> AppArgs:
+        # Relative paths mean the directory the builder ran in (``serve run`` 's), not each replica's
+        # working directory, which Ray chooses.
+        self.storage_root = os.path.abspath(self.storage_root)
+        self.import_roots = [os.path.abspath(p) for p in self.import_roots]
+        self.allowed_file_roots = [os.path.abspath(p) for p in self.allowed_file_roots]
+        if self.api_keys_file is not None:
+            self.api_keys_file = os.path.abspath(self.api_keys_file)
+        return self
 
     @model_validator(mode="after")
     def _default_pretrained(self) -> AppArgs:

@@ -31,7 +31,10 @@ from index.store import NewRecord
 logger = logging.getLogger("ray.serve")
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+# Default requests of the whole graph: Encoder 1 + Importer, Ingress, LibraryIndex, Writer 0.25 each = 2
+# CPUs, so that the offline demo starts every deployment on a 2-core machine; serve_config.yaml sizes
+# production replicas.
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class Importer:
     def __init__(
         self, encoder: DeploymentHandle, writer: DeploymentHandle, args: AppArgs, preprocess: PreprocessSpec

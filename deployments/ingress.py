@@ -34,6 +34,7 @@ from deployments.http import (
     error_response,
     install_error_handlers,
 )
+from deployments.readiness import DeploymentStates, GuardedHandle, controller_details
 from deployments.schemas import (
     AddImage,
     CreateLibrary,
@@ -56,6 +57,7 @@ from index.errors import (
     ModeNotSupported,
     PayloadTooLarge,
     TaskNotFound,
+    Unavailable,
 )
 from index.ingest.fetch import FetchError, FetchRefused, fetch_bytes
 from index.model.imaging import ImageDecodeError, ImageTooLarge, decode_base64, decode_image
@@ -71,6 +73,7 @@ RESERVED_LIBRARY_NAMES = frozenset({"list"})
 TASK_ID_RE = re.compile(r"[0-9a-f]{32}")
 #: Encoder calls one Ingress replica may have in flight per kind; items beyond wait here, in bigger batches.
 ENCODE_CALLS_IN_FLIGHT = 16
+RANDOM_WEIGHTS_WARNING = "RANDOM WEIGHTS: embeddings are not meaningful (offline demo/test model)"
 _ENCODE_BATCH: dict[str, Any] = EncodeBatching().model_dump() | {
     "max_concurrent_batches": ENCODE_CALLS_IN_FLIGHT
 }
@@ -93,12 +96,18 @@ async def note_library(request: Request) -> None:
         request.state.library_name = name
 
 
+async def read_deployment_states(request: Request) -> None:
+    """Bring the replica's view of the deployments up to date (in the background once it has one), so
+    that a call to a deployment with no running replica is refused at once (`GuardedHandle`)."""
+    await request.app.state.deployment_states.current()
+
+
 api = FastAPI(
     title="Image Search API",
     version="1.0",
     description="Search image libraries by image or by text, with tag filters. "
     "Every response is the envelope {status, message, data}.",
-    dependencies=[Depends(note_library)],
+    dependencies=[Depends(note_library), Depends(read_deployment_states)],
 )
 install_error_handlers(api)
 #: The web page's files (plain HTML/JS/CSS, no build step), installed as package data.
@@ -128,10 +137,12 @@ class Ingress:
         preprocess: PreprocessSpec,
         face_preprocess: PreprocessSpec | None = None,
     ) -> None:
-        self.encoder = encoder
-        self.index = index
-        self.writer = writer
-        self.importer = importer
+        # Every call to another deployment is refused with 503 UNAVAILABLE while it has no running
+        # replica, instead of waiting for one until the proxy times out.
+        self.states = DeploymentStates(serve.get_replica_context().app_name, controller_details)
+        self.encoder, self.index, self.writer, self.importer = (
+            GuardedHandle(h, h.deployment_name, self.states) for h in (encoder, index, writer, importer)
+        )
         self.args = args
         self.fetch_policy = args.fetch_policy()
         self.limits = args.limits
@@ -150,6 +161,7 @@ class Ingress:
         api.state.max_concurrent_requests = args.limits.max_concurrent_requests
         api.state.api_keys = args.load_api_keys()
         api.state.request_recorder = RequestRecorder.for_replica()
+        api.state.deployment_states = self.states
 
     # -- web page --------------------------------------------------------------------------------
 
@@ -163,21 +175,29 @@ class Ingress:
     @api.get("/health", tags=["operations"])
     @api.get(PREFIX + "/health", tags=["operations"])
     async def health(self) -> JSONResponse:
-        """200 when the graph is ready: the model, its device, whether weights are real, library count."""
+        """200 when every deployment has a running replica, else 503 ``UNAVAILABLE`` with the same data:
+        each deployment's state, and the model, its device, whether weights are real, library count."""
         try:
-            model = await self._model_info()
-            data = {
-                "ready": True,
-                "model": model["model"],
-                "pretrained": not model["random_weights"],
-                "weights": model["pretrained"],
-                "device": model["device"],
-                "dim": model["dim"],
-                "libraries": len(self.catalog.names()),
-                "detection": self.pipeline.describe() | {"face_model": model.get("face_identity")},
-            }
-            if model["random_weights"]:
-                data["warning"] = "RANDOM WEIGHTS: embeddings are not meaningful (offline demo/test model)"
+            ready, deployments, reasons = self.states.report()
+            data: dict[str, Any] = {"ready": ready, "deployments": deployments}
+            try:
+                model = await self._model_info()
+            except Unavailable:
+                model = None  # the Encoder is down: reported under "deployments"
+            if model is not None:
+                data |= {
+                    "model": model["model"],
+                    "pretrained": not model["random_weights"],
+                    "weights": model["pretrained"],
+                    "device": model["device"],
+                    "dim": model["dim"],
+                    "detection": self.pipeline.describe() | {"face_model": model.get("face_identity")},
+                }
+                if model["random_weights"]:
+                    data["warning"] = RANDOM_WEIGHTS_WARNING
+            data["libraries"] = len(self.catalog.names())
+            if not ready:
+                return envelope(data, status=Unavailable.status, message="; ".join(reasons), http=503)
             return envelope(data)
         except Exception as exc:
             return error_response(exc)
@@ -236,6 +256,11 @@ class Ingress:
                 uploaded = await self._decode_upload(
                     self._decode_base64(body.image_base64), "image_base64", body.library_name
                 )
+            else:
+                try:
+                    self.fetch_policy.check_uri(body.image_uri)  # a refusal needs no library (400 first)
+                except FetchError as exc:
+                    raise self._fetch_refused(exc) from None
             info = await self._library(body.library_name)
             if uploaded is None:
                 fetched = await self._fetch(body.image_uri)
@@ -393,7 +418,7 @@ class Ingress:
             check_served_model(info, await self._model_info())
         return info
 
-    def _index(self, info: LibraryInfo) -> DeploymentHandle:
+    def _index(self, info: LibraryInfo) -> GuardedHandle:
         return self.index.options(multiplexed_model_id=info.key)
 
     def _tags(self, raw: Any) -> dict[str, Any]:
@@ -445,11 +470,13 @@ class Ingress:
         except ImageTooLarge as exc:
             raise PayloadTooLarge(f"image_uri: {exc}") from None
         except FetchError as exc:
-            if isinstance(exc, FetchRefused):
-                logger.info("refused to fetch image_uri: %s (%s)", exc.reason, exc.address or "-")
-            raise InvalidParameter(
-                f"image_uri: {exc}; send image_base64 to upload the image instead"
-            ) from None
+            raise self._fetch_refused(exc) from None
+
+    @staticmethod
+    def _fetch_refused(exc: FetchError) -> InvalidParameter:
+        if isinstance(exc, FetchRefused):
+            logger.info("refused to fetch image_uri: %s (%s)", exc.reason, exc.address or "-")
+        return InvalidParameter(f"image_uri: {exc}; send image_base64 to upload the image instead")
 
     def _decode(self, data: bytes, field: str, side_hint: int) -> Image.Image:
         """Decode (runs in a worker thread)."""

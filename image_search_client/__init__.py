@@ -32,6 +32,7 @@ from image_search_client.client import (
     TaskError,
     TaskNotFoundError,
     UnauthorizedError,
+    UnavailableError,
 )
 
 __all__ = [
@@ -62,4 +63,5 @@ __all__ = [
     "TaskError",
     "TaskNotFoundError",
     "UnauthorizedError",
+    "UnavailableError",
 ]

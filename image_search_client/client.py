@@ -124,6 +124,11 @@ class OverloadedError(ImageSearchError):
     ``retries``)."""
 
 
+class UnavailableError(ImageSearchError):
+    """503 ``UNAVAILABLE``: a deployment the request needs has no running replica (the message names
+    it); retry later."""
+
+
 class InternalError(ImageSearchError):
     """500 ``INTERNAL_ERROR``: the message carries an incident id that is in the service's logs."""
 
@@ -145,6 +150,7 @@ ERRORS_BY_STATUS: dict[str, type[ImageSearchError]] = {
     "MODEL_MISMATCH": ModelMismatchError,
     "PAYLOAD_TOO_LARGE": PayloadTooLargeError,
     "OVERLOADED": OverloadedError,
+    "UNAVAILABLE": UnavailableError,
     "INTERNAL_ERROR": InternalError,
 }
 
@@ -181,6 +187,12 @@ class Library(_Model):
     embedding: str | None = None
 
 
+class DeploymentState(_Model):
+    status: str
+    running: int
+    target: int
+
+
 class Health(_Model):
     ready: bool
     model: str
@@ -189,6 +201,8 @@ class Health(_Model):
     dim: int
     libraries: int
     warning: str | None = None
+    #: Serve's view of each deployment (running replicas of target); ready only when each runs.
+    deployments: dict[str, DeploymentState] = Field(default_factory=dict)
 
 
 class AddResult(_Model):
@@ -391,7 +405,11 @@ class ImageSearchClient:
     # -- operations --------------------------------------------------------------------------------
 
     def health(self) -> Health:
-        """``GET /health``: whether the graph is ready, its model and device."""
+        """``GET /health``: whether the graph is ready, its model and device.
+
+        Raises:
+            UnavailableError: a deployment has no running replica (``error.data`` holds the states).
+        """
         return Health.model_validate(self._get("/health"))
 
     # -- libraries ---------------------------------------------------------------------------------

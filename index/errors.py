@@ -48,6 +48,13 @@ class Overloaded(ServiceError):
     http_status = 503
 
 
+class Unavailable(ServiceError):
+    """A deployment the request needs has no running replica (not scheduled yet, or all died)."""
+
+    status = "UNAVAILABLE"
+    http_status = 503
+
+
 class LibraryNotFound(ServiceError):
     status = "LIBRARY_NOT_FOUND"
     http_status = 404

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 import certifi
 import urllib3
@@ -162,6 +162,10 @@ class FetchPolicy:
                 time.sleep(0.2 * 2**attempt)
         raise AssertionError("unreachable")  # the loop returns or raises
 
+    def check_uri(self, uri: str) -> None:
+        """:func:`check_uri` under this policy."""
+        check_uri(uri, policy=self)
+
     def check_source(self, source: str) -> str:
         """:func:`check_source` under this policy."""
         return check_source(source, policy=self)
@@ -229,14 +233,32 @@ def fetch_bytes(uri: str, *, policy: FetchPolicy, max_bytes: int, timeout_s: flo
         FetchError: bad URI, DNS or network error, non-2xx answer, too many redirects, deadline passed.
         ImageTooLarge: more than ``max_bytes``.
     """
+    check_uri(uri, policy=policy)
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        return _read_file(unquote(parts.path), max_bytes=max_bytes, allowed_roots=policy.allowed_file_roots)
+    if scheme and scheme in policy.object_store_protocols:
+        return _read_object(uri, max_bytes=max_bytes)
+    return _fetch_http(uri, policy=policy, max_bytes=max_bytes, timeout_s=timeout_s)
+
+
+def check_uri(uri: str, *, policy: FetchPolicy) -> None:
+    """Refuse what can be refused without connecting, with the message a fetch would give: a scheme the
+    policy does not accept, a ``file://`` URI naming a host, an http(s) URI whose host is a literal IP
+    address the policy refuses. Host names are checked when they are resolved (each redirect too).
+
+    Raises:
+        FetchRefused: as :func:`fetch_bytes` would for the same URI.
+    """
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise FetchRefused("file:// URIs must not name a host", reason="file host")
-        return _read_file(unquote(parts.path), max_bytes=max_bytes, allowed_roots=policy.allowed_file_roots)
+        return
     if scheme and scheme in policy.object_store_protocols:
-        return _read_object(uri, max_bytes=max_bytes)
+        return
     if scheme not in policy.schemes:
         allowed = " or ".join(f"{s}://" for s in (*policy.schemes, *policy.object_store_protocols))
         raise FetchRefused(
@@ -244,7 +266,22 @@ def fetch_bytes(uri: str, *, policy: FetchPolicy, max_bytes: int, timeout_s: flo
             "(or file:// under an allowed root), or send the image itself",
             reason="scheme",
         )
-    return _fetch_http(uri, policy=policy, max_bytes=max_bytes, timeout_s=timeout_s)
+    _check_literal_host(parts, policy)
+
+
+def _check_literal_host(parts: SplitResult, policy: FetchPolicy) -> None:
+    """`FetchPolicy.check_address` for a host written as an IP address (a name is left to the resolver)."""
+    try:
+        host = parts.hostname
+    except ValueError:  # a malformed netloc: the fetch reports it
+        return
+    if host is None:
+        return
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return
+    policy.check_address(host)
 
 
 def _fetch_http(uri: str, *, policy: FetchPolicy, max_bytes: int, timeout_s: float) -> bytes:
@@ -478,6 +515,7 @@ def check_source(source: str, *, policy: FetchPolicy) -> str:
     if scheme in policy.schemes:
         if not parts.netloc:
             raise FetchError(f"source {source[:200]!r} has no host")
+        _check_literal_host(parts, policy)  # refused now rather than when the task opens it
         return source
     if scheme in ("", "file"):
         if scheme == "file" and parts.netloc not in ("", "localhost"):

@@ -106,7 +106,9 @@ def test_error_mapping(sdk, base_url, library):
     assert (info.value.status, info.value.http_status) == ("UNAUTHORIZED", 401)
     with pytest.raises(UnauthorizedError):
         ImageSearchClient(base_url, api_key="wrong").list_libraries()
-    assert ImageSearchClient(base_url).health().model == "tiny-random"  # open without a key
+    health = ImageSearchClient(base_url).health()  # open without a key
+    assert health.model == "tiny-random" and health.ready
+    assert health.deployments["Importer"].running >= 1 and health.deployments["Importer"].target == 1
 
     with pytest.raises(InvalidParameterError) as info:
         sdk.search_by_text(library, "x", tag_filter=[{"field": "a", "op": "like", "value": 1}])

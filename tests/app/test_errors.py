@@ -63,6 +63,8 @@ def test_health_says_random_weights(client):
     assert data["model"] == "tiny-random" and data["device"] == "cpu" and data["dim"] == 64
     assert "RANDOM WEIGHTS" in data["warning"]
     assert isinstance(data["libraries"], int)
+    assert set(data["deployments"]) == {"Ingress", "Encoder", "LibraryIndex", "Writer", "Importer"}
+    assert all(d["running"] >= 1 and d["target"] >= 1 for d in data["deployments"].values()), data
     assert client.get("/health")[0] == 200
 
 

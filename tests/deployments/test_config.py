@@ -95,3 +95,44 @@ def test_fetch_policy_defaults_are_safe_and_configurable():
 def test_bad_networks_are_refused(nets):
     with pytest.raises(ValidationError, match="fetch_allowed_networks"):
         AppArgs(model="tiny-random", fetch_allowed_networks=nets)
+
+
+def test_the_graph_default_requests_fit_two_cores():
+    """The README's demo command sets no resources: every deployment's default must be schedulable on a
+    2-core machine at once (an unschedulable replica never starts and its routes would wait for it)."""
+    from deployments.encoder import Encoder
+    from deployments.importer import Importer
+    from deployments.ingress import Ingress
+    from deployments.library_index import LibraryIndex
+    from deployments.writer import Writer
+
+    graph = (Ingress, Encoder, LibraryIndex, Writer, Importer)
+    requests = {d.name: d.ray_actor_options.get("num_cpus", 1) * (d.num_replicas or 1) for d in graph}
+    assert sum(requests.values()) <= 2.0, requests
+    assert all(d.ray_actor_options.get("num_gpus", 0) == 0 for d in graph)
+
+
+def test_command_line_strings_become_lists_and_objects(tmp_path, monkeypatch):
+    """``serve run ... key=value`` passes strings: lists take JSON or commas, objects take JSON."""
+    monkeypatch.chdir(tmp_path)
+    args = AppArgs.model_validate(
+        {
+            "import_roots": "./imports,/srv/more",
+            "fetch_allowed_networks": '["10.0.0.0/8"]',
+            "limits": '{"max_top_k": 100}',
+            "index": '{"hnsw_min_rows": 5000}',
+            "fetch_max_redirects": "3",
+        }
+    )
+    assert args.import_roots == [str(tmp_path / "imports"), "/srv/more"]
+    assert args.fetch_allowed_networks == ["10.0.0.0/8"]
+    assert (args.limits.max_top_k, args.index.hnsw_min_rows, args.fetch_max_redirects) == (100, 5000, 3)
+    with pytest.raises(ValidationError, match=r"limits: '\{\"max_top_k\"' is not valid JSON"):
+        AppArgs.model_validate({"limits": '{"max_top_k"'})
+
+
+def test_relative_paths_are_the_builders_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = AppArgs.model_validate({"storage_root": "./data", "allowed_file_roots": ["pics"]})
+    assert args.storage_root == str(tmp_path / "data")
+    assert args.allowed_file_roots == [str(tmp_path / "pics")]

@@ -128,3 +128,47 @@ def test_object_store_image_is_size_capped():
         fetch_bytes(f"memory://{path}", policy=memory, max_bytes=99, timeout_s=1)
     with pytest.raises(FetchError, match="scheme 'memory'"):
         fetch_bytes(f"memory://{path}", policy=FetchPolicy(), max_bytes=100, timeout_s=1)
+
+
+@pytest.mark.parametrize(
+    ("uri", "reason"),
+    [
+        ("http://127.0.0.1:9/x.jsonl", "loopback"),
+        ("http://10.1.2.3/x.jsonl", "private"),
+        ("https://[::1]/x.jsonl", "loopback"),
+        ("http://169.254.169.254/latest/meta-data", "link-local"),
+        ("http://[::ffff:192.168.0.1]/x", "private"),
+        ("http://0.0.0.0/x", "unspecified"),
+    ],
+)
+def test_literal_non_public_hosts_are_refused_before_any_connection(uri, reason):
+    """A source or image URI whose host is a literal non-public address is refused when checked, with
+    the message and reason the fetch itself gives."""
+    policy = FetchPolicy()
+    with pytest.raises(FetchRefused) as at_check:
+        check_source(uri, policy=policy)
+    with pytest.raises(FetchRefused) as at_uri_check:
+        policy.check_uri(uri)
+    with pytest.raises(FetchRefused) as at_fetch:
+        fetch_bytes(uri, policy=policy, max_bytes=100, timeout_s=1)
+    assert at_check.value.reason == at_uri_check.value.reason == at_fetch.value.reason == reason
+    assert str(at_check.value) == str(at_uri_check.value) == str(at_fetch.value)
+
+
+def test_literal_checks_follow_the_policy_and_leave_names_to_the_resolver():
+    allowed = FetchPolicy(allowed_networks=("127.0.0.0/8",))
+    assert check_source("http://127.0.0.1:9/x.jsonl", policy=allowed) == "http://127.0.0.1:9/x.jsonl"
+    allowed.check_uri("http://127.0.0.1:9/x.jpg")
+    FetchPolicy(allow_private=True).check_uri("http://10.0.0.1/x.jpg")
+    # Names are checked when resolved (each redirect too), not here.
+    assert check_source("http://localhost:9/x.jsonl", policy=FetchPolicy()) == "http://localhost:9/x.jsonl"
+    FetchPolicy().check_uri("https://images.example.com/a.jpg")
+
+
+@pytest.mark.parametrize("uri", ["gopher://example.com/x", "ftp://example.com/x.jpg", "file://host/x.jpg"])
+def test_check_uri_refuses_schemes_as_the_fetch_does(uri):
+    with pytest.raises(FetchRefused) as at_check:
+        FetchPolicy().check_uri(uri)
+    with pytest.raises(FetchRefused) as at_fetch:
+        fetch_bytes(uri, policy=FetchPolicy(), max_bytes=100, timeout_s=1)
+    assert str(at_check.value) == str(at_fetch.value)

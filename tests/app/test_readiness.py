@@ -1,0 +1,83 @@
+"""A deployment without a running replica: /health is 503 and says which, its routes answer 503
+``UNAVAILABLE`` at once (no wait for a replica that never comes), the other routes keep working."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+from ray import serve
+
+from deployments.app import build_app
+from tests.app.conftest import Client, app_args, import_dir
+
+NAME = "unready"
+#: The bound the issue sets on a refusal: "within a few seconds", never the proxy's timeout.
+REFUSAL_BOUND_S = 5.0
+
+
+@pytest.fixture
+def unready_app(serve_port, tmp_path):
+    """The test app with an Importer that asks for a resource no node has: it is never scheduled."""
+    options = app_args(str(tmp_path))["deployment_options"]
+    options["Importer"] = {"ray_actor_options": {"num_cpus": 0, "resources": {"no_such_node": 1}}}
+    # serve.run would wait forever for the Importer; _run without blocking returns once it is submitted.
+    serve._run(
+        build_app(app_args(str(tmp_path), deployment_options=options)),
+        name=NAME,
+        route_prefix="/" + NAME,
+        _blocking=False,
+    )
+    base = f"http://127.0.0.1:{serve_port}/{NAME}"
+    end = time.monotonic() + 120
+    while True:  # the ingress answers /health (with 503) once it and the controller's view are up
+        try:
+            r = requests.get(base + "/health", timeout=10)
+            if (
+                r.headers.get("content-type", "").startswith("application/json")
+                and "deployments" in (r.json().get("data") or {})
+                and r.json()["data"]["deployments"].get("Encoder", {}).get("running")
+            ):
+                break
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < end, "the ingress of the unready app never answered /health"
+        time.sleep(0.5)
+    yield base, tmp_path
+    serve.delete(NAME, _blocking=False)
+
+
+def test_health_is_503_and_names_the_missing_deployment(unready_app):
+    base, _ = unready_app
+    r = requests.get(base + "/health", timeout=10)
+    env = r.json()
+    assert r.status_code == 503 and env["status"] == "UNAVAILABLE", env
+    data = env["data"]
+    assert data["ready"] is False
+    assert data["deployments"]["Importer"] == {
+        "status": data["deployments"]["Importer"]["status"],
+        "running": 0,
+        "target": 1,
+    }
+    for name in ("Ingress", "Encoder", "LibraryIndex", "Writer"):
+        assert data["deployments"][name]["running"] >= 1, data
+    assert "'Importer' has no running replica (0 of 1 running" in env["message"]
+    assert data["model"] == "tiny-random"  # what is up is still reported
+
+
+def test_a_route_needing_it_answers_503_at_once_and_the_rest_work(unready_app):
+    base, storage = unready_app
+    c = Client(base)
+    c.ok("/library/create", {"library_name": "u", "mode": "general_search"})
+    source = import_dir(str(storage)) / "one.jsonl"
+    source.write_text('{"image_id": "a", "image_uri": "u"}\n')
+    started = time.monotonic()
+    code, env = c.post("/image/tasks/create", {"library_name": "u", "source": str(source)})
+    took = time.monotonic() - started
+    assert code == 503 and env["status"] == "UNAVAILABLE" and env["data"] is None, env
+    assert "'Importer' has no running replica" in env["message"]
+    assert took < REFUSAL_BOUND_S, took
+    r = c.raw("GET", "/image/tasks/results/" + "0" * 32)
+    assert r.status_code == 503 and r.json()["status"] == "UNAVAILABLE"
+    assert c.post("/search/by-text", {"library_name": "u", "query_text": "x"})[0] == 200

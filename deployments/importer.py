@@ -49,7 +49,7 @@ class Importer:
             write=self._write,
             preprocess=preprocess,
             settings=args.imports,
-            image_limits=args.limits.image_limits(),
+            image_limits=args.image_limits(),
             tag_limits=args.limits.tag_limits(),
             policy=args.fetch_policy(),
         )

@@ -146,6 +146,7 @@ class Ingress:
         self.args = args
         self.fetch_policy = args.fetch_policy()
         self.limits = args.limits
+        self.image_limits = args.image_limits()
         self.catalog = Catalog(args.storage_root, max_libraries=args.limits.max_libraries)
         # Detection and cropping are CPU work: they run here, in worker threads, next to decoding.
         self.pipeline = ModePipeline(preprocess, args.detection_config(), face_preprocess=face_preprocess)
@@ -481,7 +482,7 @@ class Ingress:
     def _decode(self, data: bytes, field: str, side_hint: int) -> Image.Image:
         """Decode (runs in a worker thread)."""
         try:
-            return decode_image(data, self.limits.image_limits(), min_side_hint=side_hint)
+            return decode_image(data, self.image_limits, min_side_hint=side_hint)
         except ImageTooLarge as exc:
             raise PayloadTooLarge(f"{field}: {exc}") from None
         except ImageDecodeError as exc:

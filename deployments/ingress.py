@@ -30,8 +30,8 @@ from deployments.http import (
     ConcurrencyLimit,
     RequestLog,
     RequestRecorder,
+    UnhandledErrors,
     envelope,
-    error_response,
     install_error_handlers,
 )
 from deployments.readiness import DeploymentStates, GuardedHandle, controller_details
@@ -115,7 +115,9 @@ STATIC_DIR = Path(__file__).parent / "static"
 # Mounted at /static (not /): a catch-all mount would shadow the API routes Serve appends after it.
 api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
 # add_middleware puts each new one outside the previous: RequestLog runs first and sees every answer;
-# ApiKeyAuth refuses a caller before any body is read or any concurrency slot is taken.
+# ApiKeyAuth refuses a caller before any body is read or any concurrency slot is taken; UnhandledErrors,
+# innermost, answers what no exception handler took.
+api.add_middleware(UnhandledErrors)
 api.add_middleware(BodyLimit)
 api.add_middleware(ConcurrencyLimit)
 api.add_middleware(ApiKeyAuth)
@@ -178,232 +180,190 @@ class Ingress:
     async def health(self) -> JSONResponse:
         """200 when every deployment has a running replica, else 503 ``UNAVAILABLE`` with the same data:
         each deployment's state, and the model, its device, whether weights are real, library count."""
+        ready, deployments, reasons = self.states.report()
+        data: dict[str, Any] = {"ready": ready, "deployments": deployments}
         try:
-            ready, deployments, reasons = self.states.report()
-            data: dict[str, Any] = {"ready": ready, "deployments": deployments}
-            try:
-                model = await self._model_info()
-            except Unavailable:
-                model = None  # the Encoder is down: reported under "deployments"
-            if model is not None:
-                data |= {
-                    "model": model["model"],
-                    "pretrained": not model["random_weights"],
-                    "weights": model["pretrained"],
-                    "device": model["device"],
-                    "dim": model["dim"],
-                    "detection": self.pipeline.describe() | {"face_model": model.get("face_identity")},
-                }
-                if model["random_weights"]:
-                    data["warning"] = RANDOM_WEIGHTS_WARNING
-            data["libraries"] = len(self.catalog.names())
-            if not ready:
-                return envelope(data, status=Unavailable.status, message="; ".join(reasons), http=503)
-            return envelope(data)
-        except Exception as exc:
-            return error_response(exc)
+            model = await self._model_info()
+        except Unavailable:
+            model = None  # the Encoder is down: reported under "deployments"
+        if model is not None:
+            data |= {
+                "model": model["model"],
+                "pretrained": not model["random_weights"],
+                "weights": model["pretrained"],
+                "device": model["device"],
+                "dim": model["dim"],
+                "detection": self.pipeline.describe() | {"face_model": model.get("face_identity")},
+            }
+            if model["random_weights"]:
+                data["warning"] = RANDOM_WEIGHTS_WARNING
+        data["libraries"] = len(self.catalog.names())
+        if not ready:
+            return envelope(data, status=Unavailable.status, message="; ".join(reasons), http=503)
+        return envelope(data)
 
     # -- libraries -------------------------------------------------------------------------------
 
     @api.post(PREFIX + "/library/create", tags=["libraries"])
     async def create_library(self, body: CreateLibrary) -> JSONResponse:
-        try:
-            if body.library_name in RESERVED_LIBRARY_NAMES:
-                raise InvalidParameter(f"library_name {body.library_name!r} is reserved")
-            model = await self._model_info()
-            data = await self.writer.create_library.remote(
-                body.library_name, body.mode, body.description, model, body.index_kind
-            )
-            return envelope(data)
-        except Exception as exc:
-            return error_response(exc)
+        if body.library_name in RESERVED_LIBRARY_NAMES:
+            raise InvalidParameter(f"library_name {body.library_name!r} is reserved")
+        model = await self._model_info()
+        data = await self.writer.create_library.remote(
+            body.library_name, body.mode, body.description, model, body.index_kind
+        )
+        return envelope(data)
 
     @api.get(PREFIX + "/library/list", tags=["libraries"])
     async def list_libraries(self) -> JSONResponse:
-        try:
-            infos = await asyncio.to_thread(self.catalog.list)
-            described = await asyncio.to_thread(lambda: [self.catalog.describe(i) for i in infos])
-            return envelope({"libraries": described})
-        except Exception as exc:
-            return error_response(exc)
+        infos = await asyncio.to_thread(self.catalog.list)
+        described = await asyncio.to_thread(lambda: [self.catalog.describe(i) for i in infos])
+        return envelope({"libraries": described})
 
     @api.get(PREFIX + "/library/{library_name}", tags=["libraries"])
     async def get_library(self, library_name: str) -> JSONResponse:
-        try:
-            info = await self._library(library_name, check_model=False)
-            return envelope(await asyncio.to_thread(self.catalog.describe, info))
-        except Exception as exc:
-            return error_response(exc)
+        info = await self._library(library_name, check_model=False)
+        return envelope(await asyncio.to_thread(self.catalog.describe, info))
 
     @api.post(PREFIX + "/library/delete", tags=["libraries"])
     async def delete_library(self, body: DeleteLibrary) -> JSONResponse:
-        try:
-            await self._library(body.library_name, check_model=False)
-            await self.writer.delete_library.remote(body.library_name)
-            return envelope({"library_name": body.library_name})
-        except Exception as exc:
-            return error_response(exc)
+        await self._library(body.library_name, check_model=False)
+        await self.writer.delete_library.remote(body.library_name)
+        return envelope({"library_name": body.library_name})
 
     # -- images ----------------------------------------------------------------------------------
 
     @api.post(PREFIX + "/image/add", tags=["images"])
     async def add_image(self, body: AddImage) -> JSONResponse:
-        try:
-            tags = self._tags(body.tags)
-            # The request is checked whole (400) before the library is looked up (404); an uploaded image
-            # is decoded here, a URI is only fetched once the library is known to exist.
-            uploaded = None
-            if body.image_base64 is not None:
-                uploaded = await self._decode_upload(
-                    self._decode_base64(body.image_base64), "image_base64", body.library_name
-                )
-            else:
-                try:
-                    self.fetch_policy.check_uri(body.image_uri)  # a refusal needs no library (400 first)
-                except FetchError as exc:
-                    raise self._fetch_refused(exc) from None
-            info = await self._library(body.library_name)
-            if uploaded is None:
-                fetched = await self._fetch(body.image_uri)
-                uploaded = await self._decode_upload(fetched, "image_uri", info.name)
-            data, image = uploaded
-            embedded = await self._embed(image, info.mode, query=False)
-            if embedded.vector is None or embedded.vector_kind is None:  # imports always embed something
-                raise RuntimeError(f"no vector for an import into a {info.mode} library")
-            record = NewRecord(
-                image_id=body.image_id,
-                image_uri=body.image_uri,
-                vector=embedded.vector,
-                tags=tags,
-                vector_kind=embedded.vector_kind,
-                frame=data if body.save_image else None,
-                extra=embedded.extra,
+        tags = self._tags(body.tags)
+        # The request is checked whole (400) before the library is looked up (404); an uploaded image
+        # is decoded here, a URI is only fetched once the library is known to exist.
+        uploaded = None
+        if body.image_base64 is not None:
+            uploaded = await self._decode_upload(
+                self._decode_base64(body.image_base64), "image_base64", body.library_name
             )
-            created = await self.writer.add_images.remote(info.name, info.uid, [record])
-            return envelope({"image_id": body.image_id, "image_uri": body.image_uri, "created": created[0]})
-        except Exception as exc:
-            return error_response(exc)
+        else:
+            try:
+                self.fetch_policy.check_uri(body.image_uri)  # a refusal needs no library (400 first)
+            except FetchError as exc:
+                raise self._fetch_refused(exc) from None
+        info = await self._library(body.library_name)
+        if uploaded is None:
+            fetched = await self._fetch(body.image_uri)
+            uploaded = await self._decode_upload(fetched, "image_uri", info.name)
+        data, image = uploaded
+        embedded = await self._embed(image, info.mode, query=False)
+        if embedded.vector is None or embedded.vector_kind is None:  # imports always embed something
+            raise RuntimeError(f"no vector for an import into a {info.mode} library")
+        record = NewRecord(
+            image_id=body.image_id,
+            image_uri=body.image_uri,
+            vector=embedded.vector,
+            tags=tags,
+            vector_kind=embedded.vector_kind,
+            frame=data if body.save_image else None,
+            extra=embedded.extra,
+        )
+        created = await self.writer.add_images.remote(info.name, info.uid, [record])
+        return envelope({"image_id": body.image_id, "image_uri": body.image_uri, "created": created[0]})
 
     @api.post(PREFIX + "/image/get", tags=["images"])
     async def get_image(self, body: GetImage) -> JSONResponse:
-        try:
-            info = await self._library(body.library_name, check_model=False)
-            images = await self._index(info).get_images.remote(
-                body.image_id, body.image_uri, body.return_frame
-            )
-            if not images:
-                raise ImageNotFound(info.name, body.image_id, body.image_uri)
-            return envelope({"images": images})
-        except Exception as exc:
-            return error_response(exc)
+        info = await self._library(body.library_name, check_model=False)
+        images = await self._index(info).get_images.remote(
+            body.image_id, body.image_uri, body.return_frame
+        )
+        if not images:
+            raise ImageNotFound(info.name, body.image_id, body.image_uri)
+        return envelope({"images": images})
 
     @api.post(PREFIX + "/image/update_tags", tags=["images"])
     async def update_tags(self, body: UpdateTags) -> JSONResponse:
-        try:
-            tags = self._tags(body.tags)
-            info = await self._library(body.library_name, check_model=False)
-            n = await self.writer.update_tags.remote(info.name, info.uid, body.image_id, body.image_uri, tags)
-            if n == 0:
-                raise ImageNotFound(info.name, body.image_id, body.image_uri)
-            return envelope({"updated": n})
-        except Exception as exc:
-            return error_response(exc)
+        tags = self._tags(body.tags)
+        info = await self._library(body.library_name, check_model=False)
+        n = await self.writer.update_tags.remote(info.name, info.uid, body.image_id, body.image_uri, tags)
+        if n == 0:
+            raise ImageNotFound(info.name, body.image_id, body.image_uri)
+        return envelope({"updated": n})
 
     @api.post(PREFIX + "/image/delete", tags=["images"])
     async def delete_image(self, body: DeleteImage) -> JSONResponse:
-        try:
-            info = await self._library(body.library_name, check_model=False)
-            n = await self.writer.delete_images.remote(info.name, info.uid, body.image_id, body.image_uri)
-            return envelope({"deleted": n})
-        except Exception as exc:
-            return error_response(exc)
+        info = await self._library(body.library_name, check_model=False)
+        n = await self.writer.delete_images.remote(info.name, info.uid, body.image_id, body.image_uri)
+        return envelope({"deleted": n})
 
     @api.post(PREFIX + "/image/tasks/create", tags=["images"])
     async def create_task(self, body: CreateTask) -> JSONResponse:
         """Start a bulk import of a JSONL source; answers ``{"task_id"}`` at once."""
         try:
-            try:
-                self.fetch_policy.check_source(body.source)  # 400 before the library lookup (404)
-            except FetchError as exc:
-                raise InvalidParameter(f"source: {exc}") from None
-            info = await self._library(body.library_name)
-            task_id = await self.importer.create_task.remote(
-                info.name, info.uid, body.source, body.save_image
-            )
-            return envelope({"task_id": task_id})
-        except Exception as exc:
-            return error_response(exc)
+            self.fetch_policy.check_source(body.source)  # 400 before the library lookup (404)
+        except FetchError as exc:
+            raise InvalidParameter(f"source: {exc}") from None
+        info = await self._library(body.library_name)
+        task_id = await self.importer.create_task.remote(
+            info.name, info.uid, body.source, body.save_image
+        )
+        return envelope({"task_id": task_id})
 
     @api.get(PREFIX + "/image/tasks/results/{task_id}", tags=["images"])
     async def task_results(self, task_id: str) -> JSONResponse:
         """State, counters and per-line errors of an import task."""
-        try:
-            if not TASK_ID_RE.fullmatch(task_id):
-                raise TaskNotFound(task_id[:80])
-            return envelope(await self.importer.get_task.remote(task_id))
-        except Exception as exc:
-            return error_response(exc)
+        if not TASK_ID_RE.fullmatch(task_id):
+            raise TaskNotFound(task_id[:80])
+        return envelope(await self.importer.get_task.remote(task_id))
 
     # -- search ----------------------------------------------------------------------------------
 
     @api.post(PREFIX + "/search/by-image", tags=["search"])
     async def search_by_image(self, body: SearchByImage) -> JSONResponse:
-        try:
-            node = self._search_params(body)
-            raw = self._decode_base64(body.image_base64)
-            _, image = await self._decode_upload(raw, "image_base64", body.library_name)
-            info = await self._library(body.library_name)
-            embedded = await self._embed(image, info.mode, query=True)
-            results: list[Any] = []
-            if embedded.vector is not None:  # None: an item_search query in which no item was found
-                answer = await self._index(info).search.remote(
-                    embedded.vector,
-                    query_kind="image",
-                    vector_kind=embedded.vector_kind,
-                    **self._search_kwargs(body, node),
-                )
-                results = answer["results"]
-            data: dict[str, Any] = {"results": results}
-            if info.mode != "general_search":  # documented extension: what the query was embedded as
-                data["query_kind"] = embedded.vector_kind
-                data["query_box"] = embedded.box
-            return envelope(data)
-        except Exception as exc:
-            return error_response(exc)
+        node = self._search_params(body)
+        raw = self._decode_base64(body.image_base64)
+        _, image = await self._decode_upload(raw, "image_base64", body.library_name)
+        info = await self._library(body.library_name)
+        embedded = await self._embed(image, info.mode, query=True)
+        results: list[Any] = []
+        if embedded.vector is not None:  # None: an item_search query in which no item was found
+            answer = await self._index(info).search.remote(
+                embedded.vector,
+                query_kind="image",
+                vector_kind=embedded.vector_kind,
+                **self._search_kwargs(body, node),
+            )
+            results = answer["results"]
+        data: dict[str, Any] = {"results": results}
+        if info.mode != "general_search":  # documented extension: what the query was embedded as
+            data["query_kind"] = embedded.vector_kind
+            data["query_box"] = embedded.box
+        return envelope(data)
 
     @api.post(PREFIX + "/search/by-text", tags=["search"])
     async def search_by_text(self, body: SearchByText) -> JSONResponse:
-        try:
-            node = self._search_params(body)
-            if len(body.query_text) > self.limits.max_text_chars:
-                raise InvalidParameter(f"query_text: longer than {self.limits.max_text_chars} characters")
-            if not body.query_text.strip():
-                raise InvalidParameter("query_text: must contain a non-whitespace character")
-            info = await self._library(body.library_name)
-            if info.mode != "general_search":
-                raise ModeNotSupported(
-                    f"Image library {info.name!r} is in {info.mode} mode and does not support "
-                    "text-to-image search."
-                )
-            vector = await self._encode_texts(body.query_text)
-            answer = await self._index(info).search.remote(
-                vector, query_kind="text", vector_kind="whole", **self._search_kwargs(body, node)
+        node = self._search_params(body)
+        if len(body.query_text) > self.limits.max_text_chars:
+            raise InvalidParameter(f"query_text: longer than {self.limits.max_text_chars} characters")
+        if not body.query_text.strip():
+            raise InvalidParameter("query_text: must contain a non-whitespace character")
+        info = await self._library(body.library_name)
+        if info.mode != "general_search":
+            raise ModeNotSupported(
+                f"Image library {info.name!r} is in {info.mode} mode and does not support "
+                "text-to-image search."
             )
-            return envelope({"results": answer["results"]})
-        except Exception as exc:
-            return error_response(exc)
+        vector = await self._encode_texts(body.query_text)
+        answer = await self._index(info).search.remote(
+            vector, query_kind="text", vector_kind="whole", **self._search_kwargs(body, node)
+        )
+        return envelope({"results": answer["results"]})
 
     @api.post(PREFIX + "/search/by-id", tags=["search"])
     async def search_by_id(self, body: SearchById) -> JSONResponse:
-        try:
-            node = self._search_params(body)
-            info = await self._library(body.library_name)
-            answer = await self._index(info).search_by_id.remote(
-                body.image_id, body.image_uri, query_kind="image", **self._search_kwargs(body, node)
-            )
-            return envelope({"results": answer["results"]})
-        except Exception as exc:
-            return error_response(exc)
+        node = self._search_params(body)
+        info = await self._library(body.library_name)
+        answer = await self._index(info).search_by_id.remote(
+            body.image_id, body.image_uri, query_kind="image", **self._search_kwargs(body, node)
+        )
+        return envelope({"results": answer["results"]})
 
     # -- helpers ---------------------------------------------------------------------------------
 

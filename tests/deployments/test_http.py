@@ -24,6 +24,7 @@ from deployments.http import (
     RequestLog,
     RequestRecord,
     RequestRecorder,
+    UnhandledErrors,
     envelope,
     install_error_handlers,
     route_path,
@@ -51,6 +52,7 @@ class FakeRecorder:
 def make_app(**state: Any) -> FastAPI:
     app = FastAPI(dependencies=[Depends(note_library)])
     install_error_handlers(app)
+    app.add_middleware(UnhandledErrors)
     app.add_middleware(BodyLimit)
     app.add_middleware(ConcurrencyLimit)
     app.add_middleware(ApiKeyAuth)
@@ -298,3 +300,41 @@ def test_a_body_that_is_not_text_is_named():
     r = c.post("/search", content=b"!\x995\x17\xb4\x90y\x82", headers={"content-type": "application/json"})
     assert r.status_code == 400
     assert r.json()["message"] == "request body is not valid JSON (it must be UTF-8 text)"
+
+
+def test_routes_raise_and_the_handlers_answer_without_internal_details():
+    """Routes raise instead of catching: service errors keep their status, Ray's wrappers are unwrapped,
+    back-pressure is 503 OVERLOADED, and anything else is a 500 whose body names no internal detail;
+    nothing escapes the app (the test client would re-raise it)."""
+    from ray.exceptions import RayTaskError
+    from ray.serve.exceptions import BackPressureError
+
+    app = make_app()
+    secret = "secret-internal-detail /srv/app/db.py line 12"
+    raising = {
+        "plain": RuntimeError(secret),
+        "ray-wrapped-bug": RayTaskError("search", f"Traceback: {secret}", RuntimeError(secret)),
+        "ray-wrapped-service": RayTaskError("search", f"Traceback: {secret}", LibraryNotFound("shop")),
+        "backpressure": BackPressureError(num_queued_requests=9, max_queued_requests=8),
+    }
+    for name, exc in raising.items():
+
+        def route(error: BaseException) -> Any:
+            async def raise_it() -> Any:
+                raise error
+
+            return raise_it
+
+        app.add_api_route(f"/raise/{name}", route(exc))
+    with TestClient(app, raise_server_exceptions=True) as c:
+        answers = {name: c.get(f"/raise/{name}") for name in raising}
+    got = {name: (r.status_code, r.json()["status"]) for name, r in answers.items()}
+    assert got == {
+        "plain": (500, "INTERNAL_ERROR"),
+        "ray-wrapped-bug": (500, "INTERNAL_ERROR"),
+        "ray-wrapped-service": (404, "LIBRARY_NOT_FOUND"),
+        "backpressure": (503, "OVERLOADED"),
+    }
+    for r in answers.values():
+        assert "secret" not in r.text and "Traceback" not in r.text and "/srv" not in r.text
+        assert set(r.json()) == {"status", "message", "data"}

@@ -1,130 +1,63 @@
-"""The HTTP edge shared by every route: the envelope, error mapping, and the ASGI guards.
-
-Every response, success or failure, is ``{"status", "message", "data"}``. Framework errors (FastAPI's
-422 for validation, Starlette's 404/405, an oversized body) are rewritten into that envelope with the
-contract's codes: 400 ``INVALID_PARAMETER`` instead of a bare 422, and never a stack trace.
-
-The pure-ASGI middlewares, outermost first: :class:`RequestLog` (metrics and one log line per request),
-:class:`ApiKeyAuth` (401), :class:`ConcurrencyLimit` (503 ``OVERLOADED``), :class:`BodyLimit` (413).
-Each reads its settings from ``app.state`` (set by the ingress replica from its config) at request time.
+"""The pure-ASGI middlewares of the edge. Around the FastAPI app, outermost first: :class:`RequestLog`
+(metrics and one log line per request), :class:`ApiKeyAuth` (401), :class:`ConcurrencyLimit` (503
+``OVERLOADED``), :class:`BodyLimit` (413), :class:`UnhandledErrors` (500 without details); around
+Serve's HTTP proxy:
+:class:`ProxyErrorEnvelope` (the proxy's plain-text errors -> the envelope). Each reads its settings
+from ``app.state`` (set by the ingress replica from its config) at request time.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import re
 import time
-import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from ray.exceptions import RayTaskError
-from ray.serve.exceptions import BackPressureError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from index.errors import Overloaded, ServiceError
+from deployments.http.envelope import (
+    OVERLOADED_MESSAGE,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    error_response,
+    send_envelope,
+)
+from deployments.http.metrics import RequestRecord
 
 logger = logging.getLogger("ray.serve")
-#: One JSON line per request (see :class:`RequestRecorder`); a child of Serve's logger, so it lands in
-#: the replica's log file next to Serve's own lines.
-access_logger = logging.getLogger("ray.serve.image_search.access")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 #: Envelope status for errors that Serve's proxy answers itself, by HTTP status.
 _PROXY_STATUS = {404: "NOT_FOUND", 408: "TIMEOUT", 429: "OVERLOADED", 503: "OVERLOADED"}
 #: How Serve's BackPressureError message starts (the proxy sends it as the body of its 503/429).
 _BACKPRESSURE_PREFIX = b"Request dropped due to backpressure"
-_OVERLOADED_MESSAGE = "the service is overloaded; retry with backoff"
 
 
-def envelope(
-    data: Any = None, *, status: str = "SUCCESS", message: str | None = None, http: int = 200
-) -> JSONResponse:
-    return JSONResponse({"status": status, "message": message, "data": data}, status_code=http)
+class UnhandledErrors:
+    """Pure ASGI middleware, innermost: an exception no handler took becomes the 500 envelope (the
+    details are logged with an incident id, never sent) before it can leave the app."""
 
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
 
-def error_response(exc: BaseException) -> JSONResponse:
-    """Map any exception to the envelope; unknown ones are logged and answered 500 without details."""
-    exc = unwrap(exc)
-    if isinstance(exc, ServiceError):
-        return envelope(status=exc.status, message=exc.message, http=exc.http_status)
-    if isinstance(exc, BackPressureError):
-        err = Overloaded(_OVERLOADED_MESSAGE)
-        return envelope(status=err.status, message=err.message, http=err.http_status)
-    incident = uuid.uuid4().hex[:12]
-    logger.error("internal error %s: %r", incident, exc, exc_info=exc)
-    return envelope(status="INTERNAL_ERROR", message=f"internal error (incident {incident})", http=500)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
 
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
 
-def unwrap(exc: BaseException) -> BaseException:
-    """The original exception behind Ray's task-error wrapper."""
-    while isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
-        exc = exc.cause
-    return exc
-
-
-def validation_message(exc: RequestValidationError) -> str:
-    """One sentence naming each bad field, e.g. ``top_k: Input should be less than or equal to 1000``."""
-    parts = []
-    for err in exc.errors()[:3]:
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        kind = err.get("type", "")
-        if kind == "json_invalid":
-            parts.append(f"request body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})")
-            continue
-        if kind == "extra_forbidden":
-            parts.append(f"{_path(loc)}: unknown field")
-            continue
-        if not loc and kind == "missing":
-            parts.append("request body is missing: send a JSON object")
-            continue
-        where = _path(loc) if loc else "request body"
-        parts.append(f"{where}: {err.get('msg', 'invalid value')}")
-    more = len(exc.errors()) - 3
-    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
-
-
-def _path(loc: list[str]) -> str:
-    out = ""
-    for p in loc:
-        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
-    return out
-
-
-#: FastAPI's detail when it cannot decode a body at all (its JSON errors are RequestValidationErrors).
-FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return envelope(status="INVALID_PARAMETER", message=validation_message(exc), http=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        status = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "INVALID_PARAMETER")
-        message = str(exc.detail)
-        if message == FASTAPI_BODY_PARSE_ERROR:  # raised for a body that is not even text (bad UTF-8)
-            message = "request body is not valid JSON (it must be UTF-8 text)"
-        return envelope(status=status, message=message, http=exc.status_code)
-
-    @app.exception_handler(ServiceError)
-    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(Exception)
-    async def _other(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(exc)
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            if started:  # too late for an envelope: let the server close the connection
+                raise
+            await error_response(exc)(scope, receive, send)
 
 
 class BodyLimit:
@@ -191,16 +124,6 @@ async def _send_413(send: Send, limit: int) -> None:
     await send_envelope(send, 413, "PAYLOAD_TOO_LARGE", f"request body exceeds {limit} bytes")
 
 
-async def send_envelope(
-    send: Send, http: int, status: str, message: str, extra_headers: tuple[tuple[bytes, bytes], ...] = ()
-) -> None:
-    """Answer an error envelope straight from ASGI middleware (no framework below us has run)."""
-    body = json.dumps({"status": status, "message": message, "data": None}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": http, "headers": headers + list(extra_headers)})
-    await send({"type": "http.response.body", "body": body})
-
-
 class ProxyErrorEnvelope:
     """Pure ASGI middleware for Serve's HTTP proxy: its own plain-text errors become the envelope.
 
@@ -257,7 +180,7 @@ async def _send_proxy_envelope(send: Send, scope: Scope, held: dict[str, Any]) -
     body: bytes = held["body"]
     if status == "OVERLOADED":
         message = (
-            _OVERLOADED_MESSAGE
+            OVERLOADED_MESSAGE
             if body.startswith(_BACKPRESSURE_PREFIX)
             else "the service is temporarily unavailable; retry with backoff"
         )
@@ -371,80 +294,6 @@ class ConcurrencyLimit:
             self.active -= 1
 
 
-@dataclass(frozen=True)
-class RequestRecord:
-    """What is known about one finished request."""
-
-    route: str  # the route template, e.g. /api/v1/operators/image-search/library/{library_name}
-    method: str
-    http_status: int
-    status: str | None  # the envelope's status string; None for non-envelope answers (/docs)
-    latency_ms: float
-    library_name: str | None
-
-
-class _Counter(Protocol):
-    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None: ...
-
-
-class _Histogram(Protocol):
-    def observe(self, value: float, tags: dict[str, str] | None = None) -> None: ...
-
-
-#: Latency histogram boundaries in milliseconds.
-LATENCY_BOUNDARIES_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000)
-
-
-class RequestRecorder:
-    """Counts requests by route and status, observes their latency, and logs one JSON line each.
-
-    Metrics (Ray Serve metrics, exported through Ray's Prometheus endpoint with Serve's application,
-    deployment and replica tags added):
-
-    * ``image_search_requests`` (counter): tags ``route``, ``method``, ``http_status``, ``status``;
-    * ``image_search_request_latency_ms`` (histogram): tags ``route``, ``method``.
-
-    Log line (logger ``ray.serve.image_search.access``, level INFO): a JSON object with ``route``,
-    ``method``, ``http_status``, ``status``, ``latency_ms`` and ``library_name`` (when the request named
-    one).
-    """
-
-    def __init__(self, counter: _Counter, latency: _Histogram, log: logging.Logger = access_logger) -> None:
-        self.counter = counter
-        self.latency = latency
-        self.log = log
-
-    @classmethod
-    def for_replica(cls) -> RequestRecorder:
-        """The Ray Serve metrics; call inside a replica (metrics belong to the process that made them)."""
-        from ray.serve import metrics
-
-        counter = metrics.Counter(
-            "image_search_requests",
-            description="HTTP requests by route, method, HTTP status and envelope status.",
-            tag_keys=("route", "method", "http_status", "status"),
-        )
-        latency = metrics.Histogram(
-            "image_search_request_latency_ms",
-            description="HTTP request latency in the ingress, milliseconds.",
-            boundaries=list(LATENCY_BOUNDARIES_MS),
-            tag_keys=("route", "method"),
-        )
-        return cls(counter, latency)
-
-    def record(self, rec: RequestRecord) -> None:
-        self.counter.inc(
-            1,
-            tags={
-                "route": rec.route,
-                "method": rec.method,
-                "http_status": str(rec.http_status),
-                "status": rec.status or "-",
-            },
-        )
-        self.latency.observe(rec.latency_ms, tags={"route": rec.route, "method": rec.method})
-        if self.log.isEnabledFor(logging.INFO):
-            self.log.info(json.dumps(asdict(rec) | {"latency_ms": round(rec.latency_ms, 3)}))
 
 
 _ENVELOPE_STATUS = re.compile(rb'^\{"status":\s*"([A-Z_]{1,64})"')

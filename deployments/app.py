@@ -65,11 +65,10 @@ def build_app(raw_args: dict[str, Any]) -> Application:
         logger.warning("model %s uses RANDOM WEIGHTS: search results will not be meaningful", spec.identity)
         if args.item_detector.kind == "clip-regions":
             logger.warning("item_detector clip-regions scores regions with RANDOM WEIGHTS: arbitrary choices")
-    # Fail the build, not a replica, on bad detection settings (numbers, cascade files).
-    detection = args.detection_config()
-    cascade_path(detection.face.cascade)
-    if detection.face.align:
-        cascade_path(detection.face.eye_cascade)
+    # Fail the build, not a replica, on a missing cascade file (AppArgs checked the numbers).
+    cascade_path(args.face_detector.cascade)
+    if args.face_detector.align:
+        cascade_path(args.face_detector.eye_cascade)
     opts = args.deployment_options
     # Serve's decorators return Deployment objects the type checker cannot see through.
     encoder = Encoder.options(**opts.get("Encoder", {})).bind(spec, face_spec)  # type: ignore[attr-defined]

@@ -12,7 +12,6 @@ import ipaddress
 import json
 import os
 import typing
-from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -20,9 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from filters import FilterLimits, TagLimits
 from index.ann import IndexConfig
 from index.detect.faces import FaceConfig
-from index.detect.modes import DetectionConfig
-from index.detect.regions import ClipRegionConfig
-from index.detect.saliency import SaliencyConfig
+from index.detect.modes import DetectionConfig, ItemDetectorConfig
 from index.ingest.fetch import DEFAULT_OBJECT_STORE_PROTOCOLS, FetchPolicy
 from index.ingest.importer import ImportSettings
 from index.model.imaging import ImageLimits
@@ -36,6 +33,7 @@ DEFAULT_PRETRAINED = {
 }
 
 MiB = 1024 * 1024
+_IMAGE = ImageLimits.model_fields
 
 
 class Limits(BaseModel):
@@ -44,10 +42,12 @@ class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_body_bytes: int = Field(32 * MiB, gt=0, description="HTTP body size (413 above it)")
-    max_image_bytes: int = Field(20 * MiB, gt=0, description="decoded image bytes (413)")
-    max_image_pixels: int = Field(40_000_000, gt=0, description="width x height (413; decompression bombs)")
+    max_image_bytes: int = Field(_IMAGE["max_bytes"].default, gt=0, description="decoded image bytes (413)")
+    max_image_pixels: int = Field(
+        _IMAGE["max_pixels"].default, gt=0, description="width x height (413; decompression bombs)"
+    )
     image_formats: list[str] = Field(
-        default_factory=lambda: list(ImageLimits().formats),
+        default_factory=lambda: list(_IMAGE["formats"].default),
         min_length=1,
         description="accepted image formats (Pillow names, e.g. JPEG, PNG, WEBP, GIF, BMP, TIFF); others 400",
     )
@@ -99,48 +99,6 @@ class Limits(BaseModel):
             max_list_length=self.max_tag_list_length,
             max_string_length=self.max_tag_string_length,
         )
-
-
-class ItemDetectorArgs(BaseModel):
-    """``item_detector``: how ``item_search`` finds the main item (see ``index/detect/``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["saliency", "clip-regions"] = Field(
-        "saliency",
-        description="'saliency': classical foreground against the border's colours, no weights; "
-        "'clip-regions': the deployment's CLIP model scores candidate regions against prompts "
-        "(meaningful only with real CLIP weights)",
-    )
-    margin: float = Field(DetectionConfig.item_margin, ge=0, le=1, description="crop margin per side")
-    work_size: int = Field(SaliencyConfig.work_size, ge=32, le=4096)
-    border_fraction: float = Field(SaliencyConfig.border_fraction, gt=0, le=0.2)
-    min_area_fraction: float = Field(SaliencyConfig.min_area_fraction, gt=0, lt=1)
-    min_delta_e: float = Field(SaliencyConfig.min_delta_e, gt=0)
-    noise_factor: float = Field(SaliencyConfig.noise_factor, gt=0)
-    smooth_delta_e: float = Field(SaliencyConfig.smooth_delta_e, ge=0)
-    item_prompts: list[str] = Field(default_factory=lambda: list(ClipRegionConfig.item_prompts), min_length=1)
-    background_prompts: list[str] = Field(
-        default_factory=lambda: list(ClipRegionConfig.background_prompts), min_length=1
-    )
-    min_probability: float = Field(ClipRegionConfig.min_probability, ge=0, le=1)
-    temperature: float = Field(ClipRegionConfig.temperature, gt=0)
-    max_proposals: int = Field(ClipRegionConfig.max_proposals, ge=1, le=64)
-
-
-class FaceDetectorArgs(BaseModel):
-    """``face_detector``: how ``adaptive_search`` finds and crops a face (OpenCV Haar cascades)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    cascade: str = Field(FaceConfig.cascade, description="file in cv2.data.haarcascades, or a path")
-    eye_cascade: str = Field(FaceConfig.eye_cascade, description="eye cascade used for alignment")
-    work_size: int = Field(FaceConfig.work_size, ge=64, le=4096)
-    min_face_fraction: float = Field(FaceConfig.min_face_fraction, gt=0, le=1)
-    scale_factor: float = Field(FaceConfig.scale_factor, gt=1.0, le=2.0)
-    min_neighbors: int = Field(FaceConfig.min_neighbors, ge=0, le=50)
-    align: bool = Field(FaceConfig.align, description="level the eyes when both are found")
-    margin: float = Field(FaceConfig.margin, ge=0, le=1, description="crop margin per side")
 
 
 class EncodeBatching(BaseModel):
@@ -226,8 +184,8 @@ class AppArgs(BaseModel):
         default_factory=list, description="accepted API keys (Authorization: Bearer); empty: no auth"
     )
     api_keys_file: str | None = Field(None, description="file with one API key per line (# comments)")
-    item_detector: ItemDetectorArgs = Field(default_factory=ItemDetectorArgs)
-    face_detector: FaceDetectorArgs = Field(default_factory=FaceDetectorArgs)
+    item_detector: ItemDetectorConfig = Field(default_factory=ItemDetectorConfig)
+    face_detector: FaceConfig = Field(default_factory=FaceConfig)
     deployment_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="per-deployment .options() overrides keyed by deployment name (tests, quick runs); "
@@ -255,31 +213,11 @@ class AppArgs(BaseModel):
 
     def image_limits(self) -> ImageLimits:
         """How uploaded and fetched images are decoded: ``limits`` plus ``jpeg_draft_decode``."""
-        return replace(self.limits.image_limits(), jpeg_draft_decode=self.jpeg_draft_decode)
+        return self.limits.image_limits().model_copy(update={"jpeg_draft_decode": self.jpeg_draft_decode})
 
     def detection_config(self) -> DetectionConfig:
-        """The plain-Python detection settings (``index.detect.modes.DetectionConfig``)."""
-        item = self.item_detector
-        return DetectionConfig(
-            item_detector=item.kind,
-            item_margin=item.margin,
-            saliency=SaliencyConfig(
-                work_size=item.work_size,
-                border_fraction=item.border_fraction,
-                min_area_fraction=item.min_area_fraction,
-                min_delta_e=item.min_delta_e,
-                noise_factor=item.noise_factor,
-                smooth_delta_e=item.smooth_delta_e,
-            ),
-            clip_regions=ClipRegionConfig(
-                item_prompts=tuple(item.item_prompts),
-                background_prompts=tuple(item.background_prompts),
-                min_probability=item.min_probability,
-                temperature=item.temperature,
-                max_proposals=item.max_proposals,
-            ),
-            face=FaceConfig(**self.face_detector.model_dump()),
-        )
+        """The detection settings (``index.detect.modes.DetectionConfig``)."""
+        return DetectionConfig(item_detector=self.item_detector, face_detector=self.face_detector)
 
     def fetch_policy(self) -> FetchPolicy:
         """Where fetches of client-given URIs (``image_uri``, import sources and the image URIs in

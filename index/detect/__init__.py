@@ -10,7 +10,7 @@ Every detector offers ``detect(image) -> list[Box]``, best first, ``[]`` when no
 
 from index.detect.boxes import Box, Detector, square_crop
 from index.detect.faces import Face, FaceConfig, HaarFaceDetector, face_crop
-from index.detect.modes import DetectionConfig, Embedded, EmbedPlan, ModePipeline
+from index.detect.modes import DetectionConfig, Embedded, EmbedPlan, ItemDetectorConfig, ModePipeline
 from index.detect.regions import ClipRegionConfig, ClipRegionScorer
 from index.detect.saliency import SaliencyConfig, SaliencyItemDetector
 
@@ -25,6 +25,7 @@ __all__ = [
     "Face",
     "FaceConfig",
     "HaarFaceDetector",
+    "ItemDetectorConfig",
     "ModePipeline",
     "SaliencyConfig",
     "SaliencyItemDetector",

@@ -148,7 +148,3 @@ def _fit(start: int, side: int, limit: int) -> int:
     return min(max(0, start), limit - side)
 
 
-
-def check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)

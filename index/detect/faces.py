@@ -15,47 +15,30 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 
-from index.detect.boxes import Box, as_rgb_array, check, shrink, square_crop, to_image_coords
+from index.detect.boxes import Box, as_rgb_array, shrink, square_crop, to_image_coords
 
 #: The Haar cascades shipped with this package (OpenCV's files, Intel's BSD-style licence in each
 #: file's header), so that no OpenCV build needs to carry them; a relative cascade name resolves here.
 HAAR_DIR = Path(__file__).resolve().parent / "cascades"
 
 
-@dataclass(frozen=True)
-class FaceConfig:
-    """Settings of :class:`HaarFaceDetector` (builder args ``face_detector.*``).
+class FaceConfig(BaseModel):
+    """Settings of :class:`HaarFaceDetector` and the face crop (builder args ``face_detector.*``)."""
 
-    Attributes:
-        cascade: a cascade file name in :data:`HAAR_DIR` or a path to one.
-        eye_cascade: the eye cascade used for alignment (same rules).
-        work_size: the long side, in pixels, the image is shrunk to before detection.
-        min_face_fraction: the smallest face side, as a fraction of the image's short side.
-        scale_factor: Haar pyramid step (smaller: slower, finds more sizes).
-        min_neighbors: overlapping detections needed to accept a face (higher: fewer false faces).
-        align: look for both eyes and rotate the crop so that they are level.
-        margin: added around the face box on each side, as a fraction of its side, before cropping.
-    """
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    cascade: str = "haarcascade_frontalface_alt2.xml"
-    eye_cascade: str = "haarcascade_eye.xml"
-    work_size: int = 400
-    min_face_fraction: float = 0.06
-    scale_factor: float = 1.1
-    min_neighbors: int = 5
-    align: bool = True
-    margin: float = 0.2
-
-    def __post_init__(self) -> None:
-        check(self.work_size >= 64, f"work_size must be >= 64; got {self.work_size}")
-        check(
-            0 < self.min_face_fraction <= 1,
-            f"min_face_fraction must be in (0, 1]; got {self.min_face_fraction}",
-        )
-        check(self.scale_factor > 1.0, f"scale_factor must be > 1; got {self.scale_factor}")
-        check(self.min_neighbors >= 0, f"min_neighbors must be >= 0; got {self.min_neighbors}")
-        check(0 <= self.margin <= 1, f"margin must be in [0, 1]; got {self.margin}")
+    cascade: str = Field("haarcascade_frontalface_alt2.xml", description="file in HAAR_DIR, or a path")
+    eye_cascade: str = Field("haarcascade_eye.xml", description="eye cascade used for alignment (same rules)")
+    work_size: int = Field(400, ge=64, le=4096, description="long side the image is shrunk to, pixels")
+    min_face_fraction: float = Field(0.06, gt=0, le=1, description="smallest face side, of the short side")
+    scale_factor: float = Field(
+        1.1, gt=1.0, le=2.0, description="Haar pyramid step (smaller: slower, more sizes)"
+    )
+    min_neighbors: int = Field(5, ge=0, le=50, description="overlapping detections needed to accept a face")
+    align: bool = Field(True, description="find both eyes and level them in the crop")
+    margin: float = Field(0.2, ge=0, le=1, description="crop margin per side, as a fraction of the face side")
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,12 @@ An ``item_search`` image with no detected item is stored as an ``item`` vector o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 
 from index.detect.boxes import Box, as_rgb_array, square_crop
 from index.detect.faces import FaceConfig, HaarFaceDetector, face_crop
@@ -32,36 +33,28 @@ from index.model.imaging import prepare_for_model
 from index.model.spec import PreprocessSpec
 
 ItemDetectorKind = Literal["saliency", "clip-regions"]
-ITEM_DETECTORS: tuple[str, ...] = ("saliency", "clip-regions")
 
 
-@dataclass(frozen=True)
-class DetectionConfig:
-    """Detection settings of a deployment (from the builder args ``item_detector`` / ``face_detector``).
+class ItemDetectorConfig(SaliencyConfig, ClipRegionConfig):
+    """``item_detector``: how ``item_search`` finds the main item, with the settings of both detectors
+    (the saliency boxes are also the proposals of ``clip-regions``)."""
 
-    Attributes:
-        item_detector: ``"saliency"`` (classical, no weights) or ``"clip-regions"`` (the deployment's CLIP
-            model scores candidate regions).
-        item_margin: added around the item box on each side before cropping, as a fraction of its
-            longer side.
-        saliency: settings of the classical detector (also the proposal source of ``clip-regions``).
-        clip_regions: settings of the learned detector.
-        face: settings of the face detector and crop.
-    """
+    kind: ItemDetectorKind = Field(
+        "saliency",
+        description="'saliency': classical foreground against the border's colours, no weights; "
+        "'clip-regions': the deployment's CLIP model scores candidate regions against prompts "
+        "(meaningful only with real CLIP weights)",
+    )
+    margin: float = Field(0.05, ge=0, le=1, description="crop margin per side, of the item box's longer side")
 
-    item_detector: ItemDetectorKind = "saliency"
-    item_margin: float = 0.05
-    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
-    clip_regions: ClipRegionConfig = field(default_factory=ClipRegionConfig)
-    face: FaceConfig = field(default_factory=FaceConfig)
 
-    def __post_init__(self) -> None:
-        if self.item_detector not in ITEM_DETECTORS:
-            raise ValueError(
-                f"item_detector must be one of {', '.join(ITEM_DETECTORS)}; got {self.item_detector!r}"
-            )
-        if not 0 <= self.item_margin <= 1:
-            raise ValueError(f"item_margin must be in [0, 1]; got {self.item_margin}")
+class DetectionConfig(BaseModel):
+    """Detection settings of a deployment (builder args ``item_detector`` and ``face_detector``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    item_detector: ItemDetectorConfig = Field(default_factory=ItemDetectorConfig)
+    face_detector: FaceConfig = Field(default_factory=FaceConfig)
 
 
 @dataclass(frozen=True)
@@ -132,21 +125,23 @@ class ModePipeline:
         self.preprocess = preprocess
         self.face_preprocess = face_preprocess or preprocess
         self.config = config or DetectionConfig()
-        self.saliency = SaliencyItemDetector(self.config.saliency)
-        self.regions = ClipRegionScorer(self.config.clip_regions, self.saliency)
-        self.faces = HaarFaceDetector(self.config.face)
+        self.item = self.config.item_detector
+        self.face = self.config.face_detector
+        self.saliency = SaliencyItemDetector(self.item)
+        self.regions = ClipRegionScorer(self.item, self.saliency)
+        self.faces = HaarFaceDetector(self.face)
 
     @property
     def prompts(self) -> tuple[str, ...]:
         """Texts whose vectors :meth:`finish` needs for candidate plans (``clip-regions``); () otherwise."""
-        return self.config.clip_regions.prompts if self.config.item_detector == "clip-regions" else ()
+        return self.item.prompts if self.item.kind == "clip-regions" else ()
 
     def describe(self) -> dict[str, Any]:
         """The detection settings in force, for ``/health`` and logs."""
         return {
-            "item_detector": self.config.item_detector,
-            "face_detector": f"haar:{self.config.face.cascade}",
-            "face_alignment": self.config.face.align,
+            "item_detector": self.item.kind,
+            "face_detector": f"haar:{self.face.cascade}",
+            "face_alignment": self.face.align,
         }
 
     def decode_side_hint(self, mode: str) -> int:
@@ -180,7 +175,7 @@ class ModePipeline:
             if not found:
                 return EmbedPlan(mode, "whole", [self._prepare(rgb)], [None], size, detector="haar")
             face = found[0]  # the largest
-            crop = face_crop(rgb, face, self.config.face.margin)
+            crop = face_crop(rgb, face, self.face.margin)
             return EmbedPlan(
                 mode,
                 "face",
@@ -194,11 +189,11 @@ class ModePipeline:
         raise ValueError(f"unknown library mode {mode!r}")
 
     def _plan_item(self, rgb: np.ndarray, size: tuple[int, int], *, query: bool) -> EmbedPlan:
-        if self.config.item_detector == "clip-regions":
+        if self.item.kind == "clip-regions":
             boxes = self.regions.propose(rgb)
             # Proposal 0 is the whole image: prepared as a whole image, not squared off.
             crops = [
-                self._prepare(rgb if i == 0 else square_crop(rgb, b, self.config.item_margin))
+                self._prepare(rgb if i == 0 else square_crop(rgb, b, self.item.margin))
                 for i, b in enumerate(boxes)
             ]
             return EmbedPlan(
@@ -206,7 +201,7 @@ class ModePipeline:
             )
         boxes = self.saliency.detect(rgb)
         if boxes:
-            crop = square_crop(rgb, boxes[0], self.config.item_margin)
+            crop = square_crop(rgb, boxes[0], self.item.margin)
             return EmbedPlan(
                 "item_search",
                 "item",

@@ -8,49 +8,36 @@ it runs end to end but its choices mean nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 
-from index.detect.boxes import Box, as_rgb_array, check
+from index.detect.boxes import Box, as_rgb_array
 from index.detect.saliency import SaliencyItemDetector
 
 
-@dataclass(frozen=True)
-class ClipRegionConfig:
-    """Settings of :class:`ClipRegionScorer` (builder args ``item_detector.*`` with ``kind: clip-regions``).
+class ClipRegionConfig(BaseModel):
+    """Settings of :class:`ClipRegionScorer` (``item_detector.*`` with ``kind: clip-regions``)."""
 
-    Attributes:
-        item_prompts: texts describing "an item"; a crop's item probability is the softmax mass of these
-            against ``background_prompts``.
-        background_prompts: texts describing "no item".
-        min_probability: the best crop must reach this item probability, else no item is found.
-        temperature: the logit scale applied to cosines before the softmax (CLIP's trained value: 100).
-        max_proposals: the most candidate regions scored per image (each costs one forward pass).
-    """
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    item_prompts: tuple[str, ...] = (
-        "a product photo of a single item",
-        "a photo of an object",
+    item_prompts: tuple[str, ...] = Field(
+        ("a product photo of a single item", "a photo of an object"),
+        min_length=1,
+        description="texts describing an item; a crop's item probability is their softmax mass",
     )
-    background_prompts: tuple[str, ...] = (
-        "an empty background",
-        "a blank wall",
-        "a plain studio backdrop",
+    background_prompts: tuple[str, ...] = Field(
+        ("an empty background", "a blank wall", "a plain studio backdrop"),
+        min_length=1,
+        description="texts describing no item",
     )
-    min_probability: float = 0.5
-    temperature: float = 100.0
-    max_proposals: int = 16
-
-    def __post_init__(self) -> None:
-        check(bool(self.item_prompts), "item_prompts must not be empty")
-        check(bool(self.background_prompts), "background_prompts must not be empty")
-        check(
-            0 <= self.min_probability <= 1, f"min_probability must be in [0, 1]; got {self.min_probability}"
-        )
-        check(self.temperature > 0, f"temperature must be > 0; got {self.temperature}")
-        check(self.max_proposals >= 1, f"max_proposals must be >= 1; got {self.max_proposals}")
+    min_probability: float = Field(0.5, ge=0, le=1, description="the best crop must reach this, else no item")
+    temperature: float = Field(
+        100.0, gt=0, description="logit scale of the cosines (CLIP's trained value: 100)"
+    )
+    max_proposals: int = Field(
+        16, ge=1, le=64, description="candidate regions scored per image (one encoding each)"
+    )
 
     @property
     def prompts(self) -> tuple[str, ...]:

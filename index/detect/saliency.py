@@ -10,52 +10,43 @@ recogniser: on a busy full-frame photo it returns whatever differs most from the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 
-from index.detect.boxes import Box, as_rgb_array, check, shrink, to_image_coords
+from index.detect.boxes import Box, as_rgb_array, shrink, to_image_coords
 
 
-@dataclass(frozen=True)
-class SaliencyConfig:
-    """Settings of :class:`SaliencyItemDetector` (builder args ``item_detector.*``).
+class SaliencyConfig(BaseModel):
+    """Settings of :class:`SaliencyItemDetector` (builder args ``item_detector.*``)."""
 
-    Attributes:
-        work_size: the long side, in pixels, the image is shrunk to before analysis.
-        border_fraction: width of the border band that models the background, as a fraction of the
-            short side.
-        min_area_fraction: blobs smaller than this fraction of the image are ignored (specks, noise).
-        min_delta_e: the smallest colour difference (CIE76 delta E; 2.3 is a just-noticeable
-            difference) that separates an item from a background colour.
-        noise_factor: a pixel is foreground only when it is further from every background colour than
-            this many times that colour's own spread along the border (95th percentile).
-        smooth_delta_e: neighbouring pixels closer than this (delta E, after a light blur) are "smooth";
-            smooth regions joined to the border are background (gradients, vignettes).
-    """
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    work_size: int = 256
-    border_fraction: float = 0.04
-    min_area_fraction: float = 0.004
-    min_delta_e: float = 10.0
-    noise_factor: float = 2.5
-    smooth_delta_e: float = 1.5
-
-    def __post_init__(self) -> None:
-        check(self.work_size >= 32, f"work_size must be >= 32; got {self.work_size}")
-        check(
-            0 < self.border_fraction <= 0.2,
-            f"border_fraction must be in (0, 0.2]; got {self.border_fraction}",
-        )
-        check(
-            0 < self.min_area_fraction < 1,
-            f"min_area_fraction must be in (0, 1); got {self.min_area_fraction}",
-        )
-        check(self.min_delta_e > 0, f"min_delta_e must be > 0; got {self.min_delta_e}")
-        check(self.noise_factor > 0, f"noise_factor must be > 0; got {self.noise_factor}")
-        check(self.smooth_delta_e >= 0, f"smooth_delta_e must be >= 0; got {self.smooth_delta_e}")
+    work_size: int = Field(256, ge=32, le=4096, description="long side the image is shrunk to, pixels")
+    border_fraction: float = Field(
+        0.04,
+        gt=0,
+        le=0.2,
+        description="width of the border band that models the background (of the short side)",
+    )
+    min_area_fraction: float = Field(
+        0.004, gt=0, lt=1, description="blobs smaller than this fraction of the image are ignored"
+    )
+    min_delta_e: float = Field(
+        10.0, gt=0, description="smallest colour difference (CIE76 delta E) between item and background"
+    )
+    noise_factor: float = Field(
+        2.5,
+        gt=0,
+        description="foreground: further from each border colour than this many times its spread",
+    )
+    smooth_delta_e: float = Field(
+        1.5,
+        ge=0,
+        description="neighbours closer than this are smooth (border-joined smooth = background)",
+    )
 
 
 class SaliencyItemDetector:

@@ -20,11 +20,11 @@ import binascii
 import contextlib
 import io
 import re
-from dataclasses import dataclass
 
 import numpy as np
 from open_clip.transform import image_transform_v2
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torchvision.transforms import Normalize, ToTensor
 
 from index.errors import ImageDecodeError, ImageTooLarge
@@ -39,38 +39,37 @@ _WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
-@dataclass(frozen=True)
-class ImageLimits:
-    """What an uploaded image may be.
+class ImageLimits(BaseModel):
+    """What an uploaded image may be, and how it is decoded."""
 
-    Attributes:
-        max_pixels: the most ``width * height`` accepted; checked from the header before decoding.
-        max_bytes: the most bytes accepted for the encoded file (after base64 decoding).
-        formats: Pillow format names accepted; Pillow will not even try its other parsers.
-        jpeg_draft_decode: honour ``min_side_hint`` for JPEGs (decode at 1/2-1/8 scale straight from the
-            DCT). Faster on big photos, but the pixels differ from a full decode + resize, so vectors
-            move slightly (measured up to 0.002 cosine); False gives open_clip's own pixels exactly.
-    """
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_pixels: int = 40_000_000
-    max_bytes: int = 20 * MiB
-    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-    jpeg_draft_decode: bool = True
+    max_pixels: int = Field(
+        40_000_000, ge=0, description="most width x height accepted; checked from the header before decoding"
+    )
+    max_bytes: int = Field(20 * MiB, ge=0, description="most bytes of the encoded file (after base64)")
+    formats: tuple[str, ...] = Field(
+        ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"),
+        min_length=1,
+        description="upper-case Pillow format names accepted; Pillow does not even try its other parsers",
+    )
+    jpeg_draft_decode: bool = Field(
+        True,
+        description="honour min_side_hint for JPEGs (decode at 1/2-1/8 scale straight from the DCT): "
+        "faster on big photos, but vectors move slightly (up to 0.002 cosine measured); False gives "
+        "open_clip's own pixels exactly",
+    )
 
-    def __post_init__(self) -> None:
-        for name in ("max_pixels", "max_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"ImageLimits.{name} must be an int >= 0; got {value!r}")
-        if not self.formats or not all(isinstance(f, str) and f.isupper() for f in self.formats):
-            raise ValueError(
-                f"ImageLimits.formats must be upper-case Pillow format names; got {self.formats!r}"
-            )
+    @field_validator("formats")
+    @classmethod
+    def _pillow_formats(cls, formats: tuple[str, ...]) -> tuple[str, ...]:
+        if not all(f.isupper() for f in formats):
+            raise ValueError(f"must be upper-case Pillow format names; got {formats!r}")
         Image.init()  # registers all of Pillow's format plugins, so the check below sees every name
-        unknown = [f for f in self.formats if f not in Image.OPEN]
+        unknown = [f for f in formats if f not in Image.OPEN]
         if unknown:
-            raise ValueError(f"ImageLimits.formats names formats Pillow cannot read: {unknown}")
-
+            raise ValueError(f"names formats Pillow cannot read: {unknown}")
+        return formats
 
 def decode_base64(text: str, *, max_bytes: int) -> bytes:
     """Decode base64 image text, as sent in ``image_base64``.

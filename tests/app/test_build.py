@@ -19,10 +19,10 @@ def test_detection_args_reach_the_plain_config() -> None:
         }
     )
     config = args.detection_config()
-    assert config.item_detector == "clip-regions" and config.item_margin == 0.1
-    assert config.clip_regions.min_probability == 0.7
-    assert config.face.align is False and config.face.min_face_fraction == 0.1
-    assert AppArgs.model_validate({}).detection_config().item_detector == "saliency"
+    assert config.item_detector.kind == "clip-regions" and config.item_detector.margin == 0.1
+    assert config.item_detector.min_probability == 0.7
+    assert config.face_detector.align is False and config.face_detector.min_face_fraction == 0.1
+    assert AppArgs.model_validate({}).detection_config().item_detector.kind == "saliency"
 
 
 @pytest.mark.parametrize(

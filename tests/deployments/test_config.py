@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import replace
 
 import pytest
 from pydantic import ValidationError
@@ -28,7 +27,7 @@ def test_limits_reach_the_objects_that_enforce_them():
     assert (img.max_pixels, img.max_bytes, img.formats) == (100, 200, ("PNG", "JPEG"))
     assert AppArgs(limits=limits).image_limits() == img  # reduced-scale JPEG decoding on by default
     exact = AppArgs(limits=limits, jpeg_draft_decode=False).image_limits()
-    assert exact == replace(img, jpeg_draft_decode=False) and not exact.jpeg_draft_decode
+    assert exact == img.model_copy(update={"jpeg_draft_decode": False}) and not exact.jpeg_draft_decode
     flt = limits.filter_limits()
     assert (flt.max_depth, flt.max_conditions, flt.max_in_values, flt.max_string_length) == (2, 3, 4, 8)
     tags = limits.tag_limits()

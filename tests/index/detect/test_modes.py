@@ -11,12 +11,13 @@ import pytest
 import skimage.data
 
 from index.detect.boxes import Box
-from index.detect.modes import DetectionConfig, Embedded, ModePipeline
+from index.detect.modes import DetectionConfig, Embedded, ItemDetectorConfig, ModePipeline
 from index.detect.regions import ClipRegionConfig
 from index.model.embedder import ClipEmbedder
 from index.model.imaging import prepare_for_model
 from tests.images import product, scene
 
+CLIP_REGIONS = DetectionConfig(item_detector=ItemDetectorConfig(kind="clip-regions"))
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_embedder: ClipEmbedder) -> ModePipeline:
@@ -123,7 +124,7 @@ def test_same_product_on_another_background_ranks_first_only_when_cropped(pipeli
 def test_clip_regions_chooses_among_candidates_with_the_prompts(tiny_embedder) -> None:
     """Plumbing only: with random weights the choice is arbitrary, so the test checks that the chosen
     crop is the one the prompt arithmetic ranks first and that its vector is that crop's vector."""
-    config = DetectionConfig(item_detector="clip-regions", clip_regions=ClipRegionConfig(min_probability=0.0))
+    config = DetectionConfig(item_detector=ItemDetectorConfig(kind="clip-regions", min_probability=0.0))
     pipeline = ModePipeline(tiny_embedder.spec.preprocess, config)
     img = scene(product(2, side=80), "plain", at=(100, 40), size=(200, 240))
     plan = pipeline.plan(img, "item_search", query=True)
@@ -144,7 +145,7 @@ def test_clip_regions_chooses_among_candidates_with_the_prompts(tiny_embedder) -
 
 
 def test_clip_regions_with_no_item_like_region(tiny_embedder) -> None:
-    config = DetectionConfig(item_detector="clip-regions", clip_regions=ClipRegionConfig(min_probability=1.0))
+    config = DetectionConfig(item_detector=ItemDetectorConfig(kind="clip-regions", min_probability=1.0))
     pipeline = ModePipeline(tiny_embedder.spec.preprocess, config)
     img = scene(product(2, side=80), "plain", at=(100, 40), size=(200, 240))
     plan = pipeline.plan(img, "item_search", query=False)
@@ -164,7 +165,7 @@ def test_finish_checks_its_inputs(pipeline, tiny_embedder) -> None:
     plan = pipeline.plan(img, "item_search", query=False)
     with pytest.raises(ValueError, match="1 crops but 0 vectors"):
         pipeline.finish(plan, [], query=False)
-    regions = ModePipeline(tiny_embedder.spec.preprocess, DetectionConfig(item_detector="clip-regions"))
+    regions = ModePipeline(tiny_embedder.spec.preprocess, CLIP_REGIONS)
     candidates = regions.plan(img, "item_search", query=False)
     vectors = list(np.zeros((len(candidates.crops), tiny_embedder.dim), np.float32))
     with pytest.raises(ValueError, match="prompt vectors"):
@@ -175,8 +176,9 @@ def test_finish_checks_its_inputs(pipeline, tiny_embedder) -> None:
 
 def test_prompts_and_decode_hint(pipeline, tiny_embedder) -> None:
     assert pipeline.prompts == ()
-    regions = ModePipeline(tiny_embedder.spec.preprocess, DetectionConfig(item_detector="clip-regions"))
-    assert regions.prompts == (*ClipRegionConfig.item_prompts, *ClipRegionConfig.background_prompts)
+    regions = ModePipeline(tiny_embedder.spec.preprocess, CLIP_REGIONS)
+    defaults = ClipRegionConfig()
+    assert regions.prompts == (*defaults.item_prompts, *defaults.background_prompts)
     side = max(tiny_embedder.spec.preprocess.size)
     assert pipeline.decode_side_hint("general_search") == side
     assert (
@@ -186,11 +188,11 @@ def test_prompts_and_decode_hint(pipeline, tiny_embedder) -> None:
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"item_detector": "yolo"}, "item_detector"), ({"item_margin": -0.1}, "item_margin")],
+    [({"kind": "yolo"}, "kind"), ({"margin": -0.1}, "margin"), ({"work_size": 8}, "work_size")],
 )
-def test_detection_config_rejects_bad_values(kwargs, message) -> None:
+def test_item_detector_config_rejects_bad_values(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
-        DetectionConfig(**kwargs)
+        ItemDetectorConfig(**kwargs)
 
 
 def test_face_crops_are_prepared_for_the_face_model(tiny_embedder) -> None:

@@ -10,8 +10,10 @@ route signatures that Serve's class-based view rewrites.
 """
 
 import asyncio
+import functools
 import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +61,7 @@ from index.errors import (
     TaskNotFound,
     Unavailable,
 )
-from index.ingest.fetch import FetchError, FetchRefused, fetch_bytes
+from index.ingest.fetch import ConnectionPools, FetchError, FetchRefused, check_source, check_uri, fetch_bytes
 from index.model.imaging import ImageDecodeError, ImageTooLarge, decode_base64, decode_image
 from index.model.spec import PreprocessSpec
 from index.store import NewRecord
@@ -147,6 +149,13 @@ class Ingress:
         )
         self.args = args
         self.fetch_policy = args.fetch_policy()
+        # image_uri fetches wait on the network: their own threads (one per request the replica may hold,
+        # so a slow image store never queues the decoding and detection work of asyncio's default pool),
+        # and keep-alive connections shared across requests.
+        self._fetch_threads = ThreadPoolExecutor(
+            args.limits.max_concurrent_requests, thread_name_prefix="ingress-fetch"
+        )
+        self._connections = ConnectionPools(per_host=args.limits.max_concurrent_requests)
         self.limits = args.limits
         self.image_limits = args.image_limits()
         self.catalog = Catalog(args.storage_root, max_libraries=args.limits.max_libraries)
@@ -245,7 +254,7 @@ class Ingress:
             )
         else:
             try:
-                self.fetch_policy.check_uri(body.image_uri)  # a refusal needs no library (400 first)
+                check_uri(body.image_uri, policy=self.fetch_policy)  # a refusal needs no library (400 first)
             except FetchError as exc:
                 raise self._fetch_refused(exc) from None
         info = await self._library(body.library_name)
@@ -271,9 +280,7 @@ class Ingress:
     @api.post(PREFIX + "/image/get", tags=["images"])
     async def get_image(self, body: GetImage) -> JSONResponse:
         info = await self._library(body.library_name, check_model=False)
-        images = await self._index(info).get_images.remote(
-            body.image_id, body.image_uri, body.return_frame
-        )
+        images = await self._index(info).get_images.remote(body.image_id, body.image_uri, body.return_frame)
         if not images:
             raise ImageNotFound(info.name, body.image_id, body.image_uri)
         return envelope({"images": images})
@@ -297,13 +304,11 @@ class Ingress:
     async def create_task(self, body: CreateTask) -> JSONResponse:
         """Start a bulk import of a JSONL source; answers ``{"task_id"}`` at once."""
         try:
-            self.fetch_policy.check_source(body.source)  # 400 before the library lookup (404)
+            check_source(body.source, policy=self.fetch_policy)  # 400 before the library lookup (404)
         except FetchError as exc:
             raise InvalidParameter(f"source: {exc}") from None
         info = await self._library(body.library_name)
-        task_id = await self.importer.create_task.remote(
-            info.name, info.uid, body.source, body.save_image
-        )
+        task_id = await self.importer.create_task.remote(info.name, info.uid, body.source, body.save_image)
         return envelope({"task_id": task_id})
 
     @api.get(PREFIX + "/image/tasks/results/{task_id}", tags=["images"])
@@ -421,12 +426,16 @@ class Ingress:
 
     async def _fetch(self, image_uri: str) -> bytes:
         try:
-            return await asyncio.to_thread(
-                fetch_bytes,
-                image_uri,
-                policy=self.fetch_policy,
-                max_bytes=self.limits.max_image_bytes,
-                timeout_s=self.limits.fetch_timeout_s,
+            return await asyncio.get_running_loop().run_in_executor(
+                self._fetch_threads,
+                functools.partial(
+                    fetch_bytes,
+                    image_uri,
+                    policy=self.fetch_policy,
+                    max_bytes=self.limits.max_image_bytes,
+                    timeout_s=self.limits.fetch_timeout_s,
+                    pools=self._connections,
+                ),
             )
         except ImageTooLarge as exc:
             raise PayloadTooLarge(f"image_uri: {exc}") from None

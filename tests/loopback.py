@@ -2,7 +2,9 @@
 
 ``/img/<seed>.png`` answers ``tests.images`` pattern ``seed`` as PNG; ``/gated/<seed>.png`` the same, but
 only once ``gate`` is set (so a test can watch an import that is still running); ``/files/<name>``
-answers bytes put in ``files``; anything else is 404. ``hits`` counts requests per path.
+answers bytes put in ``files``; anything else is 404. ``hits`` counts requests per path, ``clients`` the
+requests per client address (one entry per connection). With ``keep_alive`` it speaks HTTP/1.1 and keeps
+connections open between requests.
 """
 
 from __future__ import annotations
@@ -22,18 +24,22 @@ class Loopback:
         self.gate = threading.Event()
         self.files: dict[str, bytes] = {}
         self.hits: collections.Counter[str] = collections.Counter()
+        self.clients: collections.Counter[tuple[str, int]] = collections.Counter()
 
     def img(self, seed: int, *, gated: bool = False) -> str:
         return f"{self.base}/{'gated' if gated else 'img'}/{seed}.png"
 
 
 @contextmanager
-def loopback_server() -> Iterator[Loopback]:
+def loopback_server(*, keep_alive: bool = False) -> Iterator[Loopback]:
     state: Loopback
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
         def do_GET(self) -> None:
             state.hits[self.path] += 1
+            state.clients[self.client_address] += 1
             parts = self.path.strip("/").split("/")
             body = None
             if len(parts) == 2 and parts[0] in ("img", "gated") and parts[1].endswith(".png"):

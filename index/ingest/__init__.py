@@ -15,10 +15,12 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "ConnectionPools": "fetch",
     "FetchError": "fetch",
     "FetchPolicy": "fetch",
     "FetchRefused": "fetch",
     "check_source": "fetch",
+    "check_uri": "fetch",
     "fetch_bytes": "fetch",
     "open_source": "fetch",
     "LineError": "tasks",

@@ -23,12 +23,14 @@ what an address check can see.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import gzip
 import io
 import ipaddress
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -147,13 +149,17 @@ class FetchPolicy:
         if bad or not self.schemes:
             raise ValueError(f"FetchPolicy.schemes must be a non-empty subset of http, https; got {bad}")
 
-    def fetch_image(self, uri: str, *, max_bytes: int, retries: int = 0) -> bytes:
+    def fetch_image(
+        self, uri: str, *, max_bytes: int, retries: int = 0, pools: ConnectionPools | None = None
+    ) -> bytes:
         """:func:`fetch_bytes` under this policy, with ``timeout_s``; transient failures (connection
         errors, timeouts, HTTP 429/5xx) are tried again up to ``retries`` times, backing off
         exponentially from 0.2 s. Refusals and other errors are never retried."""
         for attempt in range(retries + 1):
             try:
-                return fetch_bytes(uri, policy=self, max_bytes=max_bytes, timeout_s=self.timeout_s)
+                return fetch_bytes(
+                    uri, policy=self, max_bytes=max_bytes, timeout_s=self.timeout_s, pools=pools
+                )
             except FetchRefused:
                 raise
             except FetchError as exc:
@@ -161,18 +167,6 @@ class FetchPolicy:
                     raise
                 time.sleep(0.2 * 2**attempt)
         raise AssertionError("unreachable")  # the loop returns or raises
-
-    def check_uri(self, uri: str) -> None:
-        """:func:`check_uri` under this policy."""
-        check_uri(uri, policy=self)
-
-    def check_source(self, source: str) -> str:
-        """:func:`check_source` under this policy."""
-        return check_source(source, policy=self)
-
-    def open_source(self, source: str) -> IO[bytes]:
-        """:func:`open_source` under this policy."""
-        return open_source(source, policy=self)
 
     def check_address(self, address: str) -> None:
         """Raise :class:`FetchRefused` unless a connection to ``address`` is allowed."""
@@ -219,7 +213,9 @@ def non_public_reason(ip: IPAddress) -> str | None:
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
-def fetch_bytes(uri: str, *, policy: FetchPolicy, max_bytes: int, timeout_s: float) -> bytes:
+def fetch_bytes(
+    uri: str, *, policy: FetchPolicy, max_bytes: int, timeout_s: float, pools: ConnectionPools | None = None
+) -> bytes:
     """Return the bytes ``uri`` points to, within ``policy``.
 
     Args:
@@ -227,6 +223,8 @@ def fetch_bytes(uri: str, *, policy: FetchPolicy, max_bytes: int, timeout_s: flo
         policy: where fetches may go (see :class:`FetchPolicy`).
         max_bytes: the most bytes accepted.
         timeout_s: connect and read timeout, and the overall deadline of the whole fetch.
+        pools: keep-alive connections to reuse (see :class:`ConnectionPools`); None: a fresh connection,
+            closed after the fetch.
 
     Raises:
         FetchRefused: the policy forbids the URI or an address it (or a redirect) resolves to.
@@ -240,7 +238,7 @@ def fetch_bytes(uri: str, *, policy: FetchPolicy, max_bytes: int, timeout_s: flo
         return _read_file(unquote(parts.path), max_bytes=max_bytes, allowed_roots=policy.allowed_file_roots)
     if scheme and scheme in policy.object_store_protocols:
         return _read_object(uri, max_bytes=max_bytes)
-    return _fetch_http(uri, policy=policy, max_bytes=max_bytes, timeout_s=timeout_s)
+    return _fetch_http(uri, policy=policy, max_bytes=max_bytes, timeout_s=timeout_s, pools=pools)
 
 
 def check_uri(uri: str, *, policy: FetchPolicy) -> None:
@@ -284,28 +282,54 @@ def _check_literal_host(parts: SplitResult, policy: FetchPolicy) -> None:
     policy.check_address(host)
 
 
-def _fetch_http(uri: str, *, policy: FetchPolicy, max_bytes: int, timeout_s: float) -> bytes:
+def _fetch_http(
+    uri: str, *, policy: FetchPolicy, max_bytes: int, timeout_s: float, pools: ConnectionPools | None
+) -> bytes:
     deadline = time.monotonic() + timeout_s
-    resp, pool = _open_http(uri, policy=policy, timeout_s=timeout_s, deadline=deadline)
+    resp, pool = _open_http(uri, policy=policy, timeout_s=timeout_s, deadline=deadline, pools=pools)
+    done = False
     try:
-        return _read_body(resp, max_bytes, deadline, timeout_s)
+        body = _read_body(resp, max_bytes, deadline, timeout_s)
+        done = True
+        return body
     finally:
-        resp.release_conn()
+        _finish(resp, pool, pools, reusable=done)
+
+
+def _finish(
+    resp: urllib3.BaseHTTPResponse,
+    pool: urllib3.HTTPConnectionPool,
+    pools: ConnectionPools | None,
+    *,
+    reusable: bool,
+) -> None:
+    """Hand the connection back to its shared pool when it can carry another request, else close it."""
+    if pools is not None and reusable:
+        resp.release_conn()  # the body was read to its end: the connection can carry the next request
+        return
+    resp.close()  # an unread or partly read body (a redirect, an error, too large): not reusable
+    resp.release_conn()
+    if pools is None:
         pool.close()
 
 
 def _open_http(
-    uri: str, *, policy: FetchPolicy, timeout_s: float, deadline: float | None
+    uri: str,
+    *,
+    policy: FetchPolicy,
+    timeout_s: float,
+    deadline: float | None,
+    pools: ConnectionPools | None = None,
 ) -> tuple[urllib3.BaseHTTPResponse, urllib3.HTTPConnectionPool]:
     """Follow ``uri`` (each hop checked) to a 2xx answer whose body is not read yet; the caller
-    releases the response and closes the pool. ``deadline=None``: only per-connect/read timeouts."""
+    finishes the response (:func:`_finish`). ``deadline=None``: only per-connect/read timeouts."""
     url = uri
     for hop in range(policy.max_redirects + 1):
         target = _Target.parse(url, policy)
         addresses = _resolve(target.host, target.port, policy.resolver, _left(deadline, timeout_s))
         for address in addresses:
             policy.check_address(address)
-        resp, pool = _connect_and_get(target, addresses, deadline, timeout_s)
+        resp, pool = _connect_and_get(target, addresses, deadline, timeout_s, pools)
         ok = False
         try:
             if resp.status in REDIRECT_STATUSES:
@@ -321,8 +345,7 @@ def _open_http(
             return resp, pool
         finally:
             if not ok:
-                resp.release_conn()
-                pool.close()
+                _finish(resp, pool, pools, reusable=False)
     raise FetchError(f"more than {policy.max_redirects} redirects")
 
 
@@ -390,28 +413,18 @@ def _resolve(host: str, port: int, resolver: Resolver, wait_s: float) -> list[st
 
 
 def _connect_and_get(
-    target: _Target, addresses: list[str], deadline: float | None, timeout_s: float
+    target: _Target,
+    addresses: list[str],
+    deadline: float | None,
+    timeout_s: float,
+    pools: ConnectionPools | None = None,
 ) -> tuple[urllib3.BaseHTTPResponse, urllib3.HTTPConnectionPool]:
     """GET ``target`` from the first of the checked ``addresses`` that accepts a connection."""
     last: Exception | None = None
     for address in addresses:
         left = _left(deadline, timeout_s)
         timeout = urllib3.Timeout(connect=left, read=left)
-        pool: urllib3.HTTPConnectionPool
-        if target.scheme == "https":
-            # Connect to the checked address; verify the certificate (and send SNI) for the name.
-            pool = urllib3.HTTPSConnectionPool(
-                address,
-                target.port,
-                timeout=timeout,
-                retries=False,
-                cert_reqs="CERT_REQUIRED",
-                ca_certs=certifi.where(),
-                assert_hostname=target.host,
-                server_hostname=target.host,
-            )
-        else:
-            pool = urllib3.HTTPConnectionPool(address, target.port, timeout=timeout, retries=False)
+        pool = pools.pool(target, address) if pools is not None else _new_pool(target, address, 1)
         try:
             resp = pool.urlopen(
                 "GET",
@@ -419,20 +432,78 @@ def _connect_and_get(
                 headers={"Host": target.host_header, "User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
                 redirect=False,
                 retries=False,
+                timeout=timeout,
                 preload_content=False,
                 decode_content=False,
                 assert_same_host=False,
             )
             return resp, pool
         except urllib3.exceptions.NewConnectionError as exc:  # try the host's next address
-            pool.close()
+            if pools is None:
+                pool.close()
             last = exc
         except (Urllib3Error, OSError) as exc:
-            pool.close()
+            if pools is None:
+                pool.close()
             raise FetchError(f"fetch failed: {_describe(exc)}", retriable=True) from exc
     raise FetchError(
         f"fetch failed: cannot connect to host {target.host!r} (ConnectionError)", retriable=True
     ) from last
+
+
+def _new_pool(target: _Target, address: str, maxsize: int) -> urllib3.HTTPConnectionPool:
+    """A connection pool pinned to the checked ``address``; TLS verifies (and SNI names) the host."""
+    if target.scheme == "https":
+        return urllib3.HTTPSConnectionPool(
+            address,
+            target.port,
+            maxsize=maxsize,
+            retries=False,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=certifi.where(),
+            assert_hostname=target.host,
+            server_hostname=target.host,
+        )
+    return urllib3.HTTPConnectionPool(address, target.port, maxsize=maxsize, retries=False)
+
+
+class ConnectionPools:
+    """Keep-alive connections shared by many fetches (an import's images, an ingress's requests).
+
+    A pool is keyed by (scheme, host, port, address): a fetch still resolves the host and checks every
+    address before it takes the pool of the address it checked, so reuse changes no SSRF rule, and a
+    connection is only ever reused for the host name (TLS verification, SNI) it was opened for. At most
+    ``max_hosts`` pools, the least recently used closed first, each with up to ``per_host`` idle
+    connections. Thread-safe.
+    """
+
+    def __init__(self, *, max_hosts: int = 32, per_host: int = 8) -> None:
+        self.max_hosts = max_hosts
+        self.per_host = per_host
+        self._pools: collections.OrderedDict[tuple[str, str, int, str], urllib3.HTTPConnectionPool] = (
+            collections.OrderedDict()
+        )
+        self._lock = threading.Lock()
+
+    def pool(self, target: _Target, address: str) -> urllib3.HTTPConnectionPool:
+        key = (target.scheme, target.host, target.port, address)
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is None:
+                pool = self._pools[key] = _new_pool(target, address, self.per_host)
+                while len(self._pools) > self.max_hosts:
+                    self._pools.popitem(last=False)[1].close()
+            self._pools.move_to_end(key)
+            return pool
+
+    def __len__(self) -> int:
+        return len(self._pools)
+
+    def close(self) -> None:
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), collections.OrderedDict()
+        for pool in pools:
+            pool.close()
 
 
 def _read_body(resp: urllib3.BaseHTTPResponse, max_bytes: int, deadline: float, timeout_s: float) -> bytes:

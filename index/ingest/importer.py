@@ -23,7 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from filters import TagLimits
 from index.catalog import Catalog
 from index.errors import InvalidParameter, LibraryNotFound, Overloaded
-from index.ingest.fetch import FetchError, FetchPolicy, is_local_source
+from index.ingest.fetch import (
+    ConnectionPools,
+    FetchError,
+    FetchPolicy,
+    check_source,
+    is_local_source,
+    open_source,
+)
 from index.ingest.lines import LineReader, parse_line
 from index.ingest.tasks import (
     FAILED,
@@ -154,6 +161,8 @@ class ImportRunner:
         self.policy = policy
         self.owner = uuid.uuid4().hex[:16]
         self._fetch_pool = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="import-fetch")
+        # Keep-alive connections shared by the imports' image fetches (one per fetch thread and host).
+        self._connections = ConnectionPools(per_host=settings.fetch_threads)
         self._cpu_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="import-cpu")
         self._queue: collections.deque[str] = collections.deque()
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -190,13 +199,14 @@ class ImportRunner:
         await asyncio.gather(*pending, return_exceptions=True)
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
         self._cpu_pool.shutdown(wait=False, cancel_futures=True)
+        self._connections.close()
 
     # -- API -------------------------------------------------------------------------------------
 
     async def create(self, library_name: str, library_uid: str, source: str, save_image: bool) -> Task:
         """Queue a new task. Raises InvalidParameter (bad source) or Overloaded (too many tasks)."""
         try:
-            canonical = self.policy.check_source(source)
+            canonical = check_source(source, policy=self.policy)
         except FetchError as exc:
             raise InvalidParameter(f"source: {exc}") from None
         unfinished = await asyncio.to_thread(self.tasks.count_unfinished)
@@ -326,7 +336,7 @@ class ImportRunner:
 
     def _open(self, source: str) -> IO[bytes]:
         try:
-            return self.policy.open_source(source)
+            return open_source(source, policy=self.policy)
         except FetchError as exc:
             raise TaskFailed(f"source: {exc}") from None
 
@@ -479,6 +489,7 @@ class ImportRunner:
                         parsed.image_uri,
                         max_bytes=self.image_limits.max_bytes,
                         retries=self.settings.fetch_retries,
+                        pools=self._connections,
                     ),
                 )
             except (FetchError, ImageTooLarge) as exc:

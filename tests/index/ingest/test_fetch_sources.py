@@ -8,7 +8,15 @@ import uuid
 import fsspec
 import pytest
 
-from index.ingest.fetch import FetchError, FetchPolicy, FetchRefused, check_source, fetch_bytes
+from index.ingest.fetch import (
+    FetchError,
+    FetchPolicy,
+    FetchRefused,
+    check_source,
+    check_uri,
+    fetch_bytes,
+    open_source,
+)
 from index.model.imaging import ImageTooLarge
 from tests.loopback import closed_port_url, loopback_server
 
@@ -52,7 +60,7 @@ def test_object_store_source_through_fsspec():
     path = f"/t-{uuid.uuid4().hex}/x.jsonl"
     fsspec.filesystem("memory").pipe(path, b'{"a": 1}\n{"b": 2}\n')
     policy = FetchPolicy(object_store_protocols=("memory",))
-    with policy.open_source(f"memory://{path}") as f:
+    with open_source(f"memory://{path}", policy=policy) as f:
         assert f.readline(100) == b'{"a": 1}\n'
         assert f.readline(4) == b'{"b"'  # readline(limit) works on fsspec files too
 
@@ -63,7 +71,7 @@ def test_missing_object_store_package_is_a_clear_error():
         import s3fs  # noqa: F401
     except ImportError:
         with pytest.raises(FetchError, match="s3fs"):
-            policy.open_source("s3://bucket/x.jsonl")
+            open_source("s3://bucket/x.jsonl", policy=policy)
         with pytest.raises(FetchError, match="s3fs"):
             policy.fetch_image("s3://bucket/x.png", max_bytes=100)
     else:
@@ -73,7 +81,7 @@ def test_missing_object_store_package_is_a_clear_error():
 def test_gzip_source_is_decompressed(roots):
     (roots / "b.jsonl.gz").write_bytes(gzip.compress(b'{"x": 1}\n{"y": 2}\n'))
     policy = FetchPolicy(import_roots=(str(roots),))
-    with policy.open_source(str(roots / "b.jsonl.gz")) as f:
+    with open_source(str(roots / "b.jsonl.gz"), policy=policy) as f:
         assert f.read() == b'{"x": 1}\n{"y": 2}\n'
 
 
@@ -82,19 +90,19 @@ def test_http_source_streams_and_reports_http_errors():
     with loopback_server() as srv:
         srv.files["s.jsonl"] = b'{"a": 1}\n'
         policy = FetchPolicy(allowed_networks=("127.0.0.0/8",))
-        with policy.open_source(f"{srv.base}/files/s.jsonl") as f:
+        with open_source(f"{srv.base}/files/s.jsonl", policy=policy) as f:
             assert f.read() == b'{"a": 1}\n'
         with pytest.raises(FetchError, match="HTTP 404"):
-            policy.open_source(f"{srv.base}/files/none.jsonl")
+            open_source(f"{srv.base}/files/none.jsonl", policy=policy)
     with pytest.raises(FetchError, match="ConnectionError"):
-        FetchPolicy(allow_private=True).open_source(closed_port_url())
+        open_source(closed_port_url(), policy=FetchPolicy(allow_private=True))
 
 
 def test_http_source_on_a_private_address_is_refused_by_default():
     with loopback_server() as srv:
         srv.files["s.jsonl"] = b'{"a": 1}\n'
         with pytest.raises(FetchRefused) as err:
-            FetchPolicy().open_source(f"{srv.base}/files/s.jsonl")
+            open_source(f"{srv.base}/files/s.jsonl", policy=FetchPolicy())
         assert err.value.reason == "loopback"
         assert srv.hits["/files/s.jsonl"] == 0
 
@@ -148,7 +156,7 @@ def test_literal_non_public_hosts_are_refused_before_any_connection(uri, reason)
     with pytest.raises(FetchRefused) as at_check:
         check_source(uri, policy=policy)
     with pytest.raises(FetchRefused) as at_uri_check:
-        policy.check_uri(uri)
+        check_uri(uri, policy=policy)
     with pytest.raises(FetchRefused) as at_fetch:
         fetch_bytes(uri, policy=policy, max_bytes=100, timeout_s=1)
     assert at_check.value.reason == at_uri_check.value.reason == at_fetch.value.reason == reason
@@ -158,17 +166,17 @@ def test_literal_non_public_hosts_are_refused_before_any_connection(uri, reason)
 def test_literal_checks_follow_the_policy_and_leave_names_to_the_resolver():
     allowed = FetchPolicy(allowed_networks=("127.0.0.0/8",))
     assert check_source("http://127.0.0.1:9/x.jsonl", policy=allowed) == "http://127.0.0.1:9/x.jsonl"
-    allowed.check_uri("http://127.0.0.1:9/x.jpg")
-    FetchPolicy(allow_private=True).check_uri("http://10.0.0.1/x.jpg")
+    check_uri("http://127.0.0.1:9/x.jpg", policy=allowed)
+    check_uri("http://10.0.0.1/x.jpg", policy=FetchPolicy(allow_private=True))
     # Names are checked when resolved (each redirect too), not here.
     assert check_source("http://localhost:9/x.jsonl", policy=FetchPolicy()) == "http://localhost:9/x.jsonl"
-    FetchPolicy().check_uri("https://images.example.com/a.jpg")
+    check_uri("https://images.example.com/a.jpg", policy=FetchPolicy())
 
 
 @pytest.mark.parametrize("uri", ["gopher://example.com/x", "ftp://example.com/x.jpg", "file://host/x.jpg"])
 def test_check_uri_refuses_schemes_as_the_fetch_does(uri):
     with pytest.raises(FetchRefused) as at_check:
-        FetchPolicy().check_uri(uri)
+        check_uri(uri, policy=FetchPolicy())
     with pytest.raises(FetchRefused) as at_fetch:
         fetch_bytes(uri, policy=FetchPolicy(), max_bytes=100, timeout_s=1)
     assert str(at_check.value) == str(at_fetch.value)

@@ -194,6 +194,16 @@ def test_image_uris_in_a_source_follow_the_ssrf_rules(env):
     assert err["reason"].startswith("image_uri: refused: the host is not a public address")
 
 
+def test_an_imports_image_fetches_reuse_connections(env):
+    """Twelve image URIs on one host, two fetch threads: at most two connections, not twelve."""
+    with loopback_server(keep_alive=True) as srv:
+        source = env.jsonl([{"image_id": f"u{i}", "image_uri": srv.img(i)} for i in range(12)])
+        d = asyncio.run(run_task(env.runner(fetch_threads=2), source, uid=env.uid))
+        connections = len(srv.clients)
+    assert (d["state"], d["succeeded"]) == ("SUCCEEDED", 12), d
+    assert 1 <= connections <= 2
+
+
 def test_good_and_bad_lines_give_partial_success_with_exact_line_numbers(env):
     with loopback_server() as srv:
         unreachable = closed_port_url()

@@ -1,7 +1,7 @@
 """The application graph, composed in one place.
 
     HTTP -> Ingress (FastAPI, CPU)
-              |-> Encoder       open_clip, @serve.batch, GPU when present
+              |-> Encoder       open_clip, merged batches, GPU when present
               |-> LibraryIndex  read path, multiplexed by library
               |-> Writer        single writer: every mutation, snapshots
               '-> Importer      bulk import tasks (one replica) -> Encoder, Writer

@@ -1,20 +1,8 @@
-"""Autoscaling the Encoder on the items it holds, not on the calls it receives.
-
-The ingress gathers the images (and texts) of concurrent requests into one call to the Encoder, so one
-call may carry one item or sixty-four. Serve's default policy counts ongoing calls per replica, which
-then says little about the load. Each Encoder replica reports the items it holds
-(``Encoder.record_autoscaling_stats``), and :func:`ongoing_items_policy` applies Serve's own rule to
-them: ``desired replicas = items in all replicas / target_ongoing_requests``, where
-``target_ongoing_requests`` of the Encoder's ``autoscaling_config`` therefore counts items per replica.
-Serve wraps every custom policy with the rest of ``autoscaling_config`` (``min_replicas``,
-``max_replicas``, up/downscale delays and factors), so those keep their meaning.
-
-Selected in ``serve_config.yaml``::
-
-    autoscaling_config:
-      target_ongoing_requests: 128        # items per replica
-      policy:
-        policy_function: deployments.autoscaling:ongoing_items_policy
+"""Autoscaling the Encoder on the items it holds, not on the calls it receives:
+:func:`ongoing_items_policy` applies Serve's rule (``replicas = items / target_ongoing_requests``) to the
+items each replica reports (``Encoder.record_autoscaling_stats``); Serve applies the rest of
+``autoscaling_config`` (bounds, delays). Why, and how to select it in ``serve_config.yaml``: README, "GPU
+replicas".
 """
 
 from __future__ import annotations

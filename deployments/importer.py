@@ -1,13 +1,6 @@
-"""Importer deployment: runs bulk import tasks in the background (``index/ingest/importer.py``).
-
-One replica (``num_replicas=1``): it is the only writer of ``<storage_root>/tasks.sqlite``, and one
-runner per task is what makes progress counters exact. It is its own deployment rather than a part of
-the Writer because an import is CPU and network work (parsing JSONL, fetching, decoding and resizing
-images) that must not slow down the Writer, whose latency every ``/image/add`` waits on; it gets its own
-CPUs (``ray_actor_options``) and talks to the Encoder and the Writer through handles like the ingress
-does, so every library mutation still goes through the single Writer.
-
-Unfinished tasks are resumed when the replica starts (a restart of the service, a crashed replica).
+"""Importer deployment: one replica that runs bulk import tasks (``index.ingest.ImportRunner``) and
+resumes unfinished ones when it starts; it reaches the Encoder and the Writer through handles. Why its
+own deployment: docs/ARCHITECTURE.md, "Bulk import".
 """
 
 from __future__ import annotations

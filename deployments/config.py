@@ -8,13 +8,12 @@ sizes in ``user_config``) live in ``serve_config.yaml``'s ``deployments:`` secti
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
 import os
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, field_validator, model_validator
 
 from filters import FilterLimits, TagLimits
 from index.ann import IndexConfig
@@ -34,6 +33,7 @@ DEFAULT_PRETRAINED = {
 
 MiB = 1024 * 1024
 _IMAGE = ImageLimits.model_fields
+_FETCH = FetchPolicy.model_fields
 
 
 class Limits(BaseModel):
@@ -68,7 +68,9 @@ class Limits(BaseModel):
         description="requests one ingress replica works on at once; beyond it 503 OVERLOADED (keep it below "
         "the Ingress deployment's max_ongoing_requests so that this limit, not Serve's queue, answers)",
     )
-    fetch_timeout_s: float = Field(10.0, gt=0, description="fetching image_uri when no image_base64 is sent")
+    fetch_timeout_s: float = Field(
+        _FETCH["timeout_s"].default, gt=0, description="fetching image_uri when no image_base64 is sent"
+    )
 
     @field_validator("image_formats")
     @classmethod
@@ -162,12 +164,12 @@ class AppArgs(BaseModel):
         description="let image_uri fetches reach private, loopback, link-local and other non-public "
         "addresses (SSRF protection off: only for trusted, internal deployments)",
     )
-    fetch_allowed_networks: list[str] = Field(
+    fetch_allowed_networks: list[IPvAnyNetwork] = Field(
         default_factory=list,
         description="CIDR networks image_uri fetches may reach although they are not public, e.g. an "
         "internal image store's 10.1.2.0/24",
     )
-    fetch_max_redirects: int = Field(5, ge=0, le=20, description="redirects followed when fetching image_uri")
+    fetch_max_redirects: int = _FETCH["max_redirects"]
     import_roots: list[str] = Field(
         default_factory=list, description="directories local import sources (JSONL files) may be read from"
     )
@@ -239,16 +241,6 @@ class AppArgs(BaseModel):
         for i, key in enumerate(keys):
             _check_api_key(key, f"api_keys[{i}]")
         return keys
-
-    @field_validator("fetch_allowed_networks")
-    @classmethod
-    def _cidrs(cls, nets: list[str]) -> list[str]:
-        for i, net in enumerate(nets):
-            try:
-                ipaddress.ip_network(net)
-            except ValueError as exc:
-                raise ValueError(f"fetch_allowed_networks[{i}]: {exc}") from None
-        return nets
 
     @model_validator(mode="before")
     @classmethod

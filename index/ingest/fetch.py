@@ -33,13 +33,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 import certifi
 import urllib3
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, field_validator
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from index.errors import ImageTooLarge
@@ -98,56 +99,35 @@ def system_resolver(host: str, port: int) -> list[str]:
     return out
 
 
-@dataclass(frozen=True)
-class FetchPolicy:
-    """Where a fetch may go. The defaults are the safe ones: public http(s) addresses only.
+class FetchPolicy(BaseModel):
+    """Where a fetch may go. The defaults are the safe ones: public http(s) addresses only."""
 
-    Attributes:
-        allowed_file_roots: directories ``file://`` URIs may point into; empty disables ``file://``.
-        allow_private: skip the address check entirely (a trusted, internal-only deployment).
-        allowed_networks: networks allowed even though they are not public, e.g. ``10.1.2.0/24`` for an
-            internal image store; everything else must still be a public address.
-        max_redirects: redirects followed before giving up (0: none).
-        schemes: network schemes allowed (a subset of ``http``, ``https``).
-        resolver: name -> addresses; the system resolver by default (tests inject their own).
-        import_roots: directories local import sources (absolute paths or ``file://``) may lie in.
-        object_store_protocols: fsspec protocols accepted for images and import sources (none by default
-            here; ``AppArgs`` defaults to :data:`DEFAULT_OBJECT_STORE_PROTOCOLS`).
-        timeout_s: connect/read timeout and overall deadline of one image fetch (:meth:`fetch_image`).
-        source_timeout_s: connect/read timeout of an http(s) import source (no overall deadline: a large
-            file may stream for hours).
-    """
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
-    allowed_file_roots: tuple[str, ...] = ()
-    allow_private: bool = False
-    allowed_networks: tuple[IPNetwork, ...] = ()
-    max_redirects: int = 5
-    schemes: tuple[str, ...] = ("http", "https")
-    resolver: Resolver = field(default=system_resolver, compare=False)
-    import_roots: tuple[str, ...] = ()
-    object_store_protocols: tuple[str, ...] = ()
-    timeout_s: float = 10.0
-    source_timeout_s: float = 30.0
+    allowed_file_roots: tuple[str, ...] = Field((), description="directories file:// URIs may point into")
+    allow_private: bool = Field(False, description="skip the address check (trusted internal deployments)")
+    allowed_networks: tuple[IPvAnyNetwork, ...] = Field(
+        (), description="networks allowed although not public, e.g. an internal image store's 10.1.2.0/24"
+    )
+    max_redirects: int = Field(5, ge=0, le=20, description="redirects followed, each hop checked again")
+    schemes: tuple[Literal["http", "https"], ...] = Field(("http", "https"), min_length=1)
+    resolver: Resolver = Field(system_resolver, exclude=True, description="name -> addresses (tests inject)")
+    import_roots: tuple[str, ...] = Field((), description="directories local import sources may lie in")
+    object_store_protocols: tuple[str, ...] = Field(
+        (), description="fsspec protocols accepted for images and import sources (AppArgs: the usual ones)"
+    )
+    timeout_s: float = Field(10.0, gt=0, description="connect/read timeout and deadline of one image fetch")
+    source_timeout_s: float = Field(
+        30.0, gt=0, description="connect/read timeout of an http(s) import source (no overall deadline)"
+    )
 
-    def __post_init__(self) -> None:
-        nets = tuple(
-            n if isinstance(n, ipaddress.IPv4Network | ipaddress.IPv6Network) else ipaddress.ip_network(n)
-            for n in self.allowed_networks
-        )
-        object.__setattr__(self, "allowed_networks", nets)
-        object.__setattr__(self, "allowed_file_roots", tuple(str(r) for r in self.allowed_file_roots))
-        object.__setattr__(self, "import_roots", tuple(str(r) for r in self.import_roots))
-        object.__setattr__(self, "object_store_protocols", tuple(self.object_store_protocols))
-        clash = [p for p in self.object_store_protocols if p in ("http", "https", "file", "")]
+    @field_validator("object_store_protocols")
+    @classmethod
+    def _no_clash(cls, protocols: tuple[str, ...]) -> tuple[str, ...]:
+        clash = [p for p in protocols if p in ("http", "https", "file", "")]
         if clash:
-            raise ValueError(f"FetchPolicy.object_store_protocols must not list {clash}")
-        if isinstance(self.max_redirects, bool) or not isinstance(self.max_redirects, int):
-            raise ValueError(f"FetchPolicy.max_redirects must be an int; got {self.max_redirects!r}")
-        if self.max_redirects < 0:
-            raise ValueError(f"FetchPolicy.max_redirects must be >= 0; got {self.max_redirects}")
-        bad = [s for s in self.schemes if s not in ("http", "https")]
-        if bad or not self.schemes:
-            raise ValueError(f"FetchPolicy.schemes must be a non-empty subset of http, https; got {bad}")
+            raise ValueError(f"must not list {clash}")
+        return protocols
 
     def fetch_image(
         self, uri: str, *, max_bytes: int, retries: int = 0, pools: ConnectionPools | None = None

@@ -95,7 +95,11 @@ class ImportSettings(BaseModel):
     step_retries: int = Field(
         5, ge=0, description="retries of an encoder or writer call before the task fails"
     )
-    source_timeout_s: float = Field(30.0, gt=0, description="connect/read timeout of an http(s) source")
+    source_timeout_s: float = Field(
+        FetchPolicy.model_fields["source_timeout_s"].default,
+        gt=0,
+        description="connect/read timeout of an http(s) source",
+    )
     heartbeat_s: float = Field(
         10.0, gt=0, description="runner heartbeat; tasks of a runner silent for 6x are taken over"
     )

@@ -128,7 +128,7 @@ def test_command_line_strings_become_lists_and_objects(tmp_path, monkeypatch):
         }
     )
     assert args.import_roots == [str(tmp_path / "imports"), "/srv/more"]
-    assert args.fetch_allowed_networks == ["10.0.0.0/8"]
+    assert args.fetch_allowed_networks == [ipaddress.ip_network("10.0.0.0/8")]
     assert (args.limits.max_top_k, args.index.hnsw_min_rows, args.fetch_max_redirects) == (100, 5000, 3)
     with pytest.raises(ValidationError, match=r"limits: '\{\"max_top_k\"' is not valid JSON"):
         AppArgs.model_validate({"limits": '{"max_top_k"'})

@@ -223,13 +223,7 @@ def resolve_model_spec(
 def _resolve_builtin(model: str, pretrained: str | None, common: dict[str, Any]) -> ModelSpec:
     model_cfg = open_clip.get_model_config(model)
     if model_cfg is None:
-        close = difflib.get_close_matches(model, open_clip.list_models(), n=3)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(
-            f"unknown model {model!r}: not one of open_clip's built-in architectures "
-            f"(list them with `python -c 'import open_clip; print(open_clip.list_models())'`), "
-            f"not 'tiny-random', and not 'local-dir:/path'.{hint}"
-        )
+        raise _unknown_model(model)
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained is None:
         raise ValueError(
@@ -259,26 +253,41 @@ def _resolve_builtin(model: str, pretrained: str | None, common: dict[str, Any])
             **common,
         )
     path = Path(pretrained).expanduser()
-    if path.is_file():
-        path = path.resolve()
-        # open_clip gives a checkpoint file its default preprocessing (no tag to take it from).
-        return _spec(
-            open_clip_name=model,
-            pretrained=str(path),
-            weights_source="file",
-            preprocess=_preprocess_from(model_cfg),
-            identity=f"{model}/{_file_identity(path)}",
-            dim=int(model_cfg["embed_dim"]),
-            **common,
-        )
+    if not path.is_file():
+        raise _not_a_checkpoint(model, pretrained, path, tags)
+    path = path.resolve()
+    # open_clip gives a checkpoint file its default preprocessing (no tag to take it from).
+    return _spec(
+        open_clip_name=model,
+        pretrained=str(path),
+        weights_source="file",
+        preprocess=_preprocess_from(model_cfg),
+        identity=f"{model}/{_file_identity(path)}",
+        dim=int(model_cfg["embed_dim"]),
+        **common,
+    )
+
+
+def _unknown_model(model: str) -> ValueError:
+    close = difflib.get_close_matches(model, open_clip.list_models(), n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ValueError(
+        f"unknown model {model!r}: not one of open_clip's built-in architectures "
+        f"(list them with `python -c 'import open_clip; print(open_clip.list_models())'`), "
+        f"not 'tiny-random', and not 'local-dir:/path'.{hint}"
+    )
+
+
+def _not_a_checkpoint(model: str, pretrained: str, path: Path, tags: Sequence[str]) -> ValueError:
+    """Why ``pretrained``, neither a tag of ``model`` nor a file, cannot be used."""
     if path.is_dir():
-        raise ValueError(
+        return ValueError(
             f"pretrained {pretrained!r} is a directory; set pretrained to the checkpoint file in it, or "
             f"use model='local-dir:{path}' if it holds an open_clip_config.json"
         )
     if _looks_like_path(pretrained):
-        raise ValueError(f"checkpoint file not found: {str(path)!r} (from pretrained={pretrained!r})")
-    raise ValueError(
+        return ValueError(f"checkpoint file not found: {str(path)!r} (from pretrained={pretrained!r})")
+    return ValueError(
         f"unknown pretrained tag {pretrained!r} for model {model!r}; known tags: {_tag_list(tags)}; "
         f"or give the path of a local checkpoint file, or 'random'"
     )

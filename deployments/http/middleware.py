@@ -34,17 +34,36 @@ _PROXY_STATUS = {404: "NOT_FOUND", 408: "TIMEOUT", 429: "OVERLOADED", 503: "OVER
 _BACKPRESSURE_PREFIX = b"Request dropped due to backpressure"
 
 
-class UnhandledErrors:
-    """Pure ASGI middleware, innermost: an exception no handler took becomes the 500 envelope (the
-    details are logged with an incident id, never sent) before it can leave the app."""
+def _setting(scope: Scope, name: str, default: Any = None) -> Any:
+    """A setting the ingress replica put on ``app.state`` (``default`` outside an app)."""
+    return getattr(scope["app"].state, name, default) if "app" in scope else default
+
+
+class _Middleware:
+    """A pure ASGI middleware that acts on the HTTP requests it :meth:`applies` to; anything else (other
+    requests, lifespan and websocket scopes) passes straight through."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "http" and self.applies(scope):
+            await self.handle(scope, receive, send)
+        else:
             await self.app(scope, receive, send)
-            return
+
+    def applies(self, scope: Scope) -> bool:
+        return True
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class UnhandledErrors(_Middleware):
+    """Innermost: an exception no handler took becomes the 500 envelope (the details are logged with an
+    incident id, never sent) before it can leave the app."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def watched(message: Message) -> None:
@@ -60,7 +79,7 @@ class UnhandledErrors:
             await error_response(exc)(scope, receive, send)
 
 
-class BodyLimit:
+class BodyLimit(_Middleware):
     """Pure ASGI middleware: answer 413 with the envelope when a body exceeds the limit.
 
     It checks ``Content-Length`` up front and counts streamed (chunked) bodies as they arrive, so an
@@ -68,17 +87,11 @@ class BodyLimit:
     (set by the ingress from its config) at request time.
     """
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
-        self.app = app
+    def applies(self, scope: Scope) -> bool:
+        return _setting(scope, "max_body_bytes") is not None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = getattr(scope["app"].state, "max_body_bytes", None) if "app" in scope else None
-        if limit is None:
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit: int = _setting(scope, "max_body_bytes")
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await _send_413(send, limit)
@@ -124,7 +137,7 @@ async def _send_413(send: Send, limit: int) -> None:
     await send_envelope(send, 413, "PAYLOAD_TOO_LARGE", f"request body exceeds {limit} bytes")
 
 
-class ProxyErrorEnvelope:
+class ProxyErrorEnvelope(_Middleware):
     """Pure ASGI middleware for Serve's HTTP proxy: its own plain-text errors become the envelope.
 
     Serve's proxy answers some requests without reaching the ingress: 503 (or 429) when the Ingress's
@@ -136,13 +149,7 @@ class ProxyErrorEnvelope:
     proxy").
     """
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         held: dict[str, Any] | None = None
 
         async def rewriting_send(message: Message) -> None:
@@ -224,23 +231,18 @@ def is_open_path(scope: Scope) -> bool:
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
-class ApiKeyAuth:
+class ApiKeyAuth(_Middleware):
     """Pure ASGI middleware: when API keys are configured, require ``Authorization: Bearer <key>``.
 
     Keys come from ``app.state.api_keys`` (a frozenset set by the ingress from its config); an empty set
     disables the check. Comparison is constant-time per key.
     """
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
-        self.app = app
+    def applies(self, scope: Scope) -> bool:
+        return bool(_setting(scope, "api_keys")) and not is_open_path(scope)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        keys: frozenset[str] = (
-            getattr(scope["app"].state, "api_keys", frozenset()) if "app" in scope else frozenset()
-        )
-        if scope["type"] != "http" or not keys or is_open_path(scope):
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        keys: frozenset[str] = _setting(scope, "api_keys")
         given = ""
         for name, value in scope.get("headers", []):
             if name == b"authorization":
@@ -259,7 +261,7 @@ class ApiKeyAuth:
         await self.app(scope, receive, send)
 
 
-class ConcurrencyLimit:
+class ConcurrencyLimit(_Middleware):
     """Pure ASGI middleware: answer 503 ``OVERLOADED`` (with the envelope) beyond N requests at once.
 
     Serve's own queue limit (``max_queued_requests``) answers a plain-text 503 from the proxy, outside
@@ -270,14 +272,14 @@ class ConcurrencyLimit:
     """
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
-        self.app = app
+        super().__init__(app)
         self.active = 0  # one event loop per replica: no lock needed
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limit = getattr(scope["app"].state, "max_concurrent_requests", None) if "app" in scope else None
-        if scope["type"] != "http" or limit is None or route_path(scope) in OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
+    def applies(self, scope: Scope) -> bool:
+        return _setting(scope, "max_concurrent_requests") is not None and route_path(scope) not in OPEN_PATHS
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit: int = _setting(scope, "max_concurrent_requests")
         if self.active >= limit:
             await send_envelope(
                 send,
@@ -294,14 +296,12 @@ class ConcurrencyLimit:
             self.active -= 1
 
 
-
-
 _ENVELOPE_STATUS = re.compile(rb'^\{"status":\s*"([A-Z_]{1,64})"')
 #: The largest value of ``library_name`` a log line carries (a valid name has at most 64 characters).
 _MAX_LOGGED_NAME = 64
 
 
-class RequestLog:
+class RequestLog(_Middleware):
     """Pure ASGI middleware, outermost: hands a :class:`RequestRecord` of every request to the recorder
     in ``app.state.request_recorder`` (none: requests pass untouched).
 
@@ -310,14 +310,11 @@ class RequestLog:
     library is whatever the request handling put into ``scope["state"]["library_name"]``.
     """
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
-        self.app = app
+    def applies(self, scope: Scope) -> bool:
+        return _setting(scope, "request_recorder") is not None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        recorder = getattr(scope["app"].state, "request_recorder", None) if "app" in scope else None
-        if scope["type"] != "http" or recorder is None:
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        recorder = _setting(scope, "request_recorder")
         started = time.perf_counter()
         state = scope.setdefault("state", {})
         http_status = 500  # what the client gets when the app raises (Starlette's error middleware)

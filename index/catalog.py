@@ -271,7 +271,10 @@ def library_object(
     info: LibraryInfo, image_count: int, index_kind: str, search_calibration: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The API's library object; ``index_kind`` is the kind in use now, ``search_calibration`` what its
-    index measured (`Calibration.describe`; None: exact search, nothing to calibrate)."""
+    index measured (`Calibration.describe`; None, and the key absent: exact search, or not measured)."""
+    index: dict[str, Any] = {"kind": index_kind, "configured": info.index_kind}
+    if search_calibration is not None:
+        index["search_calibration"] = search_calibration
     return {
         "library_name": info.name,
         "mode": info.mode,
@@ -279,7 +282,7 @@ def library_object(
         "image_count": image_count,
         "created_at": iso_time(info.created_at),
         "model": {"name": info.model, "pretrained": info.pretrained, "dim": info.dim},
-        "index": {"kind": index_kind, "configured": info.index_kind, "search_calibration": search_calibration},
+        "index": index,
         "embedding": EMBEDDING_OF_MODE[info.mode],
     } | ({"face_model": info.face_model_identity} if info.mode == "adaptive_search" else {})
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from index.ann import EXACT, AnnBase, IndexConfig, Plan
+from index.ann import EXACT, EXACT_ROW_COST, AnnBase, IndexConfig, Plan
 
 logger = logging.getLogger(__name__)
 
@@ -75,34 +75,40 @@ class Calibration:
     def plan(self, base: AnnBase, k: int, selectivity: float, target: float, config: IndexConfig) -> Plan:
         """The cheapest recorded setting reaching ``target`` at ``selectivity`` (`EXACT` when none does).
 
-        Unfiltered (or nearly: ``selectivity >= UNFILTERED_FROM``): any method of the unfiltered ladder,
-        an HNSW efSearch scaled by ``1 / s**2`` as `HnswBase.ef_for` does. Filtered: the IVF candidates
-        of the calibrated selectivities on either side of ``selectivity``, the larger of the two; below
-        the lowest one, its candidates grown by ``sqrt(lowest / s)`` (beyond what was measured: the
-        planner's exact path usually costs less there anyway).
+        Unfiltered (or nearly: ``selectivity >= UNFILTERED_FROM``): any step of the unfiltered ladder,
+        an HNSW efSearch scaled by ``1 / s**2``. Filtered: per method (HNSW efSearch, IVF candidates),
+        the cheapest effort reaching the target at the calibrated selectivities on either side of
+        ``selectivity``, the larger of the two; below the lowest one, its effort grown by
+        ``sqrt(lowest / s)`` (beyond what was measured: the exact path usually costs less there). Of
+        the methods, the one `AnnBase.cost` expects to be cheaper.
         """
         need = min(target + config.calibration_margin, 1.0)
-        if selectivity >= UNFILTERED_FROM:
-            best = None
+        s = max(selectivity, 1e-9)
+        plans = []
+        if s >= UNFILTERED_FROM:
             for step in self.buckets[0].steps:
                 if step.recall >= need:
-                    plan = Plan(step.method, step.value)
-                    cost = base.cost(plan, k, selectivity, config)
-                    if best is None or cost < best[0]:
-                        best = (cost, plan)
-            return EXACT if best is None else best[1]
-        hi = min((b for b in self.buckets if b.selectivity >= selectivity), key=lambda b: b.selectivity)
-        lo = max((b for b in self.buckets if b.selectivity <= selectivity), key=lambda b: b.selectivity, default=None)
-        values = []
-        for bucket in (hi, lo):
-            if bucket is None:  # below every calibrated selectivity: grow the lowest one's candidates
-                values.append(values[0] * np.sqrt(hi.selectivity / max(selectivity, 1e-9)))
-                continue
-            value = _cheapest(bucket.steps, "ivf", need)
-            if value is None:
-                return EXACT
-            values.append(value)
-        return Plan("ivf", int(np.ceil(max(values))))
+                    # a few rows filtered out (deleted ones, say): the graph walks past them (ef / s**2)
+                    value = step.value if step.method != "hnsw" else int(np.ceil(step.value / s**2))
+                    plans.append(Plan(step.method, value))
+        else:
+            hi = min((b for b in self.buckets if b.selectivity >= s), key=lambda b: b.selectivity)
+            lo = max((b for b in self.buckets if b.selectivity <= s), key=lambda b: b.selectivity, default=None)
+            for method in {step.method for step in hi.steps}:
+                value = _cheapest(hi.steps, method, need)
+                if value is None:
+                    continue
+                if lo is None:  # below every calibrated selectivity: grow the lowest one's effort
+                    value = int(np.ceil(value * np.sqrt(hi.selectivity / s)))
+                elif lo is not hi:
+                    low = _cheapest(lo.steps, method, need)
+                    if low is None:
+                        continue
+                    value = max(value, low)
+                plans.append(Plan(method, value))
+        if not plans:
+            return EXACT
+        return min(plans, key=lambda p: (base.cost(p, k, s, config), p.method))
 
     def describe(self, target: float, config: IndexConfig) -> dict[str, Any]:
         """What ``GET /library/{name}`` reports: per calibrated selectivity, the setting the target
@@ -188,7 +194,7 @@ def calibrate(
         for method in base.methods(filtered=s < 1.0):
             for value in base.ladder(method, K, config):
                 plan = Plan(method, value)
-                if steps and base.cost(plan, K, fraction, config) > rows:
+                if steps and base.cost(plan, K, fraction, config) > EXACT_ROW_COST * rows:
                     break  # dearer than the exact path: the planner would never pick it
                 r = measure(base, queries, truth, bits, fraction, config, plan)
                 steps.append(Step(method, value, r))

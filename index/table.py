@@ -37,7 +37,7 @@ import faiss
 import numpy as np
 
 from filters import TagColumns, evaluate
-from index.ann import DEFAULT_CONFIG, EXACT, AnnBase, IndexConfig, Plan, build_base
+from index.ann import DEFAULT_CONFIG, EXACT, EXACT_ROW_COST, AnnBase, IndexConfig, Plan, build_base
 from index.calibration import Calibration, calibrate, holdout, sample
 from index.store import VECTOR_KINDS, Change
 
@@ -403,7 +403,8 @@ class VectorTable:
             selectivity = m_base / nb
             plan = self.plan(min(k, m_base), selectivity, target)
             index_cost = self.base.cost(plan, min(k, m_base), selectivity, cfg) + (m - m_base)
-            if plan is EXACT or (cfg.exact_by_cost and self.base.kind != "flat" and m <= index_cost):
+            exact_cost = EXACT_ROW_COST * m
+            if plan is EXACT or (cfg.exact_by_cost and self.base.kind != "flat" and exact_cost <= index_cost):
                 scores, slots = self._exact(q, k, mask)
                 return self._hits(scores, slots, k, m, "exact")
             # The bitmap must outlive the search: FAISS's selector keeps a pointer into it.

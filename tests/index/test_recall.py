@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from filters import parse_filter
 from index.ann import HnswBase, IndexConfig, Plan, _ivf_search, _IvfLists
-from index.calibration import Calibration, calibrate
+from index.calibration import Bucket, Calibration, Step, calibrate
 from index.reader import LibraryReader
 from index.snapshot import read_manifest
 from index.store import Change, NewRecord
@@ -126,12 +126,27 @@ def test_calibration_is_deterministic_and_reproduces_its_recall_when_reloaded(tm
 
 
 def test_a_target_above_every_measured_recall_takes_the_exact_path():
-    table, x, p, _ = library("spread", 0)
-    best = max(s.recall for b in table.calibration.buckets for s in b.steps)
-    if best >= 1.0:
-        pytest.skip("every recall reached 1.0 on this sample")
-    assert table.plan(K, 1.0, min(best + 0.001, 1.0)).method == "exact"
-    assert table.search(x[0], K, recall_target=1.0).path == "exact"
+    table, x, _, _ = library("spread", 0)
+    measured = table.calibration
+    capped = Calibration(
+        measured.k,
+        measured.queries,
+        measured.rows,
+        measured.seconds,
+        tuple(
+            Bucket(b.selectivity, b.rows, tuple(Step(s.method, s.value, min(s.recall, 0.9)) for s in b.steps))
+            for b in measured.buckets
+        ),
+    )
+    table.calibration = capped  # as if no setting had measured more than 0.9
+    try:
+        assert table.plan(K, 1.0, 0.85).method != "exact"
+        assert table.plan(K, 1.0, 0.9).method == "exact"  # 0.9 + margin was never reached
+        assert table.plan(K, 0.3, 0.9).method == "exact"
+        assert table.search(x[0], K, recall_target=0.9).path == "exact"
+        assert table.search(x[0], K, recall_target=1.0).path == "exact"
+    finally:
+        table.calibration = measured
 
 
 def test_filter_ivf_scores_enough_passing_candidates_whatever_the_filter():

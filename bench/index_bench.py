@@ -2,11 +2,14 @@
 peer engine (LanceDB), side by side in one process, on synthetic CLIP-like data.
 
     python bench/index_bench.py --n 1000000 --dim 512 --out result.json
+    python bench/index_bench.py --n 300000 --data c256_50k --recall-targets 0.95,0.99 --peer none --out r.json
 
 What it does, in order (every phase is timed and logged):
 
-1. Generates ``n`` clustered unit vectors of low intrinsic dimension (like CLIP embeddings: 1,000
-   clusters in a 64-d latent subspace plus small full-rank noise) and realistic tags: categorical
+1. Generates ``n`` unit vectors of the distribution ``--data`` names: ``shipped`` (like CLIP
+   embeddings, of low intrinsic dimension: 1,000 clusters in a 64-d latent subspace plus small full-rank
+   noise), the harder ``c128_5k`` (5,000 clusters in 128-d) and ``c256_50k`` (50,000 in 256-d), or
+   ``sphere`` (spread evenly on the unit sphere: no structure), and realistic tags: categorical
    ``category`` (20 values), ``color`` (10), ``brand`` (1,000), boolean ``in_stock``, numeric ``price``
    (log-normal) and a list-valued ``labels`` (1-3 of 100). Queries are fresh draws from the same
    distribution, not stored vectors.
@@ -14,7 +17,9 @@ What it does, in order (every phase is timed and logged):
    snapshot the way the writer's background thread does (``index_kind: auto`` picks the kind by size).
 3. Loads a ``LibraryReader`` from that snapshot (``load_s``) and runs the queries through
    ``LibraryReader.search`` (catch-up check, filter evaluation, planner, FAISS, id mapping): unfiltered
-   and at selectivities 0.5, 0.1, 0.01 and 0.001. Recall@10 is against exact search over the same rows
+   and at selectivities 0.5, 0.1, 0.01 and 0.001, at each ``--recall-targets`` value (the first one's
+   figures are the top-level keys, with ``recall_target`` and ``data``; the others are listed under
+   ``other_targets``; the snapshot's recall ``calibration`` is copied into the result). Recall@10 is against exact search over the same rows
    (ground truth computed here with numpy masks and ``faiss.knn``, independently of the planner).
 4. ``filter_eval_ms``: a 3-condition filter (categorical ``in``, numeric ``<``, list-valued ``=``)
    evaluated to a bitmap over all rows. ``baseline_exact``: a plain ``faiss.knn`` flat scan.

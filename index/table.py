@@ -18,10 +18,14 @@ The query planner (`VectorTable.search`, DESIGN.md "Filtered search"):
    bitmap and the vector kind in, count the passing rows m.
 2. m = 0: no results. m <= ``max(exact_max_candidates, exact_max_fraction * slots)``: exact search over
    just those rows (their vectors are gathered in chunks).
-3. Otherwise the base index searches with an ``IDSelectorBitmap`` of the passing base slots (none when
-   every base slot passes) and effort raised as selectivity falls; the tail is searched exactly; the two
-   top-k lists merge by score. If an approximate base finds fewer than k rows while at least k pass,
-   the search is redone exactly over all passing rows.
+3. Otherwise the plan (`VectorTable.plan`): the cheapest setting the base's calibration measured to
+   reach the recall target at this selectivity (`index.calibration`; the config's fixed efforts when
+   the base was not calibrated). No setting reaches it, a target of 1.0, or fewer passing rows than
+   the plan's expected work (`AnnBase.cost`, ``exact_by_cost``): exact search over the passing rows.
+4. Else the base index searches with an ``IDSelectorBitmap`` of the passing base slots (none when
+   every base slot passes) and the plan's effort; the tail is searched exactly; the two top-k lists
+   merge by score. If an approximate base finds fewer than k rows while at least k pass, the search is
+   redone exactly over all passing rows.
 
 Not thread-safe: callers serialise `apply` and `search` (LibraryReader holds a lock).
 """

@@ -111,21 +111,22 @@ class Calibration:
         return min(plans, key=lambda p: (base.cost(p, k, s, config), p.method))
 
     def describe(self, target: float, config: IndexConfig) -> dict[str, Any]:
-        """What ``GET /library/{name}`` reports: per calibrated selectivity, the setting the target
-        picks and the recall measured with it (``method: exact`` where nothing reached it)."""
+        """What ``GET /library/{name}`` reports: per calibrated selectivity and method, the smallest
+        effort measured to reach the target and the recall measured with it (the planner takes the
+        cheaper method; none listed: the exact path)."""
         need = min(target + config.calibration_margin, 1.0)
         rows = []
         for bucket in self.buckets:
-            reached = [s for s in bucket.steps if s.recall >= need]
-            # The first step reaching the target on a method's ladder is its cheapest; across methods
-            # (unfiltered) the planner compares costs: here the smallest effort of the first method.
-            step = reached[0] if reached else None
+            settings = []
+            for method in sorted({s.method for s in bucket.steps}):
+                step = next((s for s in bucket.steps if s.method == method and s.recall >= need), None)
+                if step is not None:  # a ladder is cheapest first: its first step reaching the target
+                    settings.append({"method": method, "value": step.value, "recall": step.recall})
             rows.append(
                 {
                     "selectivity": bucket.selectivity,
-                    "method": "exact" if step is None else step.method,
-                    "value": None if step is None else step.value,
-                    "recall": 1.0 if step is None else step.recall,
+                    "rows": bucket.rows,
+                    "settings": settings,
                     "best_measured_recall": max((s.recall for s in bucket.steps), default=None),
                 }
             )

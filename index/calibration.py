@@ -77,10 +77,7 @@ class Calibration:
 
         Unfiltered (or nearly: ``selectivity >= UNFILTERED_FROM``): any step of the unfiltered ladder,
         an HNSW efSearch scaled by ``1 / s**2``. Filtered: per method (HNSW efSearch, IVF candidates),
-        the cheapest effort reaching the target at the calibrated selectivity nearest ``s`` (log
-        scale), grown by ``sqrt(nearest / s)`` when ``s`` is below it (a 35% filter takes the 50%
-        setting x 1.2, a 1% one the 5% setting x 2.2: beyond what was measured, where the exact path
-        usually costs less anyway). Of the methods, the one `AnnBase.cost` expects to be cheaper.
+        `_filtered_effort`. Of the methods, the one `AnnBase.cost` expects to be cheaper.
         """
         need = min(target + config.calibration_margin, 1.0)
         s = max(selectivity, 1e-9)
@@ -92,17 +89,40 @@ class Calibration:
                     value = step.value if step.method != "hnsw" else int(np.ceil(step.value / s**2))
                     plans.append(Plan(step.method, value))
         else:
-            # The calibrated filter selectivity nearest this one (on a log scale; unfiltered only when no
-            # filter was calibrated); below it, its effort grows.
-            near = min(self.buckets[1:] or self.buckets, key=lambda b: abs(np.log(b.selectivity / s)))
-            grow = float(np.sqrt(max(near.selectivity / s, 1.0)))
-            for method in sorted({step.method for step in near.steps}):
-                value = _cheapest(near.steps, method, need)
+            for method in sorted({step.method for step in self.buckets[0].steps}):
+                value = self._filtered_effort(method, s, need)
                 if value is not None:
-                    plans.append(Plan(method, int(np.ceil(value * grow))))
+                    plans.append(Plan(method, value))
         if not plans:
             return EXACT
         return min(plans, key=lambda p: (base.cost(p, k, s, config), p.method))
+
+    def _filtered_effort(self, method: str, s: float, need: float) -> int | None:
+        """The effort ``method`` needs to reach ``need`` under a filter passing ``s``: the larger of the
+        calibrated selectivities' on either side (an HNSW graph needs more as s falls, an IVF scoring
+        a fixed number of passing rows more as s rises), the calibrated one's when ``s`` is within 5%
+        of it, and below the lowest one its effort grown by ``sqrt(lowest / s)``. None: a side never
+        reached ``need`` with ``method``."""
+        filtered = self.buckets[1:]
+        sides: list[tuple[Bucket, float]] = []
+        close = [b for b in filtered if abs(np.log(b.selectivity / s)) < 0.05]
+        if close:
+            sides.append((close[0], 1.0))
+        else:
+            above = [b for b in self.buckets if b.selectivity > s]  # the unfiltered bucket at least
+            below = [b for b in filtered if b.selectivity < s]
+            hi = min(above, key=lambda b: b.selectivity)
+            if below:
+                sides += [(hi, 1.0), (max(below, key=lambda b: b.selectivity), 1.0)]
+            else:  # below every calibrated selectivity (beyond what was measured)
+                sides.append((hi, float(np.sqrt(hi.selectivity / s))))
+        values = []
+        for bucket, grow in sides:
+            value = _cheapest(bucket.steps, method, need)
+            if value is None:
+                return None
+            values.append(int(np.ceil(value * grow)))
+        return max(values)
 
     def describe(self, target: float, config: IndexConfig) -> dict[str, Any]:
         """What ``GET /library/{name}`` reports: per calibrated selectivity and method, the smallest

@@ -80,7 +80,7 @@ def recall_of(table: VectorTable, x: np.ndarray, queries: np.ndarray, node, keep
         want = rows[np.argsort(-(x[rows] @ q), kind="stable")[:K]]
         hits += len(np.intersect1d(got, want))
         total += len(want)
-    return hits / max(total, 1)
+    return hits / total if total else 1.0  # nothing passes: the empty answer is the whole truth
 
 
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

@@ -89,7 +89,13 @@ class Calibration:
                     value = step.value if step.method != "hnsw" else int(np.ceil(step.value / s**2))
                     plans.append(Plan(step.method, value))
         else:
-            for method in sorted({step.method for step in self.buckets[0].steps}):
+            methods = sorted({step.method for step in self.buckets[0].steps})
+            for method in methods:
+                # Below filter_ivf_max_selectivity a filter goes to the IVF, which counts the rows that
+                # pass near the query: a graph walk can strand where a filter correlated with the data
+                # passes nothing nearby, and random-subset calibration does not see that.
+                if method == "hnsw" and "ivf" in methods and s < config.filter_ivf_max_selectivity:
+                    continue
                 value = self._filtered_effort(method, s, need)
                 if value is not None:
                     plans.append(Plan(method, value))
@@ -98,24 +104,29 @@ class Calibration:
         return min(plans, key=lambda p: (base.cost(p, k, s, config), p.method))
 
     def _filtered_effort(self, method: str, s: float, need: float) -> int | None:
-        """The effort ``method`` needs to reach ``need`` under a filter passing ``s``: the larger of the
-        calibrated selectivities' on either side (an HNSW graph needs more as s falls, an IVF scoring
-        a fixed number of passing rows more as s rises), the calibrated one's when ``s`` is within 5%
-        of it, and below the lowest one its effort grown by ``sqrt(lowest / s)``. None: a side never
-        reached ``need`` with ``method``."""
+        """The effort ``method`` needs to reach ``need`` under a filter passing ``s`` (None: a
+        calibrated selectivity it depends on never reached ``need`` with ``method``).
+
+        Calibrated selectivities within 5% count as equal. An IVF scoring a fixed number of passing
+        rows needs more as a filter loosens (the rows come from fewer lists), up to the unfiltered
+        effort, which a filter correlated with the data reaches locally (the query's neighbourhood
+        passes whole): the largest effort at every selectivity >= s and at the nearest below. An HNSW
+        graph needs more as a filter tightens: the effort at the nearest selectivity <= s, or below
+        every calibrated one the lowest one's grown by ``sqrt(lowest / s)``.
+        """
         filtered = self.buckets[1:]
-        sides: list[tuple[Bucket, float]] = []
-        close = [b for b in filtered if abs(np.log(b.selectivity / s)) < 0.05]
-        if close:
-            sides.append((close[0], 1.0))
-        else:
-            above = [b for b in self.buckets if b.selectivity > s]  # the unfiltered bucket at least
-            below = [b for b in filtered if b.selectivity < s]
-            hi = min(above, key=lambda b: b.selectivity)
+        if method == "ivf":
+            sides = [(b, 1.0) for b in self.buckets if b.selectivity >= s * 0.95]
+            below = [b for b in filtered if b.selectivity < s * 0.95]
             if below:
-                sides += [(hi, 1.0), (max(below, key=lambda b: b.selectivity), 1.0)]
-            else:  # below every calibrated selectivity (beyond what was measured)
-                sides.append((hi, float(np.sqrt(hi.selectivity / s))))
+                sides.append((max(below, key=lambda b: b.selectivity), 1.0))
+        else:
+            below = [b for b in filtered if b.selectivity <= s * 1.05]
+            if below:
+                sides = [(max(below, key=lambda b: b.selectivity), 1.0)]
+            else:
+                low = min(self.buckets, key=lambda b: b.selectivity)
+                sides = [(low, float(np.sqrt(max(low.selectivity / s, 1.0))))]
         values = []
         for bucket, grow in sides:
             value = _cheapest(bucket.steps, method, need)

@@ -83,7 +83,7 @@ def recall_of(table: VectorTable, x: np.ndarray, queries: np.ndarray, node, keep
     return hits / total if total else 1.0  # nothing passes: the empty answer is the whole truth
 
 
-@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     shape=st.sampled_from(list(SHAPES)),
     seed=st.sampled_from([0, 1]),

@@ -2,11 +2,14 @@
 peer engine (LanceDB), side by side in one process, on synthetic CLIP-like data.
 
     python bench/index_bench.py --n 1000000 --dim 512 --out result.json
+    python bench/index_bench.py --n 300000 --data c256_50k --recall-targets 0.95,0.99 --peer none --out r.json
 
 What it does, in order (every phase is timed and logged):
 
-1. Generates ``n`` clustered unit vectors of low intrinsic dimension (like CLIP embeddings: 1,000
-   clusters in a 64-d latent subspace plus small full-rank noise) and realistic tags: categorical
+1. Generates ``n`` unit vectors of the distribution ``--data`` names: ``shipped`` (like CLIP
+   embeddings, of low intrinsic dimension: 1,000 clusters in a 64-d latent subspace plus small full-rank
+   noise), the harder ``c128_5k`` (5,000 clusters in 128-d) and ``c256_50k`` (50,000 in 256-d), or
+   ``sphere`` (spread evenly on the unit sphere: no structure), and realistic tags: categorical
    ``category`` (20 values), ``color`` (10), ``brand`` (1,000), boolean ``in_stock``, numeric ``price``
    (log-normal) and a list-valued ``labels`` (1-3 of 100). Queries are fresh draws from the same
    distribution, not stored vectors.
@@ -14,7 +17,9 @@ What it does, in order (every phase is timed and logged):
    snapshot the way the writer's background thread does (``index_kind: auto`` picks the kind by size).
 3. Loads a ``LibraryReader`` from that snapshot (``load_s``) and runs the queries through
    ``LibraryReader.search`` (catch-up check, filter evaluation, planner, FAISS, id mapping): unfiltered
-   and at selectivities 0.5, 0.1, 0.01 and 0.001. Recall@10 is against exact search over the same rows
+   and at selectivities 0.5, 0.1, 0.01 and 0.001, at each ``--recall-targets`` value (the first one's
+   figures are the top-level keys, with ``recall_target`` and ``data``; the others are listed under
+   ``other_targets``; the snapshot's recall ``calibration`` is copied into the result). Recall@10 is against exact search over the same rows
    (ground truth computed here with numpy masks and ``faiss.knn``, independently of the planner).
 4. ``filter_eval_ms``: a 3-condition filter (categorical ``in``, numeric ``<``, list-valued ``=``)
    evaluated to a bitmap over all rows. ``baseline_exact``: a plain ``faiss.knn`` flat scan.
@@ -64,22 +69,38 @@ K = 10
 # -- data ----------------------------------------------------------------------------------------
 
 
+#: ``--data``: (latent dimension, clusters) of the clustered distributions; ``sphere``: points spread
+#: evenly on the unit sphere of R^dim (no structure at all: the hardest case for any index).
+DISTRIBUTIONS: dict[str, tuple[int, int] | None] = {
+    "shipped": (64, 1000),
+    "c128_5k": (128, 5000),
+    "c256_50k": (256, 50000),
+    "sphere": None,
+}
+
+
 class Data:
     """Vectors and tag columns (numpy) of a synthetic library; row i has row id i + 1 in the store."""
 
-    def __init__(self, n: int, dim: int, seed: int, *, latent: int = 64, clusters: int = 1000) -> None:
+    def __init__(self, n: int, dim: int, seed: int, *, data: str = "shipped") -> None:
+        shape = DISTRIBUTIONS[data]
         structure = np.random.default_rng(12345)  # shared by the library and its queries
-        # Random Gaussian directions in 512-d are nearly orthogonal: no QR needed for a latent basis.
-        basis = (structure.standard_normal((dim, latent)) / np.sqrt(dim)).astype(np.float32)
-        centres = structure.standard_normal((clusters, latent)).astype(np.float32)
         rng = np.random.default_rng(seed)
         self.vectors = np.empty((n, dim), dtype=np.float32)
+        if shape is not None:
+            latent, clusters = shape
+            # Random Gaussian directions in 512-d are nearly orthogonal: no QR needed for a latent basis.
+            basis = (structure.standard_normal((dim, latent)) / np.sqrt(dim)).astype(np.float32)
+            centres = structure.standard_normal((clusters, latent)).astype(np.float32)
         for start in range(0, n, 100_000):  # in chunks: bounded scratch memory at n = 1M
             m = min(100_000, n - start)
-            z = centres[rng.integers(0, clusters, m)] + 0.6 * rng.standard_normal(
-                (m, latent), dtype=np.float32
-            )
-            v = z @ basis.T + 0.05 * rng.standard_normal((m, dim), dtype=np.float32)
+            if shape is None:
+                v = rng.standard_normal((m, dim), dtype=np.float32)
+            else:
+                z = centres[rng.integers(0, clusters, m)] + 0.6 * rng.standard_normal(
+                    (m, latent), dtype=np.float32
+                )
+                v = z @ basis.T + 0.05 * rng.standard_normal((m, dim), dtype=np.float32)
             v /= np.linalg.norm(v, axis=1, keepdims=True)
             self.vectors[start : start + m] = v
         self.category = rng.integers(0, len(CATEGORIES), n)
@@ -225,9 +246,11 @@ def ingest(writer: LibraryWriter, name: str, data: Data, start: int, stop: int, 
         )
 
 
-def search_fn(reader: LibraryReader, node: object) -> Callable[[np.ndarray], np.ndarray]:
+def search_fn(
+    reader: LibraryReader, node: object, target: float | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
     def run(q: np.ndarray) -> np.ndarray:
-        return reader.search(q, K, node).row_ids - 1
+        return reader.search(q, K, node, recall_target=target).row_ids - 1
 
     return run
 
@@ -355,6 +378,13 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--queries", type=int, default=200, help="queries per case")
+    parser.add_argument("--data", choices=list(DISTRIBUTIONS), default="shipped")
+    parser.add_argument(
+        "--recall-targets",
+        default="",
+        help="comma-separated recall targets measured on the same index (default: the config's); the "
+        "first one's figures are the top-level keys, the others go under 'other_targets'",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp dir, removed after")
     parser.add_argument("--peer", choices=["lancedb", "none"], default="lancedb")
     parser.add_argument("--peer-nprobes", type=int, default=32)
@@ -387,9 +417,10 @@ def main() -> None:
     # As a LibraryIndex replica does (IndexConfig.search_threads); builds use every core.
     search_threads = config.search_threads or build_threads
     try:
-        data = phases.run("generate data", lambda: Data(args.n, args.dim, seed=1))
-        extra = phases.run("generate 10k extra rows", lambda: Data(10_000, args.dim, seed=2))
-        queries = Data(args.queries, args.dim, seed=3).vectors
+        data = phases.run("generate data", lambda: Data(args.n, args.dim, seed=1, data=args.data))
+        extra = phases.run("generate 10k extra rows", lambda: Data(10_000, args.dim, seed=2, data=args.data))
+        queries = Data(args.queries, args.dim, seed=3, data=args.data).vectors
+        targets = [float(t) for t in args.recall_targets.split(",") if t] or [config.recall_target]
         all_cases = cases(data)
 
         writer = LibraryWriter(workdir / "ours", config=config)
@@ -422,30 +453,42 @@ def main() -> None:
             "bytes_per_vector": round(manifest.index_bytes / manifest.count, 1),
             "load_s": round(load_s, 3),
         }
-        found, t_unf = phases.run("our unfiltered queries", lambda: timed(search_fn(reader, None), queries))
-        result["unfiltered"] = {**t_unf, "recall_at_10": round(recall(found, truths[None]), 4)}
-        result["filtered"] = []
-        for case in all_cases:
-            node = parse_filter(case["filter"])
-            paths: dict[str, int] = {}
-
-            def run(q: np.ndarray, node: object = node, paths: dict = paths) -> np.ndarray:
-                hits = reader.search(q, K, node)
-                paths[hits.path] = paths.get(hits.path, 0) + 1
-                return hits.row_ids - 1
-
-            found, t = phases.run(
-                f"our queries at {case['selectivity']}", lambda run=run: timed(run, queries)
+        def measure(target: float) -> dict[str, Any]:
+            out: dict[str, Any] = {"recall_target": target}
+            found, t_unf = phases.run(
+                f"our unfiltered queries (target {target})",
+                lambda: timed(search_fn(reader, None, target), queries),
             )
-            result["filtered"].append(
-                {
-                    "selectivity": case["selectivity"],
-                    "actual_selectivity": round(float(case["mask"].mean()), 5),
-                    **t,
-                    "recall_at_10": round(recall(found, truths[case["selectivity"]]), 4),
-                    "planner_paths": paths,
-                }
-            )
+            out["unfiltered"] = {**t_unf, "recall_at_10": round(recall(found, truths[None]), 4)}
+            out["filtered"] = []
+            for case in all_cases:
+                node = parse_filter(case["filter"])
+                paths: dict[str, int] = {}
+
+                def run(q: np.ndarray, node: object = node, paths: dict = paths) -> np.ndarray:
+                    hits = reader.search(q, K, node, recall_target=target)
+                    paths[hits.path] = paths.get(hits.path, 0) + 1
+                    return hits.row_ids - 1
+
+                found, t = phases.run(
+                    f"our queries at {case['selectivity']} (target {target})",
+                    lambda run=run: timed(run, queries),
+                )
+                out["filtered"].append(
+                    {
+                        "selectivity": case["selectivity"],
+                        "actual_selectivity": round(float(case["mask"].mean()), 5),
+                        **t,
+                        "recall_at_10": round(recall(found, truths[case["selectivity"]]), 4),
+                        "planner_paths": paths,
+                    }
+                )
+            return out
+
+        result["data"] = args.data
+        result.update(measure(targets[0]))
+        result["other_targets"] = [measure(t) for t in targets[1:]]
+        result["calibration"] = read_manifest(library_dir).calibration
 
         from filters import evaluate
 

@@ -158,7 +158,9 @@ class Ingress:
         self._connections = ConnectionPools(per_host=args.limits.max_concurrent_requests)
         self.limits = args.limits
         self.image_limits = args.image_limits()
-        self.catalog = Catalog(args.storage_root, max_libraries=args.limits.max_libraries)
+        self.catalog = Catalog(
+            args.storage_root, max_libraries=args.limits.max_libraries, index_config=args.index
+        )
         # Detection and cropping are CPU work: they run here, in worker threads, next to decoding.
         self.pipeline = ModePipeline(preprocess, args.detection_config(), face_preprocess=face_preprocess)
         # Serve's batch queues are configured per replica from the builder's args.
@@ -414,6 +416,7 @@ class Ingress:
             "node": node,
             "min_score": body.min_score,
             "return_frame": body.return_frame,
+            "recall_target": body.recall_target,
         }
 
     def _decode_base64(self, text: str) -> bytes:

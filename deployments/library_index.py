@@ -59,12 +59,22 @@ class LibraryIndex:
         vector_kind: str | None,
         min_score: float | None,
         return_frame: bool,
+        recall_target: float | None = None,
     ) -> dict[str, Any]:
         """``{"results": [...], "replica": id, "applied_seq": n}``: the replica and the sequence it had
         caught up to travel with the answer, for logs and for the read-your-writes tests."""
         reader = await self._reader()
         results = await asyncio.to_thread(
-            self._search, reader, vector, query_kind, top_k, node, vector_kind, min_score, return_frame
+            self._search,
+            reader,
+            vector,
+            query_kind,
+            top_k,
+            node,
+            vector_kind,
+            min_score,
+            return_frame,
+            recall_target,
         )
         return {
             "results": results,
@@ -111,7 +121,8 @@ class LibraryIndex:
         vector_kind: str | None,
         min_score: float | None,
         return_frame: bool,
+        recall_target: float | None,
     ) -> list[dict[str, Any]]:
-        hits = reader.search(vector, top_k, node, vector_kind)
+        hits = reader.search(vector, top_k, node, vector_kind, recall_target)
         scores = self.calibration.for_query(query_kind, hits.cosines)
         return result_objects(reader, hits, scores, min_score=min_score, return_frame=return_frame)

@@ -88,6 +88,9 @@ class SearchCommon(Request):
     tag_filter: Any = None
     return_frame: bool = True
     min_score: float | None = Field(None, ge=0.0, le=1.0)
+    recall_target: float | None = Field(
+        None, ge=0.5, le=1.0, description="ours: recall@10 to aim for (default: the deployment's; docs/API.md)"
+    )
 
 
 class SearchByImage(SearchCommon):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass as plain_dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -80,6 +81,9 @@ class IndexConfig:
     #: ``max(exact_max_candidates, exact_max_fraction * rows)`` of them.
     exact_max_candidates: int = Field(20_000, ge=0)
     exact_max_fraction: float = Field(0.02, ge=0.0, le=1.0)
+    #: Above those thresholds too, search exactly whenever the passing rows are fewer than the index
+    #: plan's expected work in distance computations (`AnnBase.cost`).
+    exact_by_cost: bool = True
     #: A snapshot rebuilds its index from the live rows when more than this fraction of slots is dead.
     compact_dead_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     #: The writer snapshots a library when at least ``snapshot_min_rows`` rows changed since the last
@@ -87,6 +91,20 @@ class IndexConfig:
     snapshot_min_rows: int = Field(2_000, ge=1)
     snapshot_fraction: float = Field(0.1, ge=0.0)
     snapshot_max_tail_rows: int = Field(10_000, ge=1)
+    #: Recall@10 searches aim for (per request: ``recall_target``). The writer measures recall on the
+    #: library's own vectors when it builds a snapshot (`index.calibration`) and records the settings
+    #: that reach each target; 1.0 means exact search. See README "Recall target".
+    recall_target: float = Field(0.95, ge=0.5, le=1.0)
+    #: Held-out library vectors used as calibration queries (0: no calibration, the defaults above).
+    calibration_queries: int = Field(200, ge=0)
+    #: Filter selectivities calibrated (random subsets of the rows); others interpolate between them.
+    calibration_selectivities: tuple[float, ...] = (0.5, 0.2, 0.1, 0.05)
+    #: A setting is chosen for a target only when its measured recall is at least target + margin
+    #: (the sample's recall is an estimate: 200 queries x 10 neighbours).
+    calibration_margin: float = Field(0.005, ge=0.0, le=0.1)
+    #: An incremental snapshot (tail folded in) recalibrates when the index grew by more than this
+    #: fraction since its last calibration; a rebuild always does.
+    recalibrate_growth: float = Field(0.2, ge=0.0)
     #: OpenMP threads FAISS uses in a search replica (process-wide, set when the replica starts; 0:
     #: FAISS's default, one per core). One query at a time gains nothing from more threads, while idle
     #: OpenMP threads spin: measured on a busy 2-core machine, a 10k-row exact scan took 0.7 ms on one
@@ -95,6 +113,29 @@ class IndexConfig:
 
 
 DEFAULT_CONFIG = IndexConfig()
+
+
+@plain_dataclass(frozen=True)
+class Plan:
+    """How one search runs on a base (`AnnBase.search`).
+
+    ``method``: ``hnsw`` (graph search, ``value`` = efSearch), ``ivf`` (an IVF index scores at least
+    ``value`` candidates that pass the filter, then the best ``refine_factor * k`` are re-ranked
+    exactly) or ``exact`` (the planner scans the passing rows itself; ``value`` unused).
+    """
+
+    method: str
+    value: int = 0
+
+
+EXACT = Plan("exact")
+
+#: Relative costs in the planner's unit (one float32 distance): a code an IVF scan skips because its id
+#: fails the filter costs a bitmap test, not a distance.
+SKIPPED_CODE_COST = 0.1
+#: An exact scan of the passing rows reads each from wherever it lies (a gather, often from a memory
+#: map): measured here at 0.2-0.5 us a row, against 0.05-0.2 us per distance of an index search.
+EXACT_ROW_COST = 2.0
 
 
 def hnsw_bytes_per_vector(dim: int, config: IndexConfig) -> float:
@@ -158,8 +199,23 @@ class AnnBase:
             raise RuntimeError("this index is memory-mapped from a snapshot and cannot grow")
         self.index.add(np.ascontiguousarray(x, dtype=np.float32))
 
+    def add_except(self, x: np.ndarray, skip: np.ndarray | None) -> None:
+        """Add the rows of ``x`` but those at the sorted positions ``skip``, in order, in runs (``x`` is
+        not copied)."""
+        start = 0
+        for stop in [*([] if skip is None else skip.tolist()), len(x)]:
+            if stop > start:
+                self.add(x[start:stop])
+            start = stop + 1
+
     def search(
-        self, q: np.ndarray, k: int, bitmap: np.ndarray | None, selectivity: float, config: IndexConfig
+        self,
+        q: np.ndarray,
+        k: int,
+        bitmap: np.ndarray | None,
+        selectivity: float,
+        config: IndexConfig,
+        plan: Plan | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of one query among the slots set in ``bitmap`` (None: all slots).
 
@@ -169,11 +225,28 @@ class AnnBase:
             bitmap: ``np.packbits(mask, bitorder="little")`` over ``ntotal`` slots, or None.
             selectivity: the fraction of slots that pass (search effort rises as it falls).
             config: search parameters.
+            plan: the method and effort (the planner's, from the calibration); None: `default_plan`.
 
         Returns:
             ``(scores, slots)`` of shape (k,), best first; missing results have slot -1.
         """
         raise NotImplementedError
+
+    def methods(self, filtered: bool) -> tuple[str, ...]:
+        """The approximate methods this base offers for an unfiltered or a filtered search."""
+        return ()
+
+    def default_plan(self, k: int, selectivity: float, filtered: bool, config: IndexConfig) -> Plan:
+        """The plan without a calibration (the config's fixed efforts)."""
+        return EXACT
+
+    def ladder(self, method: str, k: int, config: IndexConfig) -> list[int]:
+        """The efforts calibration tries for ``method``, cheapest first."""
+        return []
+
+    def cost(self, plan: Plan, k: int, selectivity: float, config: IndexConfig) -> float:
+        """Expected work of ``plan`` in distance computations (an exact scan of m rows costs m)."""
+        return float(self.ntotal) * selectivity
 
     def nbytes(self) -> int:
         """Resident bytes of the index structure (vectors or codes, and links), for reporting."""
@@ -218,21 +291,30 @@ class FlatBase(AnnBase):
     kind = "flat"
 
     @classmethod
-    def build(cls, x: np.ndarray, config: IndexConfig) -> FlatBase:
+    def build(cls, x: np.ndarray, config: IndexConfig, skip: np.ndarray | None = None) -> FlatBase:
         base = cls(faiss.IndexFlatIP(x.shape[1]), writable=True)
-        base.add(x)
+        base.add_except(x, skip)
         return base
 
     def vectors(self) -> np.ndarray:
         return _flat_vectors(self.index, self.ntotal, self.dim)
 
     def search(
-        self, q: np.ndarray, k: int, bitmap: np.ndarray | None, selectivity: float, config: IndexConfig
+        self,
+        q: np.ndarray,
+        k: int,
+        bitmap: np.ndarray | None,
+        selectivity: float,
+        config: IndexConfig,
+        plan: Plan | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         sel = _selector(bitmap, self.ntotal)
         params = None if sel is None else faiss.SearchParameters(sel=sel)
         dist, idx = self.index.search(q, k, params=params)
         return dist[0], idx[0]
+
+    def default_plan(self, k: int, selectivity: float, filtered: bool, config: IndexConfig) -> Plan:
+        return Plan("flat")  # FAISS's flat scan with the selector: exact
 
     def nbytes(self) -> int:
         return self.ntotal * self.dim * 4
@@ -256,13 +338,14 @@ class HnswBase(AnnBase):
     def __init__(self, index: faiss.Index, *, writable: bool, filter_ivf: faiss.Index | None = None) -> None:
         super().__init__(index, writable=writable)
         self.filter_ivf = filter_ivf
+        self._lists: _IvfLists | None = None  # the filter IVF's list contents, read on first use
 
     @classmethod
-    def build(cls, x: np.ndarray, config: IndexConfig) -> HnswBase:
+    def build(cls, x: np.ndarray, config: IndexConfig, skip: np.ndarray | None = None) -> HnswBase:
         index = faiss.IndexHNSWFlat(x.shape[1], config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = config.hnsw_ef_construction
         base = cls(index, writable=True, filter_ivf=_train_filter_ivf(x, config))
-        base.add(x)
+        base.add_except(x, skip)
         return base
 
     def add(self, x: np.ndarray) -> None:
@@ -276,42 +359,68 @@ class HnswBase(AnnBase):
     def vectors(self) -> np.ndarray:
         return _flat_vectors(faiss.downcast_index(self.index.storage), self.ntotal, self.dim)
 
-    def ef_for(self, k: int, selectivity: float, config: IndexConfig) -> int:
-        """efSearch for a graph search whose filter passes ``selectivity`` of the slots.
+    def ef_for(self, k: int, selectivity: float, config: IndexConfig, ef: int | None = None) -> int:
+        """efSearch for a graph search whose filter passes ``selectivity`` of the slots: ``ef`` when
+        the plan gives one (calibrated for that selectivity), else the uncalibrated default.
 
         With a selector, FAISS's HNSW counts only passing nodes towards ``ef`` but still walks through
         the failing ones, so the passing nodes it reaches get sparser as selectivity falls and recall
-        drops. ``ef_search / s**2`` keeps an unfiltered search (s = 1, or nearly 1 with a few deleted
-        rows) at ``hnsw_ef_search`` and gives a 50% filter 4x, capped at ``hnsw_ef_search_max``.
+        drops. The default ``hnsw_ef_search / s**2`` keeps an unfiltered search (s = 1, or nearly 1 with
+        a few deleted rows) at ``hnsw_ef_search`` and gives a 50% filter 4x, capped at
+        ``hnsw_ef_search_max``.
         """
-        ef = config.hnsw_ef_search / max(selectivity, 1e-6) ** 2
-        return int(min(max(ef, k, config.hnsw_ef_search), max(config.hnsw_ef_search_max, k)))
+        if ef is None:
+            ef = config.hnsw_ef_search / max(selectivity, 1e-6) ** 2
+            return int(min(max(ef, k, config.hnsw_ef_search), max(config.hnsw_ef_search_max, k)))
+        return int(max(ef, k))
+
+    def methods(self, filtered: bool) -> tuple[str, ...]:
+        return ("hnsw",) if self.filter_ivf is None else ("hnsw", "ivf")
+
+    def default_plan(self, k: int, selectivity: float, filtered: bool, config: IndexConfig) -> Plan:
+        if filtered and self.filter_ivf is not None and selectivity <= config.filter_ivf_max_selectivity:
+            return Plan("ivf", _default_candidates(self.filter_ivf, config.filter_ivf_nprobe))
+        return Plan("hnsw", self.ef_for(k, selectivity, config))
+
+    def ladder(self, method: str, k: int, config: IndexConfig) -> list[int]:
+        if method == "hnsw":
+            return [ef for ef in HNSW_EF_LADDER if ef >= k]
+        return _candidate_ladder(k, config, self.ntotal)
+
+    def cost(self, plan: Plan, k: int, selectivity: float, config: IndexConfig) -> float:
+        if plan.method == "hnsw":
+            # An HNSW (M 32) search computes about 2M distances per node it expands; under a filter it
+            # also walks failing nodes (measured at a fixed efSearch: ~1.7x the time at s = 0.1 as at 0.5).
+            ef = self.ef_for(k, selectivity, config, plan.value)
+            return float(2 * config.hnsw_m * ef / math.sqrt(min(max(selectivity, 1e-9), 1.0)))
+        if plan.method == "ivf" and self.filter_ivf is not None:
+            return _ivf_cost(self.filter_ivf, plan.value, k, selectivity, config)
+        return super().cost(plan, k, selectivity, config)
 
     def search(
-        self, q: np.ndarray, k: int, bitmap: np.ndarray | None, selectivity: float, config: IndexConfig
+        self,
+        q: np.ndarray,
+        k: int,
+        bitmap: np.ndarray | None,
+        selectivity: float,
+        config: IndexConfig,
+        plan: Plan | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
+        if plan is None:
+            plan = self.default_plan(k, selectivity, bitmap is not None, config)
+        if plan.method == "ivf" and self.filter_ivf is not None:
+            kk = k * config.refine_factor
+            if self._lists is None or self._lists.ntotal != self.filter_ivf.ntotal:
+                self._lists = _IvfLists(self.filter_ivf)
+            idx, _ = _ivf_search(self.filter_ivf, self._lists, q, kk, bitmap, selectivity, plan.value)
+            return _refine(q, k, idx, self.vectors())
         sel = _selector(bitmap, self.ntotal)
-        if (
-            sel is not None
-            and self.filter_ivf is not None
-            and selectivity <= config.filter_ivf_max_selectivity
-        ):
-            return self._search_filter_ivf(q, k, sel, config)
         params = faiss.SearchParametersHNSW()
-        params.efSearch = self.ef_for(k, selectivity, config)
+        params.efSearch = self.ef_for(k, selectivity, config, plan.value if plan.method == "hnsw" else None)
         if sel is not None:
             params.sel = sel
         dist, idx = self.index.search(q, k, params=params)
         return dist[0], idx[0]
-
-    def _search_filter_ivf(
-        self, q: np.ndarray, k: int, sel: faiss.IDSelector, config: IndexConfig
-    ) -> tuple[np.ndarray, np.ndarray]:
-        params = faiss.SearchParametersIVF()
-        params.nprobe = min(config.filter_ivf_nprobe, self.filter_ivf.nlist)
-        params.sel = sel
-        _, idx = self.filter_ivf.search(q, k * config.refine_factor, params=params)
-        return _refine(q, k, idx[0], self.vectors())
 
     def nbytes(self) -> int:
         hnsw = self.index.hnsw
@@ -370,6 +479,118 @@ def _sample(x: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(x[rows], dtype=np.float32)
 
 
+#: efSearch values calibration tries (`HnswBase.ladder`).
+HNSW_EF_LADDER = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def _candidate_ladder(k: int, config: IndexConfig, ntotal: int) -> list[int]:
+    """Candidate counts calibration tries for an IVF: from the re-rank depth, doubling, to ntotal."""
+    out, c = [], max(k * config.refine_factor, 64)
+    while c < ntotal:
+        out.append(c)
+        c *= 2
+    return [*out, ntotal]
+
+
+def _default_candidates(ivf: faiss.Index, nprobe: int) -> int:
+    """Uncalibrated: as many passing candidates as ``nprobe`` average lists hold (what an unfiltered
+    search probing ``nprobe`` lists scores), whatever the filter's selectivity."""
+    return max(1, int(nprobe * ivf.ntotal / max(ivf.nlist, 1)))
+
+
+def _ivf_cost(ivf: faiss.Index, candidates: int, k: int, selectivity: float, config: IndexConfig) -> float:
+    """Expected work of an IVF search scoring ``candidates`` passing codes: the coarse scan of the
+    centroids, the passing codes, the failing codes skipped (bitmap tests), the exact re-rank."""
+    s = min(max(selectivity, 1e-9), 1.0)
+    scored = min(candidates, s * ivf.ntotal)
+    return ivf.nlist + scored + SKIPPED_CODE_COST * scored * (1 / s - 1) + k * config.refine_factor
+
+
+class _IvfLists:
+    """The ids in each list of an IVF index, read once (for counting the passing ids of a list)."""
+
+    def __init__(self, ivf: faiss.Index) -> None:
+        self.ntotal = int(ivf.ntotal)
+        nlist, invlists = int(ivf.nlist), ivf.invlists
+        self.sizes = np.fromiter((invlists.list_size(i) for i in range(nlist)), np.int64, count=nlist)
+        self.offsets = np.zeros(nlist + 1, dtype=np.int64)
+        np.cumsum(self.sizes, out=self.offsets[1:])
+        self.ids = np.empty(int(self.offsets[-1]), dtype=np.int64)
+        for i in np.flatnonzero(self.sizes).tolist():
+            # rev_swig_ptr views FAISS's own buffer: copied at once into ours.
+            self.ids[self.offsets[i] : self.offsets[i + 1]] = faiss.rev_swig_ptr(
+                invlists.get_ids(i), int(self.sizes[i])
+            )
+
+    def passing(self, lists: np.ndarray, bitmap: np.ndarray | None) -> np.ndarray:
+        """How many ids of each of ``lists`` are set in ``bitmap`` (all of them when None)."""
+        lens = self.sizes[lists]
+        if bitmap is None:
+            return lens
+        ends = np.cumsum(lens)
+        # Positions of every id of the chosen lists in ``ids``, list after list (no Python loop).
+        pos = np.repeat(self.offsets[lists] - (ends - lens), lens) + np.arange(int(ends[-1]) if len(ends) else 0)
+        ids = self.ids[pos]
+        passed = np.concatenate([[0], np.cumsum((bitmap[ids >> 3] >> (ids & 7)) & 1)])
+        return passed[ends] - passed[ends - lens]
+
+
+def _ivf_search(
+    ivf: faiss.Index,
+    lists: _IvfLists,
+    q: np.ndarray,
+    kk: int,
+    bitmap: np.ndarray | None,
+    selectivity: float,
+    candidates: int,
+) -> tuple[np.ndarray, int]:
+    """The ``kk`` best slots by the IVF's (approximate) scores among passing ids, probing the lists
+    nearest ``q`` until they hold at least ``candidates`` passing ids (or every list is probed).
+
+    The number of lists probed follows the filter: the passing ids of each list are counted (not
+    estimated), so a filter that passes few rows near the query, even one correlated with the
+    clusters, widens the search until enough candidates are really scored.
+
+    Returns:
+        The slots (-1 for none) and the passing candidates scored.
+    """
+    nlist = int(ivf.nlist)
+    mean = max(lists.ntotal / max(nlist, 1), 1.0)
+    # First guess: twice the lists the candidates need at this selectivity; all of them if short.
+    guess = min(nlist, int(2 * candidates / (mean * max(selectivity, 1e-9))) + 8)
+    while True:
+        coarse_d, coarse_i = ivf.quantizer.search(q, guess)
+        order = coarse_i[0]
+        order = order[order >= 0]
+        counts = lists.passing(order, bitmap)
+        cum = np.cumsum(counts)
+        if (len(cum) and cum[-1] >= candidates) or guess >= nlist:
+            break
+        guess = nlist
+    nprobe = min(int(np.searchsorted(cum, candidates)) + 1, len(order))
+    params = faiss.SearchParametersIVF()
+    params.nprobe = nprobe
+    sel = _selector(bitmap, lists.ntotal)
+    if sel is not None:
+        params.sel = sel
+    assign = np.ascontiguousarray(order[:nprobe].reshape(1, nprobe), dtype=np.int64)
+    assign_d = np.ascontiguousarray(coarse_d[:, :nprobe], dtype=np.float32)  # IVF-PQ adds <q, centroid>
+    dist = np.empty((1, kk), dtype=np.float32)
+    idx = np.empty((1, kk), dtype=np.int64)
+    ivf.search_preassigned_c(
+        1,
+        faiss.swig_ptr(q),
+        kk,
+        faiss.swig_ptr(assign),
+        faiss.swig_ptr(assign_d),
+        faiss.swig_ptr(dist),
+        faiss.swig_ptr(idx),
+        False,
+        params,
+    )
+    return idx[0], int(cum[nprobe - 1]) if nprobe else 0
+
+
 def _refine(
     q: np.ndarray, k: int, candidates: np.ndarray, vectors: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -392,6 +613,7 @@ class IvfPqBase(AnnBase):
     def __init__(self, index: faiss.Index, raw: np.ndarray, *, writable: bool) -> None:
         super().__init__(index, writable=writable)
         self.raw = raw
+        self._lists: _IvfLists | None = None  # the list contents, read on first use
 
     @staticmethod
     def nlist_for(n: int, config: IndexConfig) -> int:
@@ -404,7 +626,7 @@ class IvfPqBase(AnnBase):
         return max(m for m in range(1, min(config.pq_m, dim) + 1) if dim % m == 0)
 
     @classmethod
-    def build(cls, x: np.ndarray, config: IndexConfig) -> IvfPqBase:
+    def build(cls, x: np.ndarray, config: IndexConfig, skip: np.ndarray | None = None) -> IvfPqBase:
         n, dim = x.shape
         nlist = min(cls.nlist_for(n, config), max(1, n // 39))  # k-means wants ~39 points per list
         quantizer = faiss.IndexFlatIP(dim)
@@ -422,8 +644,12 @@ class IvfPqBase(AnnBase):
             time.perf_counter() - started,
         )
         base = cls(index, np.empty((0, dim), dtype=np.float32), writable=True)
-        base.add(x)
+        base.add_except(x, skip)
         return base
+
+    def add_except(self, x: np.ndarray, skip: np.ndarray | None) -> None:
+        # One add: each add copies the raw vectors so far.
+        self.add(x if skip is None or not len(skip) else np.delete(x, skip, axis=0))
 
     def add(self, x: np.ndarray) -> None:
         super().add(x)
@@ -432,17 +658,38 @@ class IvfPqBase(AnnBase):
     def vectors(self) -> np.ndarray:
         return self.raw
 
+    def methods(self, filtered: bool) -> tuple[str, ...]:
+        return ("ivf",)
+
+    def default_plan(self, k: int, selectivity: float, filtered: bool, config: IndexConfig) -> Plan:
+        # nprobe ivf_nprobe / s, capped at ivf_nprobe_max, as candidates: what those lists hold that passes.
+        nprobe = min(max(config.ivf_nprobe / max(selectivity, 1e-9), config.ivf_nprobe), config.ivf_nprobe_max)
+        return Plan("ivf", max(1, int(nprobe * selectivity * self.ntotal / max(self.index.nlist, 1))))
+
+    def ladder(self, method: str, k: int, config: IndexConfig) -> list[int]:
+        return _candidate_ladder(k, config, self.ntotal)
+
+    def cost(self, plan: Plan, k: int, selectivity: float, config: IndexConfig) -> float:
+        if plan.method == "ivf":
+            return _ivf_cost(self.index, plan.value, k, selectivity, config)
+        return super().cost(plan, k, selectivity, config)
+
     def search(
-        self, q: np.ndarray, k: int, bitmap: np.ndarray | None, selectivity: float, config: IndexConfig
+        self,
+        q: np.ndarray,
+        k: int,
+        bitmap: np.ndarray | None,
+        selectivity: float,
+        config: IndexConfig,
+        plan: Plan | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        params = faiss.SearchParametersIVF()
-        nprobe = config.ivf_nprobe / max(selectivity, 1e-9)
-        params.nprobe = int(min(max(nprobe, config.ivf_nprobe), config.ivf_nprobe_max, self.index.nlist))
-        sel = _selector(bitmap, self.ntotal)
-        if sel is not None:
-            params.sel = sel
-        _, idx = self.index.search(q, k * config.refine_factor, params=params)
-        return _refine(q, k, idx[0], self.raw)  # exact scores of the PQ candidates
+        if plan is None or plan.method != "ivf":
+            plan = self.default_plan(k, selectivity, bitmap is not None, config)
+        if self._lists is None or self._lists.ntotal != self.index.ntotal:
+            self._lists = _IvfLists(self.index)
+        kk = k * config.refine_factor
+        idx, _ = _ivf_search(self.index, self._lists, q, kk, bitmap, selectivity, plan.value)
+        return _refine(q, k, idx, self.raw)  # exact scores of the PQ candidates
 
     def nbytes(self) -> int:
         return self.ntotal * (self.index.code_size + 8)  # codes + ids; raw vectors stay on disk (mmap)
@@ -468,9 +715,15 @@ class IvfPqBase(AnnBase):
 BASES: dict[str, type[AnnBase]] = {"flat": FlatBase, "hnsw": HnswBase, "ivfpq": IvfPqBase}
 
 
-def build_base(kind: str, x: np.ndarray, config: IndexConfig) -> AnnBase:
-    """Build a base of ``kind`` over ``x`` (float32, (n, dim)), in memory and writable."""
+def build_base(kind: str, x: np.ndarray, config: IndexConfig, skip: np.ndarray | None = None) -> AnnBase:
+    """Build a base of ``kind`` over ``x`` (float32, (n, dim)), in memory and writable.
+
+    Args:
+        skip: sorted positions of rows left out (calibration's held-out queries, added later); the
+            quantizers still train on every row.
+    """
     started = time.perf_counter()
-    base = BASES[kind].build(np.ascontiguousarray(x, dtype=np.float32), config)  # type: ignore[attr-defined]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    base = BASES[kind].build(x, config, skip)  # type: ignore[attr-defined]
     logger.info("built %s index over %d vectors in %.1fs", kind, len(x), time.perf_counter() - started)
     return base

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from index.ann import CONFIGURED_KINDS
+from index.ann import CONFIGURED_KINDS, DEFAULT_CONFIG, IndexConfig
+from index.calibration import Calibration
 from index.clock import iso_time
 from index.durable import fsync_dir
 from index.errors import (
@@ -101,9 +102,16 @@ class Catalog:
     Only the writer deployment calls ``create`` and ``delete``; any process may read.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, max_libraries: int = 1000) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        max_libraries: int = 1000,
+        index_config: IndexConfig = DEFAULT_CONFIG,
+    ) -> None:
         self.root = Path(root)
         self.max_libraries = max_libraries
+        self.index_config = index_config  # its recall target: what `describe` reports the settings for
         self._libraries = self.root / "libraries"
         self._staging = self.root / "staging"
         self._trash = self.root / "trash"
@@ -227,8 +235,12 @@ class Catalog:
         with LibraryStore(library_dir, readonly=True) as store:
             count = store.count()
         manifest = read_manifest(library_dir)
+        calibration = None
+        if manifest is not None and manifest.calibration is not None:
+            cfg = self.index_config
+            calibration = Calibration.from_dict(manifest.calibration).describe(cfg.recall_target, cfg)
         # Without a snapshot, replicas replay every row into an exact table: that is a flat index.
-        return library_object(info, count, "flat" if manifest is None else manifest.index_kind)
+        return library_object(info, count, "flat" if manifest is None else manifest.index_kind, calibration)
 
 
 def check_served_model(info: LibraryInfo, served: dict[str, Any]) -> None:
@@ -255,8 +267,14 @@ def _face_model_name(identity: str | None) -> str:
     return f"face model {identity}" if identity else "no face model (CLIP embeds faces)"
 
 
-def library_object(info: LibraryInfo, image_count: int, index_kind: str) -> dict[str, Any]:
-    """The API's library object; ``index_kind`` is the kind in use now."""
+def library_object(
+    info: LibraryInfo, image_count: int, index_kind: str, search_calibration: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The API's library object; ``index_kind`` is the kind in use now, ``search_calibration`` what its
+    index measured (`Calibration.describe`; None, and the key absent: exact search, or not measured)."""
+    index: dict[str, Any] = {"kind": index_kind, "configured": info.index_kind}
+    if search_calibration is not None:
+        index["search_calibration"] = search_calibration
     return {
         "library_name": info.name,
         "mode": info.mode,
@@ -264,7 +282,7 @@ def library_object(info: LibraryInfo, image_count: int, index_kind: str) -> dict
         "image_count": image_count,
         "created_at": iso_time(info.created_at),
         "model": {"name": info.model, "pretrained": info.pretrained, "dim": info.dim},
-        "index": {"kind": index_kind, "configured": info.index_kind},
+        "index": index,
         "embedding": EMBEDDING_OF_MODE[info.mode],
     } | ({"face_model": info.face_model_identity} if info.mode == "adaptive_search" else {})
 

@@ -188,12 +188,17 @@ class LibraryReader:
         self.catch_up()
 
     def search(
-        self, query: np.ndarray, k: int, node: object = None, vector_kind: str | None = None
+        self,
+        query: np.ndarray,
+        k: int,
+        node: object = None,
+        vector_kind: str | None = None,
+        recall_target: float | None = None,
     ) -> SearchHits:
         """Catch up, then return the top-k among rows passing ``node`` (see VectorTable.search)."""
         with self._lock:
             self._catch_up_locked()
-            return self._table.search(query, k, node, vector_kind)
+            return self._table.search(query, k, node, vector_kind, recall_target)
 
     def vector_of(self, row_id: int) -> np.ndarray | None:
         with self._lock:

@@ -10,7 +10,8 @@ A snapshot is a directory ``snapshots/<applied_seq>-<uid>/`` holding, as of ``ap
 - ``tags.pkl``: the pickled `TagColumns`, i.e. its numpy arrays and string dictionaries as they are in
   memory: loading them rebuilds nothing (1M rows load in a fraction of a second, against seconds for
   re-parsing the tags);
-- ``manifest.json``, written last.
+- ``manifest.json``, written last; it also records the index's recall calibration (`index.calibration`:
+  the search settings measured to reach each recall target on this library's own vectors).
 
 The file ``snapshots/CURRENT`` names the newest complete snapshot and is replaced atomically (temp name,
 fsync, ``os.replace``). A reader loads CURRENT's snapshot *memory-mapped* (the vectors are not copied: a
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from index.ann import BASES, DEFAULT_CONFIG, IndexConfig
+from index.calibration import Calibration
 from index.durable import fsync_dir
 from index.table import VectorTable
 
@@ -55,6 +57,8 @@ class Manifest:
     count: int  # slots, live and dead
     live: int = 0
     index_bytes: int = 0  # resident bytes of the index structure (reporting)
+    #: Recall ladders measured on this index (`index.calibration.Calibration.to_dict`); None: none.
+    calibration: dict | None = None
 
 
 def write_snapshot(library_dir: Path, table: VectorTable, *, model_identity: str) -> Manifest:
@@ -76,6 +80,7 @@ def write_snapshot(library_dir: Path, table: VectorTable, *, model_identity: str
         len(table),
         table.live_count,
         table.base.nbytes(),
+        None if table.calibration is None else table.calibration.to_dict(),
     )
     name = f"{table.applied_seq:012d}-{uuid.uuid4().hex[:8]}"
     tmp = root / f".tmp-{name}"
@@ -154,7 +159,10 @@ def load_snapshot(
         live = np.load(snap / "live.npy")
         with open(snap / "tags.pkl", "rb") as f:
             tags = pickle.load(f)
-        table = VectorTable.from_snapshot(base, row_ids, kinds, live, tags, manifest.applied_seq, config)
+        calibration = None if manifest.calibration is None else Calibration.from_dict(manifest.calibration)
+        table = VectorTable.from_snapshot(
+            base, row_ids, kinds, live, tags, manifest.applied_seq, config, calibration
+        )
     except FileNotFoundError:
         return None
     except Exception:  # a damaged cache is not an error: rebuild from SQLite

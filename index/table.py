@@ -18,10 +18,14 @@ The query planner (`VectorTable.search`, DESIGN.md "Filtered search"):
    bitmap and the vector kind in, count the passing rows m.
 2. m = 0: no results. m <= ``max(exact_max_candidates, exact_max_fraction * slots)``: exact search over
    just those rows (their vectors are gathered in chunks).
-3. Otherwise the base index searches with an ``IDSelectorBitmap`` of the passing base slots (none when
-   every base slot passes) and effort raised as selectivity falls; the tail is searched exactly; the two
-   top-k lists merge by score. If an approximate base finds fewer than k rows while at least k pass,
-   the search is redone exactly over all passing rows.
+3. Otherwise the plan (`VectorTable.plan`): the cheapest setting the base's calibration measured to
+   reach the recall target at this selectivity (`index.calibration`; the config's fixed efforts when
+   the base was not calibrated). No setting reaches it, a target of 1.0, or fewer passing rows than
+   the plan's expected work (`AnnBase.cost`, ``exact_by_cost``): exact search over the passing rows.
+4. Else the base index searches with an ``IDSelectorBitmap`` of the passing base slots (none when
+   every base slot passes) and the plan's effort; the tail is searched exactly; the two top-k lists
+   merge by score. If an approximate base finds fewer than k rows while at least k pass, the search is
+   redone exactly over all passing rows.
 
 Not thread-safe: callers serialise `apply` and `search` (LibraryReader holds a lock).
 """
@@ -37,7 +41,8 @@ import faiss
 import numpy as np
 
 from filters import TagColumns, evaluate
-from index.ann import DEFAULT_CONFIG, AnnBase, IndexConfig, build_base
+from index.ann import DEFAULT_CONFIG, EXACT, EXACT_ROW_COST, AnnBase, IndexConfig, Plan, build_base
+from index.calibration import Calibration, calibrate, holdout, sample
 from index.store import VECTOR_KINDS, Change
 
 logger = logging.getLogger(__name__)
@@ -111,6 +116,8 @@ class VectorTable:
         self.applied_seq = 0
         self._kinds_seen: set[int] = set()
         self._dead_in_base = 0
+        #: Recall ladders measured on this base (`index.calibration`); None: the config's fixed efforts.
+        self.calibration: Calibration | None = None
 
     # -- building --------------------------------------------------------------------------------
 
@@ -124,6 +131,7 @@ class VectorTable:
         tags: TagColumns,
         applied_seq: int,
         config: IndexConfig = DEFAULT_CONFIG,
+        calibration: Calibration | None = None,
     ) -> VectorTable:
         """A table whose slots are exactly ``base``'s (a snapshot: no tail).
 
@@ -146,6 +154,7 @@ class VectorTable:
         table.applied_seq = applied_seq
         table._kinds_seen = set(np.unique(table._kinds.view).tolist())
         table._dead_in_base = n - len(live_slots)
+        table.calibration = calibration
         return table
 
     def __len__(self) -> int:
@@ -263,21 +272,33 @@ class VectorTable:
         """A new table holding only the live rows, with a freshly built base of ``kind`` and no tail.
 
         This is compaction and the change of index kind in one: dead slots are dropped and the index
-        is built over the live vectors. This table is left unchanged.
+        is built over the live vectors. This table is left unchanged. An approximate base is
+        calibrated (`index.calibration`) with ``calibration_queries`` live rows held out of the index
+        while it is measured; they are added right after, as its last slots.
         """
         keep = np.flatnonzero(self.live)
         logger.info("rebuilding as %s: %d live of %d slots", kind, len(keep), len(self))
         vectors = self.gather(keep)  # a view, not a copy, when nothing is dropped and there is no base
-        base = build_base(kind, vectors, self.config)
+        held = holdout(len(keep), self.config) if kind != "flat" else np.empty(0, dtype=np.int64)
+        rest = np.ones(len(keep), dtype=bool)
+        rest[held] = False
+        base = build_base(kind, vectors, self.config, skip=held)
+        calibration = None
+        if len(held):
+            queries = vectors[held]
+            calibration = calibrate(base, queries, None, self.config)
+            base.add(queries)
         del vectors
+        order = keep[np.concatenate([np.flatnonzero(rest), held])]  # the slots' new order
         return VectorTable.from_snapshot(
             base,
-            self.row_ids[keep],
-            self.kinds[keep],
-            np.ones(len(keep), dtype=bool),
-            self.tags.take(keep),
+            self.row_ids[order],
+            self.kinds[order],
+            np.ones(len(order), dtype=bool),
+            self.tags.take(order),
             self.applied_seq,
             self.config,
+            calibration,
         )
 
     def absorb_tail(self) -> None:
@@ -288,11 +309,27 @@ class VectorTable:
         """
         if self.base is None:
             raise RuntimeError("a table without a base index has nothing to absorb its tail into")
+        self._maybe_recalibrate()
         if self.tail_count:
             self.base.add(self._tail.view)
             self._dead_in_base += int(np.count_nonzero(~self.live[self.base_count :]))
             self.base_count = self.base.ntotal
             self._tail = _Grow(np.float32, self.dim)
+
+    def _maybe_recalibrate(self) -> None:
+        """Before the tail joins the base: recalibrate when the base will have grown by more than
+        ``recalibrate_growth`` since it was measured, using live tail rows (not yet in the index) as
+        the held-out queries."""
+        cfg, base = self.config, self.base
+        if base is None or not base.methods(False) or cfg.calibration_queries == 0:
+            return
+        if self.calibration is not None and len(self) <= (1 + cfg.recalibrate_growth) * self.calibration.rows:
+            return
+        tail_live = np.flatnonzero(self.live[self.base_count :])
+        if len(tail_live) < min(cfg.calibration_queries, 50):
+            return  # too few new rows to measure with: the old calibration (or none) stands
+        queries = self._tail.view[tail_live[sample(len(tail_live), cfg.calibration_queries)]]
+        self.calibration = calibrate(base, queries, self.live[: self.base_count], cfg)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -335,13 +372,19 @@ class VectorTable:
         return mask
 
     def search(
-        self, query: np.ndarray, k: int, node: object = None, vector_kind: str | None = None
+        self,
+        query: np.ndarray,
+        k: int,
+        node: object = None,
+        vector_kind: str | None = None,
+        recall_target: float | None = None,
     ) -> SearchHits:
         """Top-k by inner product among the live rows of ``vector_kind`` that pass ``node``.
 
         The filter is applied before ranking: the result is the top-k of the rows that pass it, exact
-        whenever the planner searches exactly (few candidates, a flat base, or a rerun), approximate
-        (the base index's recall) otherwise. See the module docstring for the plan.
+        whenever the planner searches exactly, approximate otherwise, with the effort the calibration
+        measured to reach ``recall_target`` (None: ``IndexConfig.recall_target``; 1.0: always exact).
+        See the module docstring for the plan.
         """
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
         mask = self.candidates(node, vector_kind)
@@ -351,8 +394,9 @@ class VectorTable:
             return SearchHits(np.empty(0, np.int64), np.empty(0, np.float32), m, "empty")
         n = len(self)
         cfg = self.config
+        target = cfg.recall_target if recall_target is None else recall_target
         small = m <= max(cfg.exact_max_candidates, int(cfg.exact_max_fraction * n))
-        if self.base is None or (small and m < n):
+        if self.base is None or (small and m < n) or target >= 1.0:
             scores, slots = self._exact(q, k, mask)
             return self._hits(scores, slots, k, m, "exact")
         nb = self.base_count
@@ -360,9 +404,16 @@ class VectorTable:
         m_base = (nb - self._dead_in_base) if mask is self.live else int(np.count_nonzero(base_mask))
         parts = []
         if m_base:
+            selectivity = m_base / nb
+            plan = self.plan(min(k, m_base), selectivity, target)
+            index_cost = self.base.cost(plan, min(k, m_base), selectivity, cfg) + (m - m_base)
+            exact_cost = EXACT_ROW_COST * m
+            if plan is EXACT or (cfg.exact_by_cost and self.base.kind != "flat" and exact_cost <= index_cost):
+                scores, slots = self._exact(q, k, mask)
+                return self._hits(scores, slots, k, m, "exact")
             # The bitmap must outlive the search: FAISS's selector keeps a pointer into it.
             bits = None if m_base == nb else np.packbits(base_mask, bitorder="little")
-            parts.append(self.base.search(q, min(k, m_base), bits, m_base / nb, cfg))
+            parts.append(self.base.search(q, min(k, m_base), bits, selectivity, cfg, plan))
             found = int(np.count_nonzero(parts[0][1] >= 0))
             if found < min(k, m_base):
                 logger.debug("index returned %d of %d rows: exact rerun over %d", found, k, m)
@@ -373,6 +424,15 @@ class VectorTable:
         scores = np.concatenate([p[0] for p in parts])
         slots = np.concatenate([p[1] for p in parts])
         return self._hits(scores, slots, k, m, "index")
+
+    def plan(self, k: int, selectivity: float, target: float) -> Plan:
+        """The base's search plan for a filter passing ``selectivity`` of its slots: the calibrated
+        setting for ``target`` (`Calibration.plan`), or the config's fixed effort without one."""
+        if self.base is None:
+            return EXACT
+        if self.calibration is None:
+            return self.base.default_plan(k, selectivity, selectivity < 1.0, self.config)
+        return self.calibration.plan(self.base, k, selectivity, target, self.config)
 
     def _exact(
         self, q: np.ndarray, k: int, mask: np.ndarray, start: int = 0

@@ -189,6 +189,9 @@ SPECIFIC: list[Case] = [
     bad("/search/by-image", names="min_score", min_score=2),
     bad("/search/by-image", names="min_score", min_score=-0.1),
     bad("/search/by-image", names="min_score", min_score="0.5"),
+    bad("/search/by-image", names="recall_target", recall_target=0.3),
+    bad("/search/by-image", names="recall_target", recall_target=1.01),
+    bad("/search/by-image", names="recall_target", recall_target="0.9"),
     bad("/search/by-image", 413, "PAYLOAD_TOO_LARGE", names="image_base64", image_base64=b64(BOMB)),
     bad("/search/by-image", 404, "LIBRARY_NOT_FOUND", names=MISSING, library_name=MISSING),
     # -- search/by-text

@@ -175,6 +175,17 @@ def test_min_score_and_top_k(client, shop):
     assert [r["image_id"] for r in res] == ["img003"]
 
 
+def test_recall_target_is_accepted_by_every_search(client, shop):
+    """Our extension: a per-request recall target reaches the planner (a small library is exact
+    whatever the target, so the answers agree)."""
+    body = {"library_name": shop, "top_k": 3, "return_frame": False}
+    default = client.ok("/search/by-id", {**body, "image_id": "img007"})["results"]
+    for target in (0.5, 0.99, 1.0):
+        res = client.ok("/search/by-id", {**body, "image_id": "img007", "recall_target": target})["results"]
+        assert res == default
+        client.ok("/search/by-image", {**body, "image_base64": image_b64(3), "recall_target": target})
+
+
 def test_search_by_id(client, shop):
     res = client.ok(
         "/search/by-id", {"library_name": shop, "image_id": "img007", "top_k": 2, "return_frame": False}

@@ -177,7 +177,11 @@ def test_library_switches_from_flat_to_hnsw_when_it_crosses_the_threshold(tmp_pa
         before = [top(reader, s) for s in range(5)]
         manifest = w.snapshot_now("lib")
         assert (manifest.index_kind, manifest.count) == ("hnsw", 200)
-        assert w.catalog.describe(info)["index"] == {"kind": "hnsw", "configured": "auto"}
+        described = w.catalog.describe(info)["index"]
+        assert (described["kind"], described["configured"]) == ("hnsw", "auto")
+        # what the writer measured on the library's own vectors (index.calibration)
+        assert described["search_calibration"]["recall_target"] == w.config.recall_target
+        assert described["search_calibration"]["queries"] == 20  # a tenth of the 200 rows held out
         assert [top(reader, s) for s in range(5)] == before  # the search picked up the new snapshot
         assert (reader.kind, reader.table.tail_count) == ("hnsw", 0)
     finally:

@@ -25,9 +25,10 @@ ANN = dict(
     pq_m=8,
     pq_nbits=6,
     filter_ivf_nprobe=4096,  # every list: the filter IVF is exact up to its re-rank
+    calibration_queries=0,  # the fixed efforts above, not the calibrated ones (tests/index/test_recall.py)
 )
 EXACT_ONLY = IndexConfig(exact_max_candidates=10**9, exact_max_fraction=1.0, **ANN)  # every filter exact
-INDEX_ONLY = IndexConfig(exact_max_candidates=0, exact_max_fraction=0.0, **ANN)  # never gather
+INDEX_ONLY = IndexConfig(exact_max_candidates=0, exact_max_fraction=0.0, exact_by_cost=False, **ANN)  # never gather
 DEFAULT = IndexConfig(**ANN)
 KINDS = [None, "flat", "hnsw", "ivfpq"]  # None: no base index, every row in the exact tail
 
@@ -127,13 +128,25 @@ def test_no_row_passes(data, built, kind):
 
 def test_planner_picks_exact_for_few_candidates_and_the_index_for_many(data):
     x, tags, queries = data
-    config = IndexConfig(exact_max_candidates=100, exact_max_fraction=0.0, **ANN)
+    config = IndexConfig(exact_max_candidates=100, exact_max_fraction=0.0, exact_by_cost=False, **ANN)
     t = table_of(x, tags, "hnsw", config)
     assert t.base.filter_ivf is not None  # filtered searches over many rows go to the filter IVF
     assert t.search(queries[0], 10, parse_filter(FILTERS["0.1%"][0])).path == "exact"  # 3 rows
     assert t.search(queries[0], 10, parse_filter(FILTERS["1%"][0])).path == "exact"  # 30 rows
     assert t.search(queries[0], 10, parse_filter(FILTERS["half"][0])).path == "index"
     assert t.search(queries[0], 10).path == "index"
+
+
+def test_planner_picks_exact_when_it_costs_less_than_the_index_plan(data):
+    """300 passing rows cost less to scan (2 x 300) than the filter IVF's plan here (every list: the
+    centroids, 300 passing codes, 2,700 skipped, the re-rank); an HNSW search at efSearch 16 (about
+    2 * 32 * 16 distances) costs less than all 3,000 rows."""
+    x, tags, queries = data
+    config = IndexConfig(exact_max_candidates=100, exact_max_fraction=0.0, **{**ANN, "hnsw_ef_search": 16})
+    t = table_of(x, tags, "hnsw", config)
+    assert t.search(queries[0], 10, parse_filter(FILTERS["tenth"][0])).path == "exact"
+    assert t.search(queries[0], 10).path == "index"
+    assert t.search(queries[0], 10, recall_target=1.0).path == "exact"
 
 
 def test_fewer_index_hits_than_k_reruns_exactly(data, monkeypatch):
@@ -143,8 +156,8 @@ def test_fewer_index_hits_than_k_reruns_exactly(data, monkeypatch):
     t = table_of(x, tags, "hnsw", INDEX_ONLY)
     real = t.base.search
 
-    def short(q, k, bitmap, selectivity, config):
-        scores, slots = real(q, k, bitmap, selectivity, config)
+    def short(q, k, bitmap, selectivity, config, plan=None):
+        scores, slots = real(q, k, bitmap, selectivity, config, plan)
         slots = slots.copy()
         slots[k // 2 :] = -1
         return scores, slots

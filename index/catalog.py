@@ -2,6 +2,7 @@
 
 Layout::
 
+    <root>/catalog.json                      the layout's schema version (see index/schema.py)
     <root>/libraries/<name>/library.json     immutable after create (written before the rename)
     <root>/libraries/<name>/records.sqlite   source of truth (see index/store.py)
     <root>/libraries/<name>/frames/          stored original image bytes, content-addressed
@@ -35,6 +36,7 @@ from index.errors import (
     LibraryNotFound,
     ModelMismatch,
 )
+from index.schema import SERVICE_VERSION, check_not_newer
 from index.snapshot import read_manifest
 from index.store import LibraryStore
 
@@ -50,6 +52,10 @@ EMBEDDING_OF_MODE = {
     "adaptive_search": "face_crop_or_whole_image",
 }
 MAX_DESCRIPTION_LENGTH = 1024
+CATALOG_FILE = "catalog.json"
+#: The version of the layout above. 0: the same layout from before it carried a version (no
+#: ``catalog.json``); opening one stamps it.
+LAYOUT_VERSION = 1
 
 
 def check_library_name(name: object) -> str:
@@ -107,6 +113,8 @@ class Catalog:
         self._libraries = self.root / "libraries"
         self._staging = self.root / "staging"
         self._trash = self.root / "trash"
+        self.root.mkdir(parents=True, exist_ok=True)
+        _open_layout(self.root)
         for d in (self._libraries, self._staging, self._trash):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -269,8 +277,23 @@ def library_object(info: LibraryInfo, image_count: int, index_kind: str) -> dict
     } | ({"face_model": info.face_model_identity} if info.mode == "adaptive_search" else {})
 
 
+def _open_layout(root: Path) -> None:
+    """Stamp an older layout with :data:`LAYOUT_VERSION`; refuse a newer one (``SchemaTooNew``)."""
+    path = root / CATALOG_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raw = {"schema_version": 0}
+    found = int(raw["schema_version"])
+    check_not_newer(f"catalog at {root}", found, LAYOUT_VERSION, raw.get("written_by"))
+    if found < LAYOUT_VERSION:
+        _write_json_durably(path, {"schema_version": LAYOUT_VERSION, "written_by": SERVICE_VERSION})
+        fsync_dir(root)
+
+
 def _write_json_durably(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
+    # A name of its own: several processes may stamp catalog.json at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
         f.flush()

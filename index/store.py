@@ -8,6 +8,9 @@ so a reader learns of them from the same ``seq > applied`` query that brings it 
 Frames (original image bytes) are content-addressed files under ``frames/``, written and fsynced before
 the row that names them commits; a frame no live row names any more is unlinked after the commit. A
 crash between those two steps leaves an unreferenced file, never a row without its frame.
+
+The schema carries its version in ``PRAGMA user_version`` (``SCHEMA``; the rule is in index/schema.py):
+every open migrates an older database and refuses a newer one.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from index.durable import fsync_dir
+from index.schema import SQLITE_HISTORY, SqliteSchema, open_sqlite_schema
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +41,11 @@ FRAMES_DIR = "frames"
 FRAME_WRITERS = 8
 VECTOR_KINDS = ("whole", "item", "face")
 
-_SCHEMA = """
+#: Version 1 is the schema from before versions existed (0) plus the migration history.
+SCHEMA = SqliteSchema(
+    "library store",
+    (
+        """
 CREATE TABLE IF NOT EXISTS state (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     last_seq INTEGER NOT NULL,
@@ -61,6 +69,9 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE INDEX IF NOT EXISTS records_seq ON records (seq);
 CREATE INDEX IF NOT EXISTS records_frame ON records (frame) WHERE frame IS NOT NULL;
 """
+        + SQLITE_HISTORY,
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,11 @@ class LibraryStore:
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
+        try:
+            open_sqlite_schema(self._conn, SCHEMA, f"at {path}")
+        except BaseException:
+            self._conn.close()
+            raise
         if readonly:
             self._conn.execute("PRAGMA query_only=1")
         self.readonly = readonly
@@ -133,7 +149,7 @@ class LibraryStore:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(_SCHEMA)
+            open_sqlite_schema(conn, SCHEMA, f"at {library_dir / DB_NAME}")
             conn.execute("INSERT OR IGNORE INTO state (id, last_seq, dim) VALUES (1, 0, ?)", (dim,))
         finally:
             conn.close()

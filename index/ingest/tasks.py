@@ -11,6 +11,8 @@ Ownership: each runner has an ``owner`` id and heartbeats in ``runners``. A runn
 every unfinished task; a runner also claims tasks whose owner stopped heartbeating. Every progress
 commit checks the owner, so a runner whose task was taken over (a rolling restart that briefly ran two
 replicas) stops at its next commit instead of double counting.
+
+The schema carries its version in ``PRAGMA user_version`` (``SCHEMA``; the rule is in index/schema.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 from index.clock import iso_time
 from index.errors import TaskNotFound
+from index.schema import SQLITE_HISTORY, SqliteSchema, open_sqlite_schema
 
 DB_NAME = "tasks.sqlite"
 
@@ -35,7 +38,11 @@ SUCCEEDED, PARTIALLY_SUCCEEDED, FAILED = "SUCCEEDED", "PARTIALLY_SUCCEEDED", "FA
 UNFINISHED = (PENDING, RUNNING)
 STATES = (PENDING, RUNNING, SUCCEEDED, PARTIALLY_SUCCEEDED, FAILED)
 
-_SCHEMA = """
+#: Version 1 is the schema from before versions existed (0) plus the migration history.
+SCHEMA = SqliteSchema(
+    "task store",
+    (
+        """
 CREATE TABLE IF NOT EXISTS tasks (
     task_id TEXT PRIMARY KEY,
     library_name TEXT NOT NULL,
@@ -68,6 +75,9 @@ CREATE TABLE IF NOT EXISTS runners (
     heartbeat_at REAL NOT NULL
 );
 """
+        + SQLITE_HISTORY,
+    ),
+)
 
 
 class LostOwnership(RuntimeError):
@@ -135,7 +145,11 @@ class TaskStore:
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(_SCHEMA)
+        try:
+            open_sqlite_schema(self._conn, SCHEMA, f"at {self.path}")
+        except BaseException:
+            self._conn.close()
+            raise
 
     def close(self) -> None:
         with self._lock:

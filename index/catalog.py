@@ -101,6 +101,45 @@ class LibraryInfo:
         return f"{self.name}:{self.uid}"
 
 
+def new_library_info(
+    name: str,
+    mode: str,
+    description: str | None,
+    *,
+    model: str,
+    pretrained: str,
+    model_identity: str,
+    dim: int,
+    index_kind: str = "auto",
+    face_model_identity: str | None = None,
+) -> LibraryInfo:
+    """The descriptor of a library about to be created (every backend's ``create`` starts here).
+
+    Raises:
+        InvalidParameter: bad name, mode or index kind.
+    """
+    check_library_name(name)
+    if mode not in MODES:
+        raise InvalidParameter(f"mode {mode!r} is invalid; expected one of {', '.join(MODES)}")
+    if index_kind not in CONFIGURED_KINDS:
+        raise InvalidParameter(
+            f"index_kind {index_kind!r} is invalid; expected one of {', '.join(CONFIGURED_KINDS)}"
+        )
+    return LibraryInfo(
+        name=name,
+        mode=mode,
+        description=description,
+        created_at=time.time(),
+        model=model,
+        pretrained=pretrained,
+        model_identity=model_identity,
+        dim=dim,
+        uid=uuid.uuid4().hex[:12],
+        index_kind=index_kind,
+        face_model_identity=face_model_identity if mode == "adaptive_search" else None,
+    )
+
+
 class Catalog:
     """Creates, lists, describes and deletes libraries under one storage root.
 
@@ -141,31 +180,22 @@ class Catalog:
             LibraryAlreadyExists: a library of that name exists.
             LibraryLimitReached: the deployment already holds ``max_libraries`` libraries.
         """
-        check_library_name(name)
-        if mode not in MODES:
-            raise InvalidParameter(f"mode {mode!r} is invalid; expected one of {', '.join(MODES)}")
-        if index_kind not in CONFIGURED_KINDS:
-            raise InvalidParameter(
-                f"index_kind {index_kind!r} is invalid; expected one of {', '.join(CONFIGURED_KINDS)}"
-            )
+        info = new_library_info(
+            name,
+            mode,
+            description,
+            model=model,
+            pretrained=pretrained,
+            model_identity=model_identity,
+            dim=dim,
+            index_kind=index_kind,
+            face_model_identity=face_model_identity,
+        )
         final = self._libraries / name
         if final.exists():
             raise LibraryAlreadyExists(name)
         if len(self.names()) >= self.max_libraries:
             raise LibraryLimitReached(self.max_libraries)
-        info = LibraryInfo(
-            name=name,
-            mode=mode,
-            description=description,
-            created_at=time.time(),
-            model=model,
-            pretrained=pretrained,
-            model_identity=model_identity,
-            dim=dim,
-            uid=uuid.uuid4().hex[:12],
-            index_kind=index_kind,
-            face_model_identity=face_model_identity if mode == "adaptive_search" else None,
-        )
         staging = self._staging / f"{name}-{info.uid}"
         staging.mkdir()
         _write_json_durably(staging / "library.json", asdict(info))

@@ -129,6 +129,28 @@ def _task(row: Sequence[Any]) -> Task:
     return Task(*values)
 
 
+def task_object(task: Task, errors: Sequence[LineError]) -> dict[str, Any]:
+    """The API's task object (``GET /image/tasks/results/{task_id}``) of a task and its kept errors."""
+    return {
+        "task_id": task.task_id,
+        "library_name": task.library_name,
+        "source": task.source,
+        "state": task.state,
+        "total": task.total,
+        "succeeded": task.succeeded,
+        "failed": task.failed,
+        "errors": [
+            {"line": e.line, "image_id": e.image_id, "image_uri": e.image_uri, "reason": e.reason}
+            for e in errors
+        ],
+        "errors_truncated": task.failed > len(errors),
+        "error": task.error,
+        "created_at": iso_time(task.created_at),
+        "started_at": iso_time(task.started_at) if task.started_at is not None else None,
+        "finished_at": iso_time(task.finished_at) if task.finished_at is not None else None,
+    }
+
+
 class TaskStore:
     """SQLite access to ``tasks.sqlite``. One connection guarded by a lock (used from worker threads).
 
@@ -212,26 +234,7 @@ class TaskStore:
 
     def describe(self, task_id: str) -> dict[str, Any]:
         """The API's task object (``GET /image/tasks/results/{task_id}``)."""
-        task = self.get(task_id)
-        errors = self.errors(task_id)
-        return {
-            "task_id": task.task_id,
-            "library_name": task.library_name,
-            "source": task.source,
-            "state": task.state,
-            "total": task.total,
-            "succeeded": task.succeeded,
-            "failed": task.failed,
-            "errors": [
-                {"line": e.line, "image_id": e.image_id, "image_uri": e.image_uri, "reason": e.reason}
-                for e in errors
-            ],
-            "errors_truncated": task.failed > len(errors),
-            "error": task.error,
-            "created_at": iso_time(task.created_at),
-            "started_at": iso_time(task.started_at) if task.started_at is not None else None,
-            "finished_at": iso_time(task.finished_at) if task.finished_at is not None else None,
-        }
+        return task_object(self.get(task_id), self.errors(task_id))
 
     # -- ownership -------------------------------------------------------------------------------
 

@@ -117,13 +117,13 @@ class Task:
         return self.state not in UNFINISHED
 
 
-_TASK_COLS = (
+TASK_COLS = (
     "task_id, library_name, library_uid, source, save_image, state, total, lines_done, succeeded, failed,"
     " error, owner, created_at, started_at, finished_at"
 )
 
 
-def _task(row: Sequence[Any]) -> Task:
+def task_from_row(row: Sequence[Any]) -> Task:
     values = list(row)
     values[4] = bool(values[4])
     return Task(*values)
@@ -208,11 +208,11 @@ class TaskStore:
         """The task row. Raises TaskNotFound."""
         with self._lock:
             row = self._conn.execute(
-                f"SELECT {_TASK_COLS} FROM tasks WHERE task_id = ?", (task_id,)
+                f"SELECT {TASK_COLS} FROM tasks WHERE task_id = ?", (task_id,)
             ).fetchone()
         if row is None:
             raise TaskNotFound(task_id)
-        return _task(row)
+        return task_from_row(row)
 
     def errors(self, task_id: str, *, limit: int | None = None) -> list[LineError]:
         """The task's recorded line errors in line order."""
@@ -272,11 +272,11 @@ class TaskStore:
                 )
             conn.execute("DELETE FROM runners WHERE heartbeat_at < ?", (now - 10 * stale_after_s,))
             rows = conn.execute(
-                f"SELECT {_TASK_COLS} FROM tasks WHERE state IN (?, ?) AND owner = ?"
+                f"SELECT {TASK_COLS} FROM tasks WHERE state IN (?, ?) AND owner = ?"
                 " ORDER BY state DESC, created_at",  # RUNNING before PENDING, then oldest first
                 (*UNFINISHED, owner),
             ).fetchall()
-        return [_task(r) for r in rows]
+        return [task_from_row(r) for r in rows]
 
     # -- progress --------------------------------------------------------------------------------
 

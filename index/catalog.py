@@ -101,46 +101,72 @@ class LibraryInfo:
         return f"{self.name}:{self.uid}"
 
 
-def new_library_info(
-    name: str,
-    mode: str,
-    description: str | None,
-    *,
-    model: str,
-    pretrained: str,
-    model_identity: str,
-    dim: int,
-    index_kind: str = "auto",
-    face_model_identity: str | None = None,
-) -> LibraryInfo:
-    """The descriptor of a library about to be created (every backend's ``create`` starts here).
+class CatalogBase:
+    """What both catalogs share: checking and describing a new library, ``mode_of``. A backend adds
+    ``_add`` (store a new library atomically) and the reads."""
 
-    Raises:
-        InvalidParameter: bad name, mode or index kind.
-    """
-    check_library_name(name)
-    if mode not in MODES:
-        raise InvalidParameter(f"mode {mode!r} is invalid; expected one of {', '.join(MODES)}")
-    if index_kind not in CONFIGURED_KINDS:
-        raise InvalidParameter(
-            f"index_kind {index_kind!r} is invalid; expected one of {', '.join(CONFIGURED_KINDS)}"
+    max_libraries: int
+
+    def create(
+        self,
+        name: str,
+        mode: str,
+        description: str | None,
+        *,
+        model: str,
+        pretrained: str,
+        model_identity: str,
+        dim: int,
+        index_kind: str = "auto",
+        face_model_identity: str | None = None,
+    ) -> LibraryInfo:
+        """Create an empty library.
+
+        Raises:
+            InvalidParameter: (a ValueError) bad name, mode or index kind.
+            LibraryAlreadyExists: a library of that name exists.
+            LibraryLimitReached: the deployment already holds ``max_libraries`` libraries.
+        """
+        check_library_name(name)
+        if mode not in MODES:
+            raise InvalidParameter(f"mode {mode!r} is invalid; expected one of {', '.join(MODES)}")
+        if index_kind not in CONFIGURED_KINDS:
+            raise InvalidParameter(
+                f"index_kind {index_kind!r} is invalid; expected one of {', '.join(CONFIGURED_KINDS)}"
+            )
+        info = LibraryInfo(
+            name=name,
+            mode=mode,
+            description=description,
+            created_at=time.time(),
+            model=model,
+            pretrained=pretrained,
+            model_identity=model_identity,
+            dim=dim,
+            uid=uuid.uuid4().hex[:12],
+            index_kind=index_kind,
+            face_model_identity=face_model_identity if mode == "adaptive_search" else None,
         )
-    return LibraryInfo(
-        name=name,
-        mode=mode,
-        description=description,
-        created_at=time.time(),
-        model=model,
-        pretrained=pretrained,
-        model_identity=model_identity,
-        dim=dim,
-        uid=uuid.uuid4().hex[:12],
-        index_kind=index_kind,
-        face_model_identity=face_model_identity if mode == "adaptive_search" else None,
-    )
+        self._add(info)
+        logger.info("created library %s (mode=%s, model=%s, dim=%d)", name, mode, model_identity, dim)
+        return info
+
+    def _add(self, info: LibraryInfo) -> None:
+        """Store a new library, all or nothing. Raises LibraryAlreadyExists, LibraryLimitReached."""
+        raise NotImplementedError
+
+    def get(self, name: str) -> LibraryInfo:
+        raise NotImplementedError
+
+    def mode_of(self, name: str) -> str | None:
+        """The mode of library ``name``, or None when there is no such library (or the name is invalid)."""
+        try:
+            return self.get(name).mode
+        except (LibraryNotFound, InvalidParameter):
+            return None
 
 
-class Catalog:
+class Catalog(CatalogBase):
     """Creates, lists, describes and deletes libraries under one storage root.
 
     Only the writer deployment calls ``create`` and ``delete``; any process may read.
@@ -160,37 +186,8 @@ class Catalog:
     def library_dir(self, name: str) -> Path:
         return self._libraries / check_library_name(name)
 
-    def create(
-        self,
-        name: str,
-        mode: str,
-        description: str | None,
-        *,
-        model: str,
-        pretrained: str,
-        model_identity: str,
-        dim: int,
-        index_kind: str = "auto",
-        face_model_identity: str | None = None,
-    ) -> LibraryInfo:
-        """Create an empty library.
-
-        Raises:
-            ValueError: bad name or mode.
-            LibraryAlreadyExists: a library of that name exists.
-            LibraryLimitReached: the deployment already holds ``max_libraries`` libraries.
-        """
-        info = new_library_info(
-            name,
-            mode,
-            description,
-            model=model,
-            pretrained=pretrained,
-            model_identity=model_identity,
-            dim=dim,
-            index_kind=index_kind,
-            face_model_identity=face_model_identity,
-        )
+    def _add(self, info: LibraryInfo) -> None:
+        name = info.name
         final = self._libraries / name
         if final.exists():
             raise LibraryAlreadyExists(name)
@@ -199,7 +196,7 @@ class Catalog:
         staging = self._staging / f"{name}-{info.uid}"
         staging.mkdir()
         _write_json_durably(staging / "library.json", asdict(info))
-        LibraryStore.initialise(staging, dim=dim)
+        LibraryStore.initialise(staging, dim=info.dim)
         try:
             os.rename(staging, final)  # atomic; fails if a concurrent create won
         except OSError as exc:
@@ -208,8 +205,6 @@ class Catalog:
                 raise LibraryAlreadyExists(name) from exc
             raise
         fsync_dir(self._libraries)
-        logger.info("created library %s (mode=%s, model=%s, dim=%d)", name, mode, model_identity, dim)
-        return info
 
     def get(self, name: str) -> LibraryInfo:
         """Read a library's descriptor. Raises LibraryNotFound."""
@@ -219,13 +214,6 @@ class Catalog:
         except FileNotFoundError:
             raise LibraryNotFound(name) from None
         return LibraryInfo(**raw)
-
-    def mode_of(self, name: str) -> str | None:
-        """The mode of library ``name``, or None when there is no such library (or the name is invalid)."""
-        try:
-            return self.get(name).mode
-        except (LibraryNotFound, InvalidParameter):
-            return None
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self._libraries.iterdir() if (p / "library.json").exists())

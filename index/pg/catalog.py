@@ -16,14 +16,14 @@ from typing import Any
 
 import psycopg
 
-from index.catalog import Catalog, LibraryInfo, check_library_name, library_object, new_library_info
+from index.catalog import CatalogBase, LibraryInfo, check_library_name, library_object
 from index.errors import LibraryAlreadyExists, LibraryLimitReached, LibraryNotFound
 from index.pg.db import CATALOG_LOCK, Database
 
 logger = logging.getLogger(__name__)
 
 
-class PgCatalog:
+class PgCatalog(CatalogBase):
     """Creates, lists, describes and deletes libraries in one PostgreSQL database.
 
     Args:
@@ -35,54 +35,22 @@ class PgCatalog:
         self.db = db
         self.max_libraries = max_libraries
 
-    def create(
-        self,
-        name: str,
-        mode: str,
-        description: str | None,
-        *,
-        model: str,
-        pretrained: str,
-        model_identity: str,
-        dim: int,
-        index_kind: str = "auto",
-        face_model_identity: str | None = None,
-    ) -> LibraryInfo:
-        """Create an empty library.
-
-        Raises:
-            InvalidParameter: bad name, mode or index kind.
-            LibraryAlreadyExists: a library of that name exists.
-            LibraryLimitReached: the deployment already holds ``max_libraries`` libraries.
-        """
-        info = new_library_info(
-            name,
-            mode,
-            description,
-            model=model,
-            pretrained=pretrained,
-            model_identity=model_identity,
-            dim=dim,
-            index_kind=index_kind,
-            face_model_identity=face_model_identity,
-        )
+    def _add(self, info: LibraryInfo) -> None:
         try:
             with self.db.transaction() as conn:
                 # Creates one at a time: the count below stays true until this one commits.
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (CATALOG_LOCK,))
-                if conn.execute("SELECT 1 FROM libraries WHERE name = %s", (name,)).fetchone():
-                    raise LibraryAlreadyExists(name)
+                if conn.execute("SELECT 1 FROM libraries WHERE name = %s", (info.name,)).fetchone():
+                    raise LibraryAlreadyExists(info.name)
                 row = conn.execute("SELECT COUNT(*) FROM libraries").fetchone()
                 if row is not None and row[0] >= self.max_libraries:
                     raise LibraryLimitReached(self.max_libraries)
                 conn.execute(
                     "INSERT INTO libraries (uid, name, info, dim) VALUES (%s, %s, %s::jsonb, %s)",
-                    (info.uid, name, json.dumps(asdict(info)), dim),
+                    (info.uid, info.name, json.dumps(asdict(info)), info.dim),
                 )
         except psycopg.errors.UniqueViolation:  # a uid collision: 48 random bits, but say so plainly
-            raise LibraryAlreadyExists(name) from None
-        logger.info("created library %s (mode=%s, model=%s, dim=%d)", name, mode, model_identity, dim)
-        return info
+            raise LibraryAlreadyExists(info.name) from None
 
     def get(self, name: str) -> LibraryInfo:
         """Read a library's descriptor. Raises LibraryNotFound (InvalidParameter for a bad name)."""
@@ -92,8 +60,6 @@ class PgCatalog:
         if row is None:
             raise LibraryNotFound(name)
         return LibraryInfo(**json.loads(row[0]))
-
-    mode_of = Catalog.mode_of
 
     def names(self) -> list[str]:
         with self.db.transaction() as conn:

@@ -55,7 +55,7 @@ class PgLibraryStore:
     connection).
 
     Args:
-        db: the pool; the store does not own it (``close`` only marks the store closed).
+        db: the pool; the store does not own it.
         uid: the library's uid (``LibraryInfo.uid``): a library deleted and created again is another one.
         readonly: refuse every write (what readers open).
 
@@ -72,12 +72,11 @@ class PgLibraryStore:
         if row is None:
             raise LibraryNotFound(f"uid {uid}")
         self.dim, self.name = int(row[0]), str(row[1])
-        self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        self._closed = True
+        """Nothing to release: the pool belongs to whoever connected."""
 
     def __enter__(self) -> PgLibraryStore:
         return self

@@ -6,7 +6,7 @@ extra (psycopg 3 and psycopg_pool). Nothing in ``deployments/`` selects it yet.
 """
 
 from index.pg.catalog import PgCatalog
-from index.pg.db import Database, DatabaseUnavailable, connect, redact_url
+from index.pg.db import Database, DatabaseUnavailable, connect, read_password, redact_url
 from index.pg.store import PgLibraryStore
 from index.pg.tasks import PgTaskStore
 
@@ -17,5 +17,6 @@ __all__ = [
     "PgLibraryStore",
     "PgTaskStore",
     "connect",
+    "read_password",
     "redact_url",
 ]

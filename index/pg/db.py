@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -119,6 +120,37 @@ def redact_url(url: str) -> str:
             parts = parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}")
             url = urlunsplit(parts)
     return url
+
+
+def read_password(*, password_file: str | None = None, password_env: str | None = None) -> str | None:
+    """The database password kept out of the URL: the content of ``password_file`` (e.g. a mounted
+    Kubernetes Secret; one trailing newline dropped) or of the environment variable named ``password_env``.
+
+    Returns:
+        None when neither is given (the URL carries the password, or the server needs none).
+    Raises:
+        ValueError: both are given, or the file or variable is missing or empty; the message names the
+            file or variable, never its content.
+    """
+    if password_file is not None and password_env is not None:
+        raise ValueError("give the database password in a file or in an environment variable, not both")
+    if password_file is not None:
+        try:
+            with open(password_file, encoding="utf-8") as f:
+                password = f.read().removesuffix("\n").removesuffix("\r")
+        except OSError as exc:
+            raise ValueError(
+                f"cannot read the database password file {password_file}: {exc.strerror}"
+            ) from None
+        if not password:
+            raise ValueError(f"the database password file {password_file} is empty")
+        return password
+    if password_env is not None:
+        password = os.environ.get(password_env, "")
+        if not password:
+            raise ValueError(f"the environment variable {password_env} (the database password) is not set")
+        return password
+    return None
 
 
 class Database:

@@ -9,7 +9,7 @@ import threading
 import psycopg
 import pytest
 
-from index.pg.db import STEPS, DatabaseUnavailable, connect, migrate, redact_url
+from index.pg.db import STEPS, DatabaseUnavailable, connect, migrate, read_password, redact_url
 from index.schema import SERVICE_VERSION, SchemaTooNew
 from tests.pg_server import free_port
 
@@ -74,9 +74,31 @@ def test_wrong_password_and_missing_database_are_named(pg_server) -> None:
     assert isinstance(exc, DatabaseUnavailable) and 'database "nosuchdb" does not exist' in str(exc)
 
 
-def test_password_can_come_apart_from_the_url(pg_server, pg_url) -> None:
+def test_read_password_from_a_file_or_a_variable(tmp_path, monkeypatch) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3 cret\n")
+    assert read_password(password_file=str(secret)) == "s3 cret"
+    monkeypatch.setenv("DB_PW", "from-env")
+    assert read_password(password_env="DB_PW") == "from-env"
+    assert read_password() is None
+    with pytest.raises(ValueError, match="not both"):
+        read_password(password_file=str(secret), password_env="DB_PW")
+    with pytest.raises(ValueError, match=f"cannot read the database password file {tmp_path}/nope"):
+        read_password(password_file=str(tmp_path / "nope"))
+    secret.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        read_password(password_file=str(secret))
+    monkeypatch.delenv("DB_PW")
+    with pytest.raises(ValueError, match="DB_PW"):
+        read_password(password_env="DB_PW")
+
+
+def test_password_can_come_apart_from_the_url(pg_server, pg_url, tmp_path) -> None:
     bare = pg_url.replace(f":{pg_server.password}@", "@")
-    with connect(bare, password=pg_server.password) as db, db.transaction() as conn:
+    secret = tmp_path / "pw"
+    secret.write_text(pg_server.password + "\n")
+    password = read_password(password_file=str(secret))
+    with connect(bare, password=password) as db, db.transaction() as conn:
         assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (len(STEPS),)
     assert pg_server.password not in db.url
 

@@ -117,3 +117,26 @@ def test_a_deleted_library_refuses_writes_and_its_rows_are_gone(two_writers, pg_
     assert b.read_frame(x.frame) is None and b.count() == 0
     with pytest.raises(LibraryNotFound):
         PgLibraryStore(a.db, a.uid)
+
+
+def test_the_vector_table_loads_and_catches_up_from_postgresql(two_writers, tmp_path) -> None:
+    """The read path's table code takes a PgLibraryStore as it takes a LibraryStore (no snapshot yet:
+    a full replay, then an incremental catch-up of new rows and a tombstone)."""
+    from filters import parse_filter
+    from index.reader import load_table
+
+    writer, reader_store = two_writers
+    writer.upsert([rec(f"i{i}", tags={"n": i}) for i in range(6)])
+    table, snapshot = load_table(reader_store, tmp_path, model_identity="m/p")
+    assert snapshot is None and table.live_count == 6 and table.applied_seq == 1
+    [target] = writer.get("i4")
+    query = writer.vector_of(target.row_id)
+    assert table.search(query, 1).row_ids.tolist() == [target.row_id]
+    writer.delete("i4", None)
+    writer.upsert([rec("late", tags={"n": 99})])
+    assert table.apply(reader_store.changes_since(table.applied_seq)) == 2
+    assert table.applied_seq == reader_store.last_seq() == 3
+    assert target.row_id not in table.search(query, 7).row_ids.tolist()
+    [late] = writer.get("late")
+    hits = table.search(query, 3, parse_filter([{"field": "n", "op": ">", "value": 50}]))
+    assert hits.row_ids.tolist() == [late.row_id]

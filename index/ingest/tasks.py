@@ -151,6 +151,25 @@ def task_object(task: Task, errors: Sequence[LineError]) -> dict[str, Any]:
     }
 
 
+def check_final_state(state: str) -> None:
+    """Raise ValueError unless ``state`` is a final state."""
+    if state in UNFINISHED or state not in STATES:
+        raise ValueError(f"{state!r} is not a final state")
+
+
+def check_owner_row(task_id: str, owner: str, row: Sequence[Any] | None) -> None:
+    """Check a task's (owner, state) row before a progress commit.
+
+    Raises:
+        TaskNotFound: no row.
+        LostOwnership: another runner owns the task, or it has finished.
+    """
+    if row is None:
+        raise TaskNotFound(task_id)
+    if row[0] != owner or row[1] not in UNFINISHED:
+        raise LostOwnership(f"task {task_id} is now owned by {row[0]} in state {row[1]}")
+
+
 class TaskStore:
     """SQLite access to ``tasks.sqlite``. One connection guarded by a lock (used from worker threads).
 
@@ -326,8 +345,7 @@ class TaskStore:
 
     def finish(self, task_id: str, owner: str | None, state: str, *, error: str | None = None) -> None:
         """Set a final state (``owner`` None: regardless of the owner, e.g. at creation time)."""
-        if state in UNFINISHED or state not in STATES:
-            raise ValueError(f"{state!r} is not a final state")
+        check_final_state(state)
         now = time.time()
         with self._txn() as conn:
             if owner is not None:
@@ -357,7 +375,4 @@ class TaskStore:
     @staticmethod
     def _check_owner(conn: sqlite3.Connection, task_id: str, owner: str) -> None:
         row = conn.execute("SELECT owner, state FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
-        if row is None:
-            raise TaskNotFound(task_id)
-        if row[0] != owner or row[1] not in UNFINISHED:
-            raise LostOwnership(f"task {task_id} is now owned by {row[0]} in state {row[1]}")
+        check_owner_row(task_id, owner, row)

@@ -20,12 +20,12 @@ from index.errors import TaskNotFound
 from index.ingest.tasks import (
     PENDING,
     RUNNING,
-    STATES,
     TASK_COLS,
     UNFINISHED,
     LineError,
-    LostOwnership,
     Task,
+    check_final_state,
+    check_owner_row,
     task_from_row,
     task_object,
 )
@@ -182,8 +182,7 @@ class PgTaskStore:
 
     def finish(self, task_id: str, owner: str | None, state: str, *, error: str | None = None) -> None:
         """Set a final state (``owner`` None: regardless of the owner, e.g. at creation time)."""
-        if state in UNFINISHED or state not in STATES:
-            raise ValueError(f"{state!r} is not a final state")
+        check_final_state(state)
         now = time.time()
         with self.db.transaction() as conn:
             if owner is not None:
@@ -209,7 +208,4 @@ class PgTaskStore:
 
 def _check_owner(conn: psycopg.Connection[Any], task_id: str, owner: str) -> None:
     row = conn.execute("SELECT owner, state FROM tasks WHERE task_id = %s FOR UPDATE", (task_id,)).fetchone()
-    if row is None:
-        raise TaskNotFound(task_id)
-    if row[0] != owner or row[1] not in UNFINISHED:
-        raise LostOwnership(f"task {task_id} is now owned by {row[0]} in state {row[1]}")
+    check_owner_row(task_id, owner, row)

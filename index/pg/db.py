@@ -199,6 +199,7 @@ def connect(
     Raises:
         DatabaseUnavailable: the server cannot be reached in time, refuses the credentials, or lacks
             the database; the message carries the server's reason and the URL without its password.
+        ValueError: ``database_url`` cannot be parsed (the message does not repeat it).
         SchemaTooNew: the database was migrated by a newer release of the service.
     """
     kwargs: dict[str, Any] = {
@@ -214,6 +215,11 @@ def connect(
             migrate(conn, f"PostgreSQL database {shown}")
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(f"cannot use PostgreSQL database {shown}: {exc}".strip()) from None
+    except psycopg.ProgrammingError:  # libpq's message (and a redaction of what it cannot parse) may
+        # still show the password: name no part of the string
+        raise ValueError(
+            "database_url is neither a postgresql://user@host:port/db URL nor a key=value connection string"
+        ) from None
     pool = ConnectionPool(
         database_url,
         kwargs=kwargs,

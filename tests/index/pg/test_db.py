@@ -55,6 +55,15 @@ def test_nothing_listening_is_a_clear_error(pg_server) -> None:
     assert "refused" in str(exc) and "topsecret" not in str(exc)
 
 
+@pytest.mark.parametrize("url", ["mysql://app:topsecret@db/x", "host=db password=top secret"])
+def test_a_malformed_url_is_refused_without_repeating_its_password(url: str) -> None:
+    with pytest.raises(
+        ValueError, match="is neither a postgresql://user@host:port/db URL nor a key=value"
+    ) as caught:
+        connect(url)
+    assert "top" not in str(caught.value) and "secret" not in str(caught.value)
+
+
 def test_a_server_that_never_answers_times_out(pg_server) -> None:
     with socket.socket() as silent:  # accepts connections into its backlog, never speaks
         silent.bind(("127.0.0.1", 0))

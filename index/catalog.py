@@ -2,6 +2,7 @@
 
 Layout::
 
+    <root>/catalog.json                      the layout's schema version (see index/schema.py)
     <root>/libraries/<name>/library.json     immutable after create (written before the rename)
     <root>/libraries/<name>/records.sqlite   source of truth (see index/store.py)
     <root>/libraries/<name>/frames/          stored original image bytes, content-addressed
@@ -36,6 +37,7 @@ from index.errors import (
     LibraryNotFound,
     ModelMismatch,
 )
+from index.schema import SERVICE_VERSION, check_not_newer
 from index.snapshot import read_manifest
 from index.store import LibraryStore
 
@@ -51,6 +53,10 @@ EMBEDDING_OF_MODE = {
     "adaptive_search": "face_crop_or_whole_image",
 }
 MAX_DESCRIPTION_LENGTH = 1024
+CATALOG_FILE = "catalog.json"
+#: The version of the layout above. 0: the same layout from before it carried a version (no
+#: ``catalog.json``); opening one stamps it.
+LAYOUT_VERSION = 1
 
 
 def check_library_name(name: object) -> str:
@@ -96,7 +102,72 @@ class LibraryInfo:
         return f"{self.name}:{self.uid}"
 
 
-class Catalog:
+class CatalogBase:
+    """What both catalogs share: checking and describing a new library, ``mode_of``. A backend adds
+    ``_add`` (store a new library atomically) and the reads."""
+
+    max_libraries: int
+
+    def create(
+        self,
+        name: str,
+        mode: str,
+        description: str | None,
+        *,
+        model: str,
+        pretrained: str,
+        model_identity: str,
+        dim: int,
+        index_kind: str = "auto",
+        face_model_identity: str | None = None,
+    ) -> LibraryInfo:
+        """Create an empty library.
+
+        Raises:
+            InvalidParameter: (a ValueError) bad name, mode or index kind.
+            LibraryAlreadyExists: a library of that name exists.
+            LibraryLimitReached: the deployment already holds ``max_libraries`` libraries.
+        """
+        check_library_name(name)
+        if mode not in MODES:
+            raise InvalidParameter(f"mode {mode!r} is invalid; expected one of {', '.join(MODES)}")
+        if index_kind not in CONFIGURED_KINDS:
+            raise InvalidParameter(
+                f"index_kind {index_kind!r} is invalid; expected one of {', '.join(CONFIGURED_KINDS)}"
+            )
+        info = LibraryInfo(
+            name=name,
+            mode=mode,
+            description=description,
+            created_at=time.time(),
+            model=model,
+            pretrained=pretrained,
+            model_identity=model_identity,
+            dim=dim,
+            uid=uuid.uuid4().hex[:12],
+            index_kind=index_kind,
+            face_model_identity=face_model_identity if mode == "adaptive_search" else None,
+        )
+        self._add(info)
+        logger.info("created library %s (mode=%s, model=%s, dim=%d)", name, mode, model_identity, dim)
+        return info
+
+    def _add(self, info: LibraryInfo) -> None:
+        """Store a new library, all or nothing. Raises LibraryAlreadyExists, LibraryLimitReached."""
+        raise NotImplementedError
+
+    def get(self, name: str) -> LibraryInfo:
+        raise NotImplementedError
+
+    def mode_of(self, name: str) -> str | None:
+        """The mode of library ``name``, or None when there is no such library (or the name is invalid)."""
+        try:
+            return self.get(name).mode
+        except (LibraryNotFound, InvalidParameter):
+            return None
+
+
+class Catalog(CatalogBase):
     """Creates, lists, describes and deletes libraries under one storage root.
 
     Only the writer deployment calls ``create`` and ``delete``; any process may read.
@@ -115,61 +186,25 @@ class Catalog:
         self._libraries = self.root / "libraries"
         self._staging = self.root / "staging"
         self._trash = self.root / "trash"
+        self.root.mkdir(parents=True, exist_ok=True)
+        _open_layout(self.root)
         for d in (self._libraries, self._staging, self._trash):
             d.mkdir(parents=True, exist_ok=True)
 
     def library_dir(self, name: str) -> Path:
         return self._libraries / check_library_name(name)
 
-    def create(
-        self,
-        name: str,
-        mode: str,
-        description: str | None,
-        *,
-        model: str,
-        pretrained: str,
-        model_identity: str,
-        dim: int,
-        index_kind: str = "auto",
-        face_model_identity: str | None = None,
-    ) -> LibraryInfo:
-        """Create an empty library.
-
-        Raises:
-            ValueError: bad name or mode.
-            LibraryAlreadyExists: a library of that name exists.
-            LibraryLimitReached: the deployment already holds ``max_libraries`` libraries.
-        """
-        check_library_name(name)
-        if mode not in MODES:
-            raise InvalidParameter(f"mode {mode!r} is invalid; expected one of {', '.join(MODES)}")
-        if index_kind not in CONFIGURED_KINDS:
-            raise InvalidParameter(
-                f"index_kind {index_kind!r} is invalid; expected one of {', '.join(CONFIGURED_KINDS)}"
-            )
+    def _add(self, info: LibraryInfo) -> None:
+        name = info.name
         final = self._libraries / name
         if final.exists():
             raise LibraryAlreadyExists(name)
         if len(self.names()) >= self.max_libraries:
             raise LibraryLimitReached(self.max_libraries)
-        info = LibraryInfo(
-            name=name,
-            mode=mode,
-            description=description,
-            created_at=time.time(),
-            model=model,
-            pretrained=pretrained,
-            model_identity=model_identity,
-            dim=dim,
-            uid=uuid.uuid4().hex[:12],
-            index_kind=index_kind,
-            face_model_identity=face_model_identity if mode == "adaptive_search" else None,
-        )
         staging = self._staging / f"{name}-{info.uid}"
         staging.mkdir()
         _write_json_durably(staging / "library.json", asdict(info))
-        LibraryStore.initialise(staging, dim=dim)
+        LibraryStore.initialise(staging, dim=info.dim)
         try:
             os.rename(staging, final)  # atomic; fails if a concurrent create won
         except OSError as exc:
@@ -178,8 +213,6 @@ class Catalog:
                 raise LibraryAlreadyExists(name) from exc
             raise
         fsync_dir(self._libraries)
-        logger.info("created library %s (mode=%s, model=%s, dim=%d)", name, mode, model_identity, dim)
-        return info
 
     def get(self, name: str) -> LibraryInfo:
         """Read a library's descriptor. Raises LibraryNotFound."""
@@ -189,13 +222,6 @@ class Catalog:
         except FileNotFoundError:
             raise LibraryNotFound(name) from None
         return LibraryInfo(**raw)
-
-    def mode_of(self, name: str) -> str | None:
-        """The mode of library ``name``, or None when there is no such library (or the name is invalid)."""
-        try:
-            return self.get(name).mode
-        except (LibraryNotFound, InvalidParameter):
-            return None
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self._libraries.iterdir() if (p / "library.json").exists())
@@ -287,8 +313,23 @@ def library_object(
     } | ({"face_model": info.face_model_identity} if info.mode == "adaptive_search" else {})
 
 
+def _open_layout(root: Path) -> None:
+    """Stamp an older layout with :data:`LAYOUT_VERSION`; refuse a newer one (``SchemaTooNew``)."""
+    path = root / CATALOG_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raw = {"schema_version": 0}
+    found = int(raw["schema_version"])
+    check_not_newer(f"catalog at {root}", found, LAYOUT_VERSION, raw.get("written_by"))
+    if found < LAYOUT_VERSION:
+        _write_json_durably(path, {"schema_version": LAYOUT_VERSION, "written_by": SERVICE_VERSION})
+        fsync_dir(root)
+
+
 def _write_json_durably(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
+    # A name of its own: several processes may stamp catalog.json at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
         f.flush()

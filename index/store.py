@@ -8,6 +8,9 @@ so a reader learns of them from the same ``seq > applied`` query that brings it 
 Frames (original image bytes) are content-addressed files under ``frames/``, written and fsynced before
 the row that names them commits; a frame no live row names any more is unlinked after the commit. A
 crash between those two steps leaves an unreferenced file, never a row without its frame.
+
+The schema carries its version in ``PRAGMA user_version`` (``SCHEMA``; the rule is in index/schema.py):
+every open migrates an older database and refuses a newer one.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from index.durable import fsync_dir
+from index.schema import SQLITE_HISTORY, SqliteSchema, open_sqlite_schema
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +41,11 @@ FRAMES_DIR = "frames"
 FRAME_WRITERS = 8
 VECTOR_KINDS = ("whole", "item", "face")
 
-_SCHEMA = """
+#: Version 1 is the schema from before versions existed (0) plus the migration history.
+SCHEMA = SqliteSchema(
+    "library store",
+    (
+        """
 CREATE TABLE IF NOT EXISTS state (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     last_seq INTEGER NOT NULL,
@@ -61,6 +69,9 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE INDEX IF NOT EXISTS records_seq ON records (seq);
 CREATE INDEX IF NOT EXISTS records_frame ON records (frame) WHERE frame IS NOT NULL;
 """
+        + SQLITE_HISTORY,
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,11 @@ class LibraryStore:
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
+        try:
+            open_sqlite_schema(self._conn, SCHEMA, f"at {path}")
+        except BaseException:
+            self._conn.close()
+            raise
         if readonly:
             self._conn.execute("PRAGMA query_only=1")
         self.readonly = readonly
@@ -133,7 +149,7 @@ class LibraryStore:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(_SCHEMA)
+            open_sqlite_schema(conn, SCHEMA, f"at {library_dir / DB_NAME}")
             conn.execute("INSERT OR IGNORE INTO state (id, last_seq, dim) VALUES (1, 0, ?)", (dim,))
         finally:
             conn.close()
@@ -165,14 +181,7 @@ class LibraryStore:
         """
         if not records:
             return []
-        blobs = []
-        for r in records:
-            vec = np.ascontiguousarray(r.vector, dtype=np.float32)
-            if vec.shape != (self.dim,):
-                raise ValueError(f"vector for {r.image_id!r} has shape {vec.shape}, expected ({self.dim},)")
-            if r.vector_kind not in VECTOR_KINDS:
-                raise ValueError(f"vector_kind {r.vector_kind!r} is not one of {VECTOR_KINDS}")
-            blobs.append(vec.tobytes())
+        blobs = vector_blobs(records, self.dim)
         frames = self._write_frames([r.frame for r in records])
         rows = list(zip(records, blobs, frames, strict=True))
         now = time.time()
@@ -184,8 +193,8 @@ class LibraryStore:
                     "SELECT row_id, deleted, frame FROM records WHERE image_id = ? AND image_uri = ?",
                     (r.image_id, r.image_uri),
                 ).fetchone()
-                tags = json.dumps(r.tags, ensure_ascii=False, allow_nan=False)
-                extra = json.dumps(r.extra) if r.extra is not None else None
+                tags = dump_json(r.tags)
+                extra = dump_json(r.extra) if r.extra is not None else None
                 if prev is None:
                     conn.execute(
                         "INSERT INTO records (image_id, image_uri, tags, vector, vector_kind, frame, extra,"
@@ -208,7 +217,7 @@ class LibraryStore:
 
     def update_tags(self, image_id: str, image_uri: str | None, tags: dict[str, Any]) -> int:
         """Replace the whole tag object of the matching live records; returns how many changed."""
-        payload = json.dumps(tags, ensure_ascii=False, allow_nan=False)
+        payload = dump_json(tags)
         where, args = _match(image_id, image_uri)
         with self._write() as (conn, seq):
             cur = conn.execute(
@@ -258,7 +267,7 @@ class LibraryStore:
             rows = self._conn.execute(
                 f"SELECT {_RECORD_COLS} FROM records WHERE deleted=0 AND {where} ORDER BY row_id", args
             ).fetchall()
-        return [_record(r) for r in rows]
+        return [stored_record(r) for r in rows]
 
     def fetch(self, row_ids: Sequence[int]) -> dict[int, StoredRecord]:
         """Live records by row id (rows deleted meanwhile are simply absent)."""
@@ -271,7 +280,7 @@ class LibraryStore:
                 for r in self._conn.execute(
                     f"SELECT {_RECORD_COLS} FROM records WHERE deleted=0 AND row_id IN ({marks})", chunk
                 ):
-                    rec = _record(r)
+                    rec = stored_record(r)
                     out[rec.row_id] = rec
         return out
 
@@ -280,7 +289,7 @@ class LibraryStore:
             row = self._conn.execute(
                 "SELECT vector FROM records WHERE row_id=? AND deleted=0", (row_id,)
             ).fetchone()
-        return None if row is None else np.frombuffer(row[0], dtype=np.float32).copy()
+        return None if row is None else vector_from_blob(row[0])
 
     def changes_since(self, seq: int, *, live_only: bool = False, batch: int = 5000) -> Iterator[Change]:
         """Rows with ``seq > seq`` in seq order (tombstones included unless ``live_only``).
@@ -288,7 +297,7 @@ class LibraryStore:
         The whole scan runs in one read transaction, so it sees one consistent state of the library.
         """
         sql = (
-            "SELECT row_id, seq, deleted, vector, vector_kind, tags FROM records WHERE seq > ?"
+            f"SELECT {CHANGE_COLS} FROM records WHERE seq > ?"
             + (" AND deleted = 0" if live_only else "")
             + " ORDER BY seq, row_id"
         )
@@ -300,15 +309,8 @@ class LibraryStore:
                     rows = cur.fetchmany(batch)
                     if not rows:
                         break
-                    for row_id, s, deleted, blob, kind, tags in rows:
-                        yield Change(
-                            row_id=row_id,
-                            seq=s,
-                            deleted=bool(deleted),
-                            vector=None if blob is None else np.frombuffer(blob, dtype=np.float32),
-                            vector_kind=kind,
-                            tags=json.loads(tags),
-                        )
+                    for row in rows:
+                        yield change_from_row(row)
             finally:
                 self._conn.execute("COMMIT")
 
@@ -394,10 +396,54 @@ class LibraryStore:
                 self._frame_path(frame).unlink(missing_ok=True)
 
 
+# Shared by every backend: validating what is written, shaping what is read.
+
 _RECORD_COLS = "row_id, image_id, image_uri, tags, vector_kind, frame, extra, created_at, updated_at"
+#: The columns of a change, in the order `change_from_row` takes them.
+CHANGE_COLS = "row_id, seq, deleted, vector, vector_kind, tags"
 
 
-def _record(r: tuple[Any, ...]) -> StoredRecord:
+def vector_blobs(records: Sequence[NewRecord], dim: int) -> list[bytes]:
+    """The records' vectors as float32 bytes, after checking every record.
+
+    Raises:
+        ValueError: a vector of the wrong shape or a vector kind that is not known.
+    """
+    blobs = []
+    for r in records:
+        vec = np.ascontiguousarray(r.vector, dtype=np.float32)
+        if vec.shape != (dim,):
+            raise ValueError(f"vector for {r.image_id!r} has shape {vec.shape}, expected ({dim},)")
+        if r.vector_kind not in VECTOR_KINDS:
+            raise ValueError(f"vector_kind {r.vector_kind!r} is not one of {VECTOR_KINDS}")
+        blobs.append(vec.tobytes())
+    return blobs
+
+
+def dump_json(obj: Any) -> str:
+    """Tags and detection extras as stored: JSON text, no NaN or infinity (JSON has none)."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False)
+
+
+def vector_from_blob(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype=np.float32).copy()
+
+
+def change_from_row(row: Sequence[Any]) -> Change:
+    """A `Change` from a row of `CHANGE_COLS` (tags as JSON text). The vector is a read-only view."""
+    row_id, seq, deleted, blob, kind, tags = row
+    return Change(
+        row_id=row_id,
+        seq=seq,
+        deleted=bool(deleted),
+        vector=None if blob is None else np.frombuffer(blob, dtype=np.float32),
+        vector_kind=kind,
+        tags=json.loads(tags),
+    )
+
+
+def stored_record(r: Sequence[Any]) -> StoredRecord:
+    """A `StoredRecord` from a row of ``_RECORD_COLS`` (tags and extra as JSON text)."""
     return StoredRecord(
         row_id=r[0],
         image_id=r[1],

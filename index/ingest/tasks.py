@@ -2,6 +2,7 @@
 a task's definition, state, counters and resume point (``lines_done``), its per-line errors keyed by
 (task, line), and the runners' heartbeats; every progress commit checks the task's owner
 (:class:`LostOwnership`). Why: docs/ARCHITECTURE.md, "Bulk import".
+The schema carries its version in ``PRAGMA user_version`` (``SCHEMA``; the rule is in index/schema.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from index.clock import iso_time
 from index.errors import TaskNotFound
+from index.schema import SQLITE_HISTORY, SqliteSchema, open_sqlite_schema
 
 DB_NAME = "tasks.sqlite"
 
@@ -26,7 +28,11 @@ SUCCEEDED, PARTIALLY_SUCCEEDED, FAILED = "SUCCEEDED", "PARTIALLY_SUCCEEDED", "FA
 UNFINISHED = (PENDING, RUNNING)
 STATES = (PENDING, RUNNING, SUCCEEDED, PARTIALLY_SUCCEEDED, FAILED)
 
-_SCHEMA = """
+#: Version 1 is the schema from before versions existed (0) plus the migration history.
+SCHEMA = SqliteSchema(
+    "task store",
+    (
+        """
 CREATE TABLE IF NOT EXISTS tasks (
     task_id TEXT PRIMARY KEY,
     library_name TEXT NOT NULL,
@@ -59,6 +65,9 @@ CREATE TABLE IF NOT EXISTS runners (
     heartbeat_at REAL NOT NULL
 );
 """
+        + SQLITE_HISTORY,
+    ),
+)
 
 
 class LostOwnership(RuntimeError):
@@ -98,16 +107,57 @@ class Task:
         return self.state not in UNFINISHED
 
 
-_TASK_COLS = (
+TASK_COLS = (
     "task_id, library_name, library_uid, source, save_image, state, total, lines_done, succeeded, failed,"
     " error, owner, created_at, started_at, finished_at"
 )
 
 
-def _task(row: Sequence[Any]) -> Task:
+def task_from_row(row: Sequence[Any]) -> Task:
     values = list(row)
     values[4] = bool(values[4])
     return Task(*values)
+
+
+def task_object(task: Task, errors: Sequence[LineError]) -> dict[str, Any]:
+    """The API's task object (``GET /image/tasks/results/{task_id}``) of a task and its kept errors."""
+    return {
+        "task_id": task.task_id,
+        "library_name": task.library_name,
+        "source": task.source,
+        "state": task.state,
+        "total": task.total,
+        "succeeded": task.succeeded,
+        "failed": task.failed,
+        "errors": [
+            {"line": e.line, "image_id": e.image_id, "image_uri": e.image_uri, "reason": e.reason}
+            for e in errors
+        ],
+        "errors_truncated": task.failed > len(errors),
+        "error": task.error,
+        "created_at": iso_time(task.created_at),
+        "started_at": iso_time(task.started_at) if task.started_at is not None else None,
+        "finished_at": iso_time(task.finished_at) if task.finished_at is not None else None,
+    }
+
+
+def check_final_state(state: str) -> None:
+    """Raise ValueError unless ``state`` is a final state."""
+    if state in UNFINISHED or state not in STATES:
+        raise ValueError(f"{state!r} is not a final state")
+
+
+def check_owner_row(task_id: str, owner: str, row: Sequence[Any] | None) -> None:
+    """Check a task's (owner, state) row before a progress commit.
+
+    Raises:
+        TaskNotFound: no row.
+        LostOwnership: another runner owns the task, or it has finished.
+    """
+    if row is None:
+        raise TaskNotFound(task_id)
+    if row[0] != owner or row[1] not in UNFINISHED:
+        raise LostOwnership(f"task {task_id} is now owned by {row[0]} in state {row[1]}")
 
 
 class TaskStore:
@@ -126,7 +176,11 @@ class TaskStore:
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(_SCHEMA)
+        try:
+            open_sqlite_schema(self._conn, SCHEMA, f"at {self.path}")
+        except BaseException:
+            self._conn.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -163,11 +217,11 @@ class TaskStore:
         """The task row. Raises TaskNotFound."""
         with self._lock:
             row = self._conn.execute(
-                f"SELECT {_TASK_COLS} FROM tasks WHERE task_id = ?", (task_id,)
+                f"SELECT {TASK_COLS} FROM tasks WHERE task_id = ?", (task_id,)
             ).fetchone()
         if row is None:
             raise TaskNotFound(task_id)
-        return _task(row)
+        return task_from_row(row)
 
     def errors(self, task_id: str, *, limit: int | None = None) -> list[LineError]:
         """The task's recorded line errors in line order."""
@@ -189,26 +243,7 @@ class TaskStore:
 
     def describe(self, task_id: str) -> dict[str, Any]:
         """The API's task object (``GET /image/tasks/results/{task_id}``)."""
-        task = self.get(task_id)
-        errors = self.errors(task_id)
-        return {
-            "task_id": task.task_id,
-            "library_name": task.library_name,
-            "source": task.source,
-            "state": task.state,
-            "total": task.total,
-            "succeeded": task.succeeded,
-            "failed": task.failed,
-            "errors": [
-                {"line": e.line, "image_id": e.image_id, "image_uri": e.image_uri, "reason": e.reason}
-                for e in errors
-            ],
-            "errors_truncated": task.failed > len(errors),
-            "error": task.error,
-            "created_at": iso_time(task.created_at),
-            "started_at": iso_time(task.started_at) if task.started_at is not None else None,
-            "finished_at": iso_time(task.finished_at) if task.finished_at is not None else None,
-        }
+        return task_object(self.get(task_id), self.errors(task_id))
 
     # -- ownership -------------------------------------------------------------------------------
 
@@ -246,11 +281,11 @@ class TaskStore:
                 )
             conn.execute("DELETE FROM runners WHERE heartbeat_at < ?", (now - 10 * stale_after_s,))
             rows = conn.execute(
-                f"SELECT {_TASK_COLS} FROM tasks WHERE state IN (?, ?) AND owner = ?"
+                f"SELECT {TASK_COLS} FROM tasks WHERE state IN (?, ?) AND owner = ?"
                 " ORDER BY state DESC, created_at",  # RUNNING before PENDING, then oldest first
                 (*UNFINISHED, owner),
             ).fetchall()
-        return [_task(r) for r in rows]
+        return [task_from_row(r) for r in rows]
 
     # -- progress --------------------------------------------------------------------------------
 
@@ -300,8 +335,7 @@ class TaskStore:
 
     def finish(self, task_id: str, owner: str | None, state: str, *, error: str | None = None) -> None:
         """Set a final state (``owner`` None: regardless of the owner, e.g. at creation time)."""
-        if state in UNFINISHED or state not in STATES:
-            raise ValueError(f"{state!r} is not a final state")
+        check_final_state(state)
         now = time.time()
         with self._txn() as conn:
             if owner is not None:
@@ -331,7 +365,4 @@ class TaskStore:
     @staticmethod
     def _check_owner(conn: sqlite3.Connection, task_id: str, owner: str) -> None:
         row = conn.execute("SELECT owner, state FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
-        if row is None:
-            raise TaskNotFound(task_id)
-        if row[0] != owner or row[1] not in UNFINISHED:
-            raise LostOwnership(f"task {task_id} is now owned by {row[0]} in state {row[1]}")
+        check_owner_row(task_id, owner, row)

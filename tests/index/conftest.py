@@ -46,3 +46,57 @@ def photos() -> dict[str, np.ndarray]:
         "noise_small": rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8),
         "strip": rng.integers(0, 256, size=(3, 200, 3), dtype=np.uint8),
     }
+
+
+class Backend:
+    """Makes catalogs, library stores and task stores of one storage backend for a test."""
+
+    def __init__(self, name: str, tmp_path, pg_url: str | None) -> None:
+        self.name = name
+        self.root = tmp_path
+        self._db = None
+        if pg_url is not None:
+            from index.pg import connect
+
+            self._db = connect(pg_url)
+
+    def catalog(self, *, max_libraries: int = 1000):
+        if self._db is None:
+            from index.catalog import Catalog
+
+            return Catalog(self.root, max_libraries=max_libraries)
+        from index.pg import PgCatalog
+
+        return PgCatalog(self._db, max_libraries=max_libraries)
+
+    def store(self, info, *, readonly: bool = False):
+        """The record store of library ``info`` (a LibraryInfo)."""
+        if self._db is None:
+            from index.store import LibraryStore
+
+            return LibraryStore(self.root / "libraries" / info.name, readonly=readonly)
+        from index.pg import PgLibraryStore
+
+        return PgLibraryStore(self._db, info.uid, readonly=readonly)
+
+    def tasks(self, *, max_errors: int = 10_000):
+        if self._db is None:
+            from index.ingest.tasks import TaskStore
+
+            return TaskStore(self.root, max_errors=max_errors)
+        from index.pg import PgTaskStore
+
+        return PgTaskStore(self._db, max_errors=max_errors)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request, tmp_path):
+    """Each storage backend in turn: SQLite under ``tmp_path``, PostgreSQL in a schema of its own."""
+    pg_url = request.getfixturevalue("pg_url") if request.param == "postgres" else None
+    b = Backend(request.param, tmp_path, pg_url)
+    yield b
+    b.close()

@@ -1,4 +1,5 @@
-"""index.catalog: the library object per mode, the face-model identity a library records, model checks."""
+"""Catalog and PgCatalog: the library object per mode, the face-model identity a library records, model
+checks, create/delete rules. Tests taking ``backend`` run on both backends."""
 
 from __future__ import annotations
 
@@ -6,13 +7,20 @@ import json
 
 import pytest
 
+from index.backends import LibraryCatalog
 from index.catalog import Catalog, check_served_model
-from index.errors import ModelMismatch
+from index.errors import (
+    InvalidParameter,
+    LibraryAlreadyExists,
+    LibraryLimitReached,
+    LibraryNotFound,
+    ModelMismatch,
+)
 
 SERVED = {"identity": "tiny-random/random-seed-0", "face_identity": None}
 
 
-def create(catalog: Catalog, name: str, mode: str, face: str | None = None):
+def create(catalog: LibraryCatalog, name: str, mode: str, face: str | None = None):
     return catalog.create(
         name,
         mode,
@@ -33,8 +41,8 @@ def create(catalog: Catalog, name: str, mode: str, face: str | None = None):
         ("adaptive_search", "face_crop_or_whole_image"),
     ],
 )
-def test_library_object_says_what_is_embedded(tmp_path, mode, embedding) -> None:
-    catalog = Catalog(tmp_path)
+def test_library_object_says_what_is_embedded(backend, mode, embedding) -> None:
+    catalog = backend.catalog()
     info = create(catalog, "lib", mode, face="faces/v1")
     obj = catalog.describe(info)
     assert obj["embedding"] == embedding
@@ -46,10 +54,14 @@ def test_library_object_says_what_is_embedded(tmp_path, mode, embedding) -> None
     assert catalog.mode_of("missing") is None and catalog.mode_of("../bad") is None
 
 
-def test_face_model_identity_is_durable_and_old_descriptors_still_load(tmp_path) -> None:
+def test_face_model_identity_is_durable(backend) -> None:
+    create(backend.catalog(), "faces", "adaptive_search", face="faces/v1")
+    assert backend.catalog().get("faces").face_model_identity == "faces/v1"
+
+
+def test_old_descriptors_without_a_face_model_still_load(tmp_path) -> None:
     catalog = Catalog(tmp_path)
     create(catalog, "faces", "adaptive_search", face="faces/v1")
-    assert Catalog(tmp_path).get("faces").face_model_identity == "faces/v1"
     # a library.json written before the field existed
     path = catalog.library_dir("faces") / "library.json"
     raw = json.loads(path.read_text())
@@ -58,8 +70,8 @@ def test_face_model_identity_is_durable_and_old_descriptors_still_load(tmp_path)
     assert catalog.get("faces").face_model_identity is None
 
 
-def test_served_model_must_match_including_the_face_model(tmp_path) -> None:
-    catalog = Catalog(tmp_path)
+def test_served_model_must_match_including_the_face_model(backend) -> None:
+    catalog = backend.catalog()
     plain = create(catalog, "plain", "adaptive_search")
     with_face = create(catalog, "with_face", "adaptive_search", face="faces/v1")
     general = create(catalog, "general", "general_search")
@@ -72,3 +84,48 @@ def test_served_model_must_match_including_the_face_model(tmp_path) -> None:
         check_served_model(plain, SERVED | {"face_identity": "faces/v2"})
     with pytest.raises(ModelMismatch, match="ViT-B-32/x"):
         check_served_model(general, {"identity": "ViT-B-32/x", "face_identity": None})
+
+
+def test_create_list_delete_and_the_rules_of_create(backend) -> None:
+    catalog = backend.catalog(max_libraries=2)
+    assert isinstance(catalog, LibraryCatalog)
+    first = create(catalog, "b-lib", "general_search")
+    with pytest.raises(LibraryAlreadyExists):
+        create(catalog, "b-lib", "item_search")
+    with pytest.raises(InvalidParameter, match=r"library_name '\.\./x' is invalid"):
+        create(catalog, "../x", "general_search")
+    with pytest.raises(InvalidParameter, match="mode 'nope' is invalid"):
+        create(catalog, "c", "nope")
+    create(catalog, "a-lib", "item_search")
+    with pytest.raises(LibraryLimitReached):
+        create(catalog, "c", "general_search")
+    assert catalog.names() == ["a-lib", "b-lib"]
+    assert [i.name for i in catalog.list()] == ["a-lib", "b-lib"]
+    assert catalog.get("b-lib") == first
+    catalog.delete("b-lib")
+    with pytest.raises(LibraryNotFound):
+        catalog.get("b-lib")
+    with pytest.raises(LibraryNotFound):
+        catalog.delete("b-lib")
+    catalog.empty_trash()
+    again = create(catalog, "b-lib", "general_search")
+    assert again.uid != first.uid  # a re-created library is another library
+
+
+def test_describe_counts_live_records_and_delete_takes_them_along(backend) -> None:
+    import numpy as np
+
+    from index.store import NewRecord
+
+    catalog = backend.catalog()
+    info = create(catalog, "lib", "general_search")
+    vec = np.ones(64, np.float32) / 8
+    with backend.store(info) as store:
+        store.upsert([NewRecord("a", "u", vec, frame=b"jpeg"), NewRecord("b", "u", vec)])
+        store.delete("b", None)
+    described = catalog.describe(info)
+    assert described["image_count"] == 1 and described["index"] == {"kind": "flat", "configured": "auto"}
+    catalog.delete("lib")
+    fresh = create(catalog, "lib", "general_search")
+    with backend.store(fresh) as store:
+        assert store.count() == 0 and store.last_seq() == 0 and store.get("a") == []

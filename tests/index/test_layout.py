@@ -11,7 +11,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-LIGHT = ["index.ingest.fetch", "index.ingest.tasks", "index.catalog", "index.errors"]
+LIGHT = [
+    "index.ingest.fetch",
+    "index.ingest.tasks",
+    "index.catalog",
+    "index.errors",
+    "index.backends",
+    "index.pg",
+]
 
 
 @pytest.mark.parametrize("module", LIGHT)

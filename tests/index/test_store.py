@@ -1,11 +1,16 @@
-"""LibraryStore: upsert semantics, sequence numbers, tombstones, frames."""
+"""LibraryStore and PgLibraryStore: upsert semantics, sequence numbers, tombstones, frames.
+
+Every test runs on both backends (the ``backend`` fixture); ``tests/index/pg/`` has the PostgreSQL-only
+ones (concurrent writers, connection errors).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from index.store import LibraryStore, NewRecord
+from index.backends import RecordStore
+from index.store import NewRecord
 
 DIM = 8
 
@@ -16,9 +21,16 @@ def unit(seed: int) -> np.ndarray:
 
 
 @pytest.fixture
-def store(tmp_path):
-    LibraryStore.initialise(tmp_path, dim=DIM)
-    with LibraryStore(tmp_path) as s:
+def library(backend):
+    return backend.catalog().create(
+        "lib", "general_search", None, model="m", pretrained="p", model_identity="m/p", dim=DIM
+    )
+
+
+@pytest.fixture
+def store(backend, library):
+    with backend.store(library) as s:
+        assert isinstance(s, RecordStore)
         yield s
 
 
@@ -80,7 +92,7 @@ def test_wrong_dim_is_rejected_and_nothing_written(store):
     assert store.last_seq() == 0
 
 
-def test_frames_are_shared_and_collected(store, tmp_path):
+def test_frames_are_shared_and_collected(store):
     store.upsert([rec("a", frame=b"same bytes"), rec("b", frame=b"same bytes")])
     [a] = store.get("a")
     assert store.read_frame(a.frame) == b"same bytes"
@@ -92,18 +104,61 @@ def test_frames_are_shared_and_collected(store, tmp_path):
     assert store.read_frame(b.frame) == b"other bytes"
 
 
-def test_readonly_store_cannot_write(store, tmp_path):
-    with LibraryStore(tmp_path, readonly=True) as ro:
+def test_readonly_store_cannot_write(store, backend, library):
+    with backend.store(library, readonly=True) as ro:
         with pytest.raises(PermissionError):
             ro.upsert([rec("a")])
         store.upsert([rec("a")])
         assert ro.count() == 1  # a reader sees the writer's commit at once
 
 
-def test_a_batch_of_frames_written_in_parallel_each_reads_back(store):
+def test_a_batch_of_frames_written_in_parallel_each_reads_back(store, backend):
     datas = [bytes([i]) * (1000 + i) if i % 5 else None for i in range(40)] + [b"dup", b"dup"]
     store.upsert([rec(f"i{n}", frame=d) for n, d in enumerate(datas)])
     for n, d in enumerate(datas):
         [r] = store.get(f"i{n}")
         assert (store.read_frame(r.frame) if r.frame else None) == d
-    assert not list((store.dir / "frames").rglob("*.tmp"))  # no temporary file left behind
+    if backend.name == "sqlite":
+        assert not list((store.dir / "frames").rglob("*.tmp"))  # no temporary file left behind
+
+
+def test_changes_stream_in_seq_order_across_batches_with_tombstones(store):
+    store.upsert([rec("a"), rec("b", seed=1)])
+    store.upsert([rec("c", seed=2)])
+    store.delete("a", None)
+    store.upsert([rec("a", seed=3, tags={"again": True})])  # the tombstone's row comes back to life
+    changes = list(store.changes_since(0, batch=1))
+    by_id = {r.image_id: r.row_id for r in (*store.get("a"), *store.get("b"), *store.get("c"))}
+    assert [(c.row_id, c.seq, c.deleted) for c in changes] == [
+        (by_id["b"], 1, False),
+        (by_id["c"], 2, False),
+        (by_id["a"], 4, False),
+    ]
+    assert changes[-1].tags == {"again": True} and np.allclose(changes[-1].vector, unit(3))
+    store.delete("c", None)
+    [tomb] = list(store.changes_since(4))
+    assert (tomb.row_id, tomb.seq, tomb.deleted, tomb.vector, tomb.tags) == (by_id["c"], 5, True, None, {})
+    assert [c.row_id for c in store.changes_since(0, live_only=True)] == [by_id["b"], by_id["a"]]
+    assert store.count_changed_since(3) == 2 and store.count() == 2
+
+
+def test_fetch_vector_and_extra_round_trip(store):
+    store.upsert([rec("a", extra={"box": [0.1, 0.2, 0.9, 1.0]}, vector_kind="item"), rec("b", seed=1)])
+    [a], [b] = store.get("a"), store.get("b")
+    store.delete("b", None)
+    fetched = store.fetch([a.row_id, b.row_id, 10_000])
+    assert list(fetched) == [a.row_id]  # deleted and unknown rows are simply absent
+    assert fetched[a.row_id].extra == {"box": [0.1, 0.2, 0.9, 1.0]}
+    assert fetched[a.row_id].vector_kind == "item" and fetched[a.row_id].created_at > 0
+    assert store.vector_of(b.row_id) is None
+    assert store.vector_of(a.row_id).dtype == np.float32
+
+
+def test_unknown_vector_kind_and_nan_tags_write_nothing(store):
+    with pytest.raises(ValueError, match="vector_kind"):
+        store.upsert([rec("a", vector_kind="elbow")])
+    with pytest.raises(ValueError):
+        store.upsert([rec("a", tags={"x": float("nan")})])
+    assert store.count() == 0 and store.last_seq() == 0  # a failed write takes no seq
+    store.upsert([rec("a")])
+    assert store.last_seq() == 1

@@ -1,16 +1,21 @@
-"""TaskStore: durable task rows, chunk commits, error rows, ownership and take-over."""
+"""TaskStore and PgTaskStore: durable task rows, chunk commits, error rows, ownership and take-over.
+
+Every test runs on both backends (the ``backend`` fixture of tests/index/conftest.py).
+"""
 
 from __future__ import annotations
 
 import pytest
 
+from index.backends import TaskStorage
 from index.errors import TaskNotFound
-from index.ingest.tasks import FAILED, PENDING, RUNNING, SUCCEEDED, LineError, LostOwnership, TaskStore
+from index.ingest.tasks import FAILED, PENDING, RUNNING, SUCCEEDED, LineError, LostOwnership
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = TaskStore(tmp_path, max_errors=3)
+def store(backend):
+    s = backend.tasks(max_errors=3)
+    assert isinstance(s, TaskStorage)
     yield s
     s.close()
 
@@ -50,13 +55,13 @@ def test_errors_beyond_the_cap_are_counted_not_kept(store):
     assert d["failed"] == 5 and len(d["errors"]) == 3 and d["errors_truncated"] is True
 
 
-def test_state_survives_reopening(tmp_path):
-    s = TaskStore(tmp_path)
+def test_state_survives_reopening(backend):
+    s = backend.tasks()
     t = new(s).task_id
     s.start(t, "A")
     s.commit_chunk(t, "A", lines_done=3, succeeded=2, errors=[LineError(1, "x")])
     s.close()
-    s = TaskStore(tmp_path)
+    s = backend.tasks()
     task = s.get(t)
     assert (task.state, task.lines_done, task.succeeded, task.failed) == (RUNNING, 3, 2, 1)
     s.close()

@@ -1,0 +1,22 @@
+"""The PostgreSQL backend: the catalog, library records and import tasks in one database.
+
+The same interfaces as the SQLite classes (``index.backends``), for cluster mode, where no process may
+depend on a filesystem shared between nodes (DESIGN.md, "Cluster deployment"). Needs the ``cluster``
+extra (psycopg 3 and psycopg_pool). Nothing in ``deployments/`` selects it yet.
+"""
+
+from index.pg.catalog import PgCatalog
+from index.pg.db import Database, DatabaseUnavailable, connect, read_password, redact_url
+from index.pg.store import PgLibraryStore
+from index.pg.tasks import PgTaskStore
+
+__all__ = [
+    "Database",
+    "DatabaseUnavailable",
+    "PgCatalog",
+    "PgLibraryStore",
+    "PgTaskStore",
+    "connect",
+    "read_password",
+    "redact_url",
+]

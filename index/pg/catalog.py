@@ -1,0 +1,95 @@
+"""The library catalog in PostgreSQL: the ``libraries`` table, one row per library.
+
+The same interface as ``index.catalog.Catalog`` (``index.backends.LibraryCatalog``). A library's row
+holds its descriptor (``info``, what ``library.json`` holds on disk), its dim and its ``last_seq``, the
+row that every write to the library locks (``index/pg/store.py``). Create and delete are single
+transactions, so there is no staging or trash to clean up; deleting the row deletes the library's
+records and frames with it (``ON DELETE CASCADE``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import psycopg
+
+from index.catalog import CatalogBase, LibraryInfo, check_library_name, library_object
+from index.errors import LibraryAlreadyExists, LibraryLimitReached, LibraryNotFound
+from index.pg.db import CATALOG_LOCK, Database
+
+logger = logging.getLogger(__name__)
+
+
+class PgCatalog(CatalogBase):
+    """Creates, lists, describes and deletes libraries in one PostgreSQL database.
+
+    Args:
+        db: the pool (``index.pg.db.connect``); the catalog does not own it.
+        max_libraries: the most libraries this deployment holds.
+    """
+
+    def __init__(self, db: Database, *, max_libraries: int = 1000) -> None:
+        self.db = db
+        self.max_libraries = max_libraries
+
+    def _add(self, info: LibraryInfo) -> None:
+        try:
+            with self.db.transaction() as conn:
+                # Creates one at a time: the count below stays true until this one commits.
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (CATALOG_LOCK,))
+                if conn.execute("SELECT 1 FROM libraries WHERE name = %s", (info.name,)).fetchone():
+                    raise LibraryAlreadyExists(info.name)
+                row = conn.execute("SELECT COUNT(*) FROM libraries").fetchone()
+                if row is not None and row[0] >= self.max_libraries:
+                    raise LibraryLimitReached(self.max_libraries)
+                conn.execute(
+                    "INSERT INTO libraries (uid, name, info, dim) VALUES (%s, %s, %s::jsonb, %s)",
+                    (info.uid, info.name, json.dumps(asdict(info)), info.dim),
+                )
+        except psycopg.errors.UniqueViolation:  # a uid collision: 48 random bits, but say so plainly
+            raise LibraryAlreadyExists(info.name) from None
+
+    def get(self, name: str) -> LibraryInfo:
+        """Read a library's descriptor. Raises LibraryNotFound (InvalidParameter for a bad name)."""
+        check_library_name(name)
+        with self.db.transaction() as conn:
+            row = conn.execute("SELECT info::text FROM libraries WHERE name = %s", (name,)).fetchone()
+        if row is None:
+            raise LibraryNotFound(name)
+        return LibraryInfo(**json.loads(row[0]))
+
+    def names(self) -> list[str]:
+        with self.db.transaction() as conn:
+            return [r[0] for r in conn.execute("SELECT name FROM libraries ORDER BY name")]
+
+    def list(self) -> list[LibraryInfo]:
+        with self.db.transaction() as conn:
+            rows = conn.execute("SELECT info::text FROM libraries ORDER BY name").fetchall()
+        return [LibraryInfo(**json.loads(r[0])) for r in rows]
+
+    def delete(self, name: str) -> None:
+        """Delete a library with every record and frame. Raises LibraryNotFound."""
+        check_library_name(name)
+        with self.db.transaction() as conn:
+            row = conn.execute("DELETE FROM libraries WHERE name = %s RETURNING uid", (name,)).fetchone()
+        if row is None:
+            raise LibraryNotFound(name)
+        logger.info("deleted library %s", name)
+
+    def empty_trash(self) -> None:
+        """Nothing to finish: create and delete are single transactions here."""
+
+    def describe(self, info: LibraryInfo) -> dict[str, Any]:
+        """The API's library object.
+
+        The index kind is ``flat``: snapshots are not kept for this backend yet (they go to the object
+        store), so every replica replays the library's rows into an exact table.
+        """
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "SELECT COUNT(*) FROM records WHERE library_uid = %s AND NOT deleted", (info.uid,)
+            ).fetchone()
+        return library_object(info, 0 if row is None else int(row[0]), "flat")

@@ -1,0 +1,269 @@
+"""The PostgreSQL connection pool and schema: one database holds the catalog, every library's records
+and frames, and the import tasks.
+
+:func:`connect` checks the server first with one plain connection, so a bad configuration fails at
+start with the server's own reason (refused, unknown host, wrong password, missing database) within
+``connect_timeout`` instead of leaving a replica waiting on a pool that never fills; it then migrates
+the schema (or refuses a newer one) and opens the pool. URLs are logged and put into errors only through
+:func:`redact_url`: a password never reaches a log line.
+
+Schema versions: the ``schema_version`` table has one row per migration step applied, with the release
+of the service that applied it. Version 0 is an empty database. Migrations run under a transaction-level
+advisory lock, so replicas starting together migrate once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from index.schema import SERVICE_VERSION, check_not_newer
+
+logger = logging.getLogger(__name__)
+
+#: Keys of ``pg_advisory_xact_lock``: arbitrary constants, the same in every process of the service.
+MIGRATION_LOCK = 0x1A6E5EA1
+CATALOG_LOCK = 0x1A6E5EA2
+CLAIM_LOCK = 0x1A6E5EA3
+
+#: ``STEPS[i]`` takes the database from version ``i`` to ``i + 1`` (one script, no parameters).
+STEPS: tuple[str, ...] = (
+    """
+CREATE TABLE libraries (
+    uid TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    info JSONB NOT NULL,
+    dim INTEGER NOT NULL,
+    last_seq BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE records (
+    row_id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    library_uid TEXT NOT NULL REFERENCES libraries (uid) ON DELETE CASCADE,
+    image_id TEXT NOT NULL,
+    image_uri TEXT NOT NULL,
+    tags JSONB NOT NULL,
+    vector BYTEA,
+    vector_kind TEXT NOT NULL,
+    frame TEXT,
+    extra JSONB,
+    seq BIGINT NOT NULL,
+    deleted BOOLEAN NOT NULL DEFAULT false,
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    UNIQUE (library_uid, image_id, image_uri)
+);
+CREATE INDEX records_by_seq ON records (library_uid, seq);
+CREATE INDEX records_by_frame ON records (library_uid, frame) WHERE frame IS NOT NULL;
+CREATE TABLE frames (
+    library_uid TEXT NOT NULL REFERENCES libraries (uid) ON DELETE CASCADE,
+    sha256 TEXT NOT NULL,
+    data BYTEA NOT NULL,
+    PRIMARY KEY (library_uid, sha256)
+);
+CREATE TABLE tasks (
+    task_id TEXT PRIMARY KEY,
+    library_name TEXT NOT NULL,
+    library_uid TEXT NOT NULL,
+    source TEXT NOT NULL,
+    save_image BOOLEAN NOT NULL,
+    state TEXT NOT NULL,
+    total BIGINT,
+    lines_done BIGINT NOT NULL DEFAULT 0,
+    succeeded BIGINT NOT NULL DEFAULT 0,
+    failed BIGINT NOT NULL DEFAULT 0,
+    error TEXT,
+    owner TEXT,
+    created_at DOUBLE PRECISION NOT NULL,
+    started_at DOUBLE PRECISION,
+    finished_at DOUBLE PRECISION,
+    updated_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX tasks_by_state ON tasks (state, created_at);
+CREATE TABLE task_errors (
+    task_id TEXT NOT NULL REFERENCES tasks (task_id) ON DELETE CASCADE,
+    line BIGINT NOT NULL,
+    image_id TEXT,
+    image_uri TEXT,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (task_id, line)
+);
+CREATE TABLE runners (
+    owner TEXT PRIMARY KEY,
+    heartbeat_at DOUBLE PRECISION NOT NULL
+);
+""",
+)
+SCHEMA_VERSION = len(STEPS)
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database cannot be used: unreachable, refused the credentials, or no such database."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (URL and ``key=value`` conninfo forms)."""
+    url = re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", r"\1***", url)
+    parts = urlsplit(url)
+    if parts.scheme and "@" in parts.netloc:
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            parts = parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}")
+            url = urlunsplit(parts)
+    return url
+
+
+def read_password(*, password_file: str | None = None, password_env: str | None = None) -> str | None:
+    """The database password kept out of the URL: the content of ``password_file`` (e.g. a mounted
+    Kubernetes Secret; one trailing newline dropped) or of the environment variable named ``password_env``.
+
+    Returns:
+        None when neither is given (the URL carries the password, or the server needs none).
+    Raises:
+        ValueError: both are given, or the file or variable is missing or empty; the message names the
+            file or variable, never its content.
+    """
+    if password_file is not None and password_env is not None:
+        raise ValueError("give the database password in a file or in an environment variable, not both")
+    if password_file is not None:
+        try:
+            with open(password_file, encoding="utf-8") as f:
+                password = f.read().removesuffix("\n").removesuffix("\r")
+        except OSError as exc:
+            raise ValueError(
+                f"cannot read the database password file {password_file}: {exc.strerror}"
+            ) from None
+        if not password:
+            raise ValueError(f"the database password file {password_file} is empty")
+        return password
+    if password_env is not None:
+        password = os.environ.get(password_env, "")
+        if not password:
+            raise ValueError(f"the environment variable {password_env} (the database password) is not set")
+        return password
+    return None
+
+
+class Database:
+    """A connection pool to one PostgreSQL database whose schema is current. Made by :func:`connect`.
+
+    ``transaction()`` lends a pooled connection inside one transaction: committed when the block ends,
+    rolled back when it raises.
+    """
+
+    def __init__(self, pool: ConnectionPool, url: str) -> None:
+        self.pool = pool
+        #: The URL without its password (for logs and messages).
+        self.url = redact_url(url)
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        with self.pool.connection() as conn, conn.transaction():
+            yield conn
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(
+    database_url: str,
+    *,
+    password: str | None = None,
+    min_size: int = 1,
+    max_size: int = 8,
+    connect_timeout: float = 10.0,
+) -> Database:
+    """Open a pool to ``database_url`` after checking the server and bringing the schema up to date.
+
+    Args:
+        database_url: ``postgresql://user[:password]@host:port/db`` or a libpq ``key=value`` string.
+        password: the password, when it is kept out of the URL (a secret file or variable).
+        min_size, max_size: connections the pool keeps open at least and opens at most.
+        connect_timeout: seconds allowed to reach the server (libpq counts whole seconds, at least 2).
+
+    Raises:
+        DatabaseUnavailable: the server cannot be reached in time, refuses the credentials, or lacks
+            the database; the message carries the server's reason and the URL without its password.
+        ValueError: ``database_url`` cannot be parsed (the message does not repeat it).
+        SchemaTooNew: the database was migrated by a newer release of the service.
+    """
+    kwargs: dict[str, Any] = {
+        "connect_timeout": max(2, math.ceil(connect_timeout)),
+        "application_name": "image-search",
+    }
+    if password is not None:
+        kwargs["password"] = password
+    shown = redact_url(database_url)
+    started = time.monotonic()
+    try:
+        with psycopg.connect(database_url, **kwargs) as conn:
+            migrate(conn, f"PostgreSQL database {shown}")
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot use PostgreSQL database {shown}: {exc}".strip()) from None
+    except psycopg.ProgrammingError:  # libpq's message (and a redaction of what it cannot parse) may
+        # still show the password: name no part of the string
+        raise ValueError(
+            "database_url is neither a postgresql://user@host:port/db URL nor a key=value connection string"
+        ) from None
+    pool = ConnectionPool(
+        database_url,
+        kwargs=kwargs,
+        min_size=min_size,
+        max_size=max_size,
+        open=False,
+        check=ConnectionPool.check_connection,  # a connection broken by a server restart is replaced
+        name="image-search",
+    )
+    pool.open(wait=True, timeout=max(connect_timeout, 2.0))
+    logger.info(
+        "connected to PostgreSQL %s (schema version %d) in %.2fs",
+        shown,
+        SCHEMA_VERSION,
+        time.monotonic() - started,
+    )
+    return Database(pool, database_url)
+
+
+def migrate(conn: psycopg.Connection[Any], what: str, steps: tuple[str, ...] = STEPS) -> int:
+    """Bring the database behind ``conn`` to ``len(steps)``, or refuse it when it is newer.
+
+    Returns:
+        The version the database was at.
+    Raises:
+        SchemaTooNew: nothing was changed.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, service TEXT NOT NULL,"
+            " applied_at DOUBLE PRECISION NOT NULL)"
+        )
+        row = conn.execute(
+            "SELECT version, service FROM schema_version ORDER BY version DESC LIMIT 1"
+        ).fetchone()
+        found = 0 if row is None else int(row[0])
+        check_not_newer(what, found, len(steps), None if row is None else str(row[1]))
+        for version in range(found, len(steps)):
+            conn.execute(steps[version].encode())  # bytes: a script of several statements, no parameters
+            conn.execute(
+                "INSERT INTO schema_version (version, service, applied_at) VALUES (%s, %s, %s)",
+                (version + 1, SERVICE_VERSION, time.time()),
+            )
+    if found < len(steps):
+        logger.info("migrated %s from schema version %d to %d", what, found, len(steps))
+    return found

@@ -1,0 +1,301 @@
+"""The records of one library in PostgreSQL: the same interface as ``index.store.LibraryStore``.
+
+Sequence numbers: every mutation runs in one transaction that first locks the library's row in
+``libraries`` (``SELECT ... FOR UPDATE``), stamps every row it touches with ``last_seq + 1`` and stores
+that as the new ``last_seq``. The lock is held until the commit, so two writers (say, an old Writer still
+alive during a failover and its replacement) queue on it: seqs follow commit order, and a transaction
+that rolls back takes its number with it, so none is skipped. The database is the fence; nothing
+outside it is needed.
+
+Readers catch up over the connection: ``last_seq()`` then ``changes_since(applied)``, in a
+``REPEATABLE READ`` transaction streamed through a server-side cursor. Because ``last_seq`` and the rows
+it stamps commit together, a reader that saw ``last_seq = n`` finds every row up to ``n``.
+
+Deletes leave tombstones (``deleted = true``, no vector, a new seq), as in SQLite.
+
+Frames (stored original images) are rows of ``frames`` (bytea, content-addressed by SHA-256 per library),
+written in the same transaction as the records that name them, and deleted in that transaction when no
+live record names them any more. That is a stopgap: in cluster mode frames belong in the object store
+(DESIGN.md, "Cluster deployment"), and only ``read_frame`` and the frame names in records are the
+interface.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from index.errors import LibraryNotFound
+from index.pg.db import Database
+from index.store import (
+    CHANGE_COLS,
+    Change,
+    NewRecord,
+    StoredRecord,
+    dump_json,
+    stored_record,
+    vector_blobs,
+    vector_from_blob,
+)
+from index.store import change_from_row as _change
+
+_RECORD_COLS = (
+    "row_id, image_id, image_uri, tags::text, vector_kind, frame, extra::text, created_at, updated_at"
+)
+
+
+class PgLibraryStore:
+    """PostgreSQL access to one library, through the shared pool (thread-safe: each call borrows a
+    connection).
+
+    Args:
+        db: the pool; the store does not own it.
+        uid: the library's uid (``LibraryInfo.uid``): a library deleted and created again is another one.
+        readonly: refuse every write (what readers open).
+
+    Raises:
+        LibraryNotFound: no library has that uid (it was deleted).
+    """
+
+    def __init__(self, db: Database, uid: str, *, readonly: bool = False) -> None:
+        self.db = db
+        self.uid = uid
+        self.readonly = readonly
+        with db.transaction() as conn:
+            row = conn.execute("SELECT dim, name FROM libraries WHERE uid = %s", (uid,)).fetchone()
+        if row is None:
+            raise LibraryNotFound(f"uid {uid}")
+        self.dim, self.name = int(row[0]), str(row[1])
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Nothing to release: the pool belongs to whoever connected."""
+
+    def __enter__(self) -> PgLibraryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    def upsert(self, records: Sequence[NewRecord]) -> list[bool]:
+        """Insert or overwrite records keyed by (image_id, image_uri), all under one new seq.
+
+        Returns:
+            For each record, True when it was created, False when it overwrote a live record.
+        Raises:
+            ValueError: a vector of the wrong shape or a vector kind that is not known.
+        """
+        if not records:
+            return []
+        blobs = vector_blobs(records, self.dim)
+        frames = [hashlib.sha256(r.frame).hexdigest() if r.frame is not None else None for r in records]
+        now = time.time()
+        with self._write() as (conn, seq):
+            frame_rows = {f: r.frame for f, r in zip(frames, records, strict=True) if f is not None}
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO frames (library_uid, sha256, data) VALUES (%s, %s, %s)"
+                    " ON CONFLICT DO NOTHING",
+                    [(self.uid, f, data) for f, data in frame_rows.items()],
+                )
+            # What each key held before (the library's lock keeps it so until the commit).
+            live: dict[tuple[str, str], tuple[bool, str | None]] = {
+                (r[0], r[1]): (not r[2], r[3])
+                for r in conn.execute(
+                    "SELECT image_id, image_uri, deleted, frame FROM records WHERE library_uid = %s"
+                    " AND (image_id, image_uri) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                    (self.uid, [r.image_id for r in records], [r.image_uri for r in records]),
+                )
+            }
+            created, old_frames = [], []
+            for r, frame in zip(records, frames, strict=True):
+                was_live, old_frame = live.get((r.image_id, r.image_uri), (False, None))
+                created.append(not was_live)
+                if old_frame is not None and old_frame != frame:
+                    old_frames.append(old_frame)
+                live[(r.image_id, r.image_uri)] = (True, frame)
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO records AS r (library_uid, image_id, image_uri, tags, vector, vector_kind,"
+                    " frame, extra, seq, deleted, created_at, updated_at)"
+                    " VALUES (%s, %s, %s, %s::jsonb, %s, %s, %s, %s::jsonb, %s, false, %s, %s)"
+                    " ON CONFLICT (library_uid, image_id, image_uri) DO UPDATE SET tags = excluded.tags,"
+                    " vector = excluded.vector, vector_kind = excluded.vector_kind, frame = excluded.frame,"
+                    " extra = excluded.extra, seq = excluded.seq, deleted = false,"
+                    " updated_at = excluded.updated_at,"
+                    " created_at = CASE WHEN r.deleted THEN excluded.created_at ELSE r.created_at END",
+                    [
+                        (
+                            self.uid,
+                            r.image_id,
+                            r.image_uri,
+                            dump_json(r.tags),
+                            blob,
+                            r.vector_kind,
+                            frame,
+                            dump_json(r.extra) if r.extra is not None else None,
+                            seq,
+                            now,
+                            now,
+                        )
+                        for r, blob, frame in zip(records, blobs, frames, strict=True)
+                    ],
+                )
+            self._collect_frames(conn, old_frames)
+        return created
+
+    def update_tags(self, image_id: str, image_uri: str | None, tags: dict[str, Any]) -> int:
+        """Replace the whole tag object of the matching live records; returns how many changed."""
+        where, args = _match(image_id, image_uri)
+        with self._write() as (conn, seq):
+            cur = conn.execute(
+                "UPDATE records SET tags = %s::jsonb, seq = %s, updated_at = %s"
+                f" WHERE library_uid = %s AND NOT deleted AND {where}",
+                (dump_json(tags), seq, time.time(), self.uid, *args),
+            )
+            return cur.rowcount
+
+    def delete(self, image_id: str, image_uri: str | None) -> int:
+        """Delete the matching live records (every uri of the id when image_uri is None)."""
+        where, args = _match(image_id, image_uri)
+        with self._write() as (conn, seq):
+            frames = [
+                r[0]
+                for r in conn.execute(
+                    f"SELECT frame FROM records WHERE library_uid = %s AND NOT deleted AND frame IS NOT NULL"
+                    f" AND {where}",
+                    (self.uid, *args),
+                )
+            ]
+            cur = conn.execute(
+                "UPDATE records SET deleted = true, vector = NULL, frame = NULL, tags = '{}'::jsonb,"
+                " extra = NULL, seq = %s, updated_at = %s"
+                f" WHERE library_uid = %s AND NOT deleted AND {where}",
+                (seq, time.time(), self.uid, *args),
+            )
+            self._collect_frames(conn, frames)
+            return cur.rowcount
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def last_seq(self) -> int:
+        return int(self._one("SELECT last_seq FROM libraries WHERE uid = %s", (self.uid,), missing=True))
+
+    def count(self) -> int:
+        """Number of live records."""
+        return int(
+            self._one("SELECT COUNT(*) FROM records WHERE library_uid = %s AND NOT deleted", (self.uid,))
+        )
+
+    def count_changed_since(self, seq: int) -> int:
+        return int(
+            self._one("SELECT COUNT(*) FROM records WHERE library_uid = %s AND seq > %s", (self.uid, seq))
+        )
+
+    def get(self, image_id: str, image_uri: str | None = None) -> list[StoredRecord]:
+        """Live records of an image id (one uri, or all of them), in insertion order."""
+        where, args = _match(image_id, image_uri)
+        with self.db.transaction() as conn:
+            rows = conn.execute(
+                f"SELECT {_RECORD_COLS} FROM records WHERE library_uid = %s AND NOT deleted AND {where}"
+                " ORDER BY row_id",
+                (self.uid, *args),
+            ).fetchall()
+        return [stored_record(r) for r in rows]
+
+    def fetch(self, row_ids: Sequence[int]) -> dict[int, StoredRecord]:
+        """Live records by row id (rows deleted meanwhile are simply absent)."""
+        with self.db.transaction() as conn:
+            rows = conn.execute(
+                f"SELECT {_RECORD_COLS} FROM records WHERE library_uid = %s AND NOT deleted"
+                " AND row_id = ANY(%s)",
+                (self.uid, [int(i) for i in row_ids]),
+            ).fetchall()
+        return {rec.row_id: rec for rec in map(stored_record, rows)}
+
+    def vector_of(self, row_id: int) -> np.ndarray | None:
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "SELECT vector FROM records WHERE library_uid = %s AND row_id = %s AND NOT deleted",
+                (self.uid, row_id),
+            ).fetchone()
+        return None if row is None else vector_from_blob(row[0])
+
+    def changes_since(self, seq: int, *, live_only: bool = False, batch: int = 5000) -> Iterator[Change]:
+        """Rows with ``seq > seq`` in seq order (tombstones included unless ``live_only``).
+
+        One ``REPEATABLE READ`` transaction (one consistent state of the library), streamed ``batch``
+        rows at a time through a server-side cursor; the pooled connection is held until the iterator
+        is exhausted or closed.
+        """
+        sql = (
+            f"SELECT {CHANGE_COLS.replace('tags', 'tags::text')} FROM records"
+            " WHERE library_uid = %s AND seq > %s"
+            + (" AND NOT deleted" if live_only else "")
+            + " ORDER BY seq, row_id"
+        )
+        with self.db.transaction() as conn:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            with conn.cursor(name="changes_since") as cur:
+                cur.itersize = batch
+                cur.execute(sql, (self.uid, seq))
+                for row in cur:
+                    yield _change(row)
+
+    def read_frame(self, frame: str) -> bytes | None:
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "SELECT data FROM frames WHERE library_uid = %s AND sha256 = %s", (self.uid, frame)
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    # -- internals -------------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[tuple[psycopg.Connection[Any], int]]:
+        """One write transaction holding the library's row lock, with the seq it stamps."""
+        if self.readonly:
+            raise PermissionError("this store was opened read-only")
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "SELECT last_seq FROM libraries WHERE uid = %s FOR UPDATE", (self.uid,)
+            ).fetchone()
+            if row is None:
+                raise LibraryNotFound(self.name)
+            seq = int(row[0]) + 1
+            conn.execute("UPDATE libraries SET last_seq = %s WHERE uid = %s", (seq, self.uid))
+            yield conn, seq
+
+    def _collect_frames(self, conn: psycopg.Connection[Any], frames: Sequence[str]) -> None:
+        """Delete frames that no live record names any more (inside the writing transaction)."""
+        if frames:
+            conn.execute(
+                "DELETE FROM frames AS f WHERE f.library_uid = %s AND f.sha256 = ANY(%s) AND NOT EXISTS"
+                " (SELECT 1 FROM records AS r WHERE r.library_uid = f.library_uid AND r.frame = f.sha256"
+                " AND NOT r.deleted)",
+                (self.uid, sorted(set(frames))),
+            )
+
+    def _one(self, sql: str, args: tuple[Any, ...], *, missing: bool = False) -> Any:
+        with self.db.transaction() as conn:
+            row = conn.execute(sql, args).fetchone()
+        if row is None:
+            if missing:
+                raise LibraryNotFound(self.name)
+            raise RuntimeError(f"no row from {sql!r}")
+        return row[0]
+
+
+def _match(image_id: str, image_uri: str | None) -> tuple[str, tuple[str, ...]]:
+    if image_uri is None:
+        return "image_id = %s", (image_id,)
+    return "image_id = %s AND image_uri = %s", (image_id, image_uri)

@@ -1,0 +1,144 @@
+"""index.pg.db: clear errors at start (unreachable, wrong password, missing database, newer schema),
+migrations, and URLs that never show their password."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import psycopg
+import pytest
+
+from index.pg.db import STEPS, DatabaseUnavailable, connect, migrate, read_password, redact_url
+from index.schema import SERVICE_VERSION, SchemaTooNew
+from tests.pg_server import free_port
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("postgresql://app:s3cret@db:5432/x", "postgresql://app:***@db:5432/x"),
+        ("postgresql://app:p%40ss@db/x?sslmode=require", "postgresql://app:***@db/x?sslmode=require"),
+        ("postgresql://app@db/x", "postgresql://app@db/x"),
+        ("postgresql://db/x?user=app&password=s3cret", "postgresql://db/x?user=app&password=***"),
+        ("host=db user=app password=s3cret dbname=x", "host=db user=app password=*** dbname=x"),
+        ("host=db password='s3 cret' dbname=x", "host=db password=*** dbname=x"),
+    ],
+)
+def test_redact_url_hides_every_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def in_thread(fn, limit_s: float = 60.0) -> BaseException | None:
+    """Run ``fn`` in a thread and return what it raised; fail if it is still running after ``limit_s``
+    (a hang, not a slow call: the calls below are bounded by a 2 s connect timeout)."""
+    caught: list[BaseException | None] = [None]
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            caught[0] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(limit_s)
+    assert not t.is_alive(), "connect() hung"
+    return caught[0]
+
+
+def test_nothing_listening_is_a_clear_error(pg_server) -> None:
+    url = f"postgresql://app:topsecret@127.0.0.1:{free_port()}/app"
+    exc = in_thread(lambda: connect(url, connect_timeout=2))
+    assert isinstance(exc, DatabaseUnavailable)
+    assert "cannot use PostgreSQL database postgresql://app:***@127.0.0.1" in str(exc)
+    assert "refused" in str(exc) and "topsecret" not in str(exc)
+
+
+@pytest.mark.parametrize("url", ["mysql://app:topsecret@db/x", "host=db password=top secret"])
+def test_a_malformed_url_is_refused_without_repeating_its_password(url: str) -> None:
+    with pytest.raises(
+        ValueError, match="is neither a postgresql://user@host:port/db URL nor a key=value"
+    ) as caught:
+        connect(url)
+    assert "top" not in str(caught.value) and "secret" not in str(caught.value)
+
+
+def test_a_server_that_never_answers_times_out(pg_server) -> None:
+    with socket.socket() as silent:  # accepts connections into its backlog, never speaks
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        url = f"postgresql://app:topsecret@127.0.0.1:{silent.getsockname()[1]}/app"
+        exc = in_thread(lambda: connect(url, connect_timeout=2))
+    assert isinstance(exc, DatabaseUnavailable) and "timeout" in str(exc).lower()
+
+
+def test_wrong_password_and_missing_database_are_named(pg_server) -> None:
+    exc = in_thread(lambda: connect(pg_server.url(password="not-the-password"), connect_timeout=2))
+    assert isinstance(exc, DatabaseUnavailable)
+    assert 'password authentication failed for user "app"' in str(exc)
+    assert "not-the-password" not in str(exc) and pg_server.password not in str(exc)
+    missing = pg_server.url().rsplit("/", 1)[0] + "/nosuchdb"
+    exc = in_thread(lambda: connect(missing, connect_timeout=2))
+    assert isinstance(exc, DatabaseUnavailable) and 'database "nosuchdb" does not exist' in str(exc)
+
+
+def test_read_password_from_a_file_or_a_variable(tmp_path, monkeypatch) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3 cret\n")
+    assert read_password(password_file=str(secret)) == "s3 cret"
+    monkeypatch.setenv("DB_PW", "from-env")
+    assert read_password(password_env="DB_PW") == "from-env"
+    assert read_password() is None
+    with pytest.raises(ValueError, match="not both"):
+        read_password(password_file=str(secret), password_env="DB_PW")
+    with pytest.raises(ValueError, match=f"cannot read the database password file {tmp_path}/nope"):
+        read_password(password_file=str(tmp_path / "nope"))
+    secret.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        read_password(password_file=str(secret))
+    monkeypatch.delenv("DB_PW")
+    with pytest.raises(ValueError, match="DB_PW"):
+        read_password(password_env="DB_PW")
+
+
+def test_password_can_come_apart_from_the_url(pg_server, pg_url, tmp_path) -> None:
+    bare = pg_url.replace(f":{pg_server.password}@", "@")
+    secret = tmp_path / "pw"
+    secret.write_text(pg_server.password + "\n")
+    password = read_password(password_file=str(secret))
+    with connect(bare, password=password) as db, db.transaction() as conn:
+        assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (len(STEPS),)
+    assert pg_server.password not in db.url
+
+
+def test_a_newer_database_is_refused_naming_the_release_it_needs(pg_server, pg_url) -> None:
+    connect(pg_url).close()  # creates the current schema
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("INSERT INTO schema_version VALUES (%s, '9.9.9', 0)", (len(STEPS) + 1,))
+    with pytest.raises(SchemaTooNew) as caught:
+        connect(pg_url)
+    message = str(caught.value)
+    assert f"has schema version {len(STEPS) + 1}, written by image-search 9.9.9" in message
+    assert f"knows versions up to {len(STEPS)}" in message and "run image-search 9.9.9 or newer" in message
+    assert "PostgreSQL database postgresql://app:***@127.0.0.1" in message
+    assert pg_server.password not in message
+
+
+def test_migration_applies_the_missing_steps_in_one_transaction(pg_url) -> None:
+    with psycopg.connect(pg_url) as conn:
+        assert migrate(conn, "db") == 0
+        assert migrate(conn, "db") == len(STEPS)  # current: nothing to do
+        broken = (*STEPS, "ALTER TABLE libraries ADD COLUMN note TEXT; ALTER TABLE nope ADD COLUMN x INT")
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            migrate(conn, "db", broken)
+        conn.rollback()
+        columns = "SELECT column_name FROM information_schema.columns WHERE table_name = 'libraries'"
+        assert "note" not in {r[0] for r in conn.execute(columns)}  # the half-done step left nothing
+        fixed = (*STEPS, "ALTER TABLE libraries ADD COLUMN note TEXT")
+        assert migrate(conn, "db", fixed) == len(STEPS)
+        assert "note" in {r[0] for r in conn.execute(columns)}
+        history = conn.execute("SELECT version, service FROM schema_version ORDER BY version").fetchall()
+        assert history == [(v, SERVICE_VERSION) for v in range(1, len(STEPS) + 2)]
+        with pytest.raises(SchemaTooNew, match=f"knows versions up to {len(STEPS)}"):
+            migrate(conn, "db")

@@ -14,11 +14,13 @@ import re
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.cluster.conftest import INSIDE_ENV
+from tests.cluster.harness import RUN_ENV, marked_processes
 
 REPO = Path(__file__).resolve().parents[1]
 #: 6 raylets, Serve, a node failover and the S3 server: ~2-3 min on 2 busy cores.
@@ -47,9 +49,11 @@ def test_cluster_suite_passes_in_a_private_network_namespace() -> None:
     refusal = _netns_refusal()
     if refusal is not None:
         pytest.skip(f"the cluster suite needs network and mount namespaces (root): {refusal}")
+    run_id = uuid.uuid4().hex[:12]
     inner = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "cluster")]
     env = os.environ | {
         INSIDE_ENV: "1",
+        RUN_ENV: run_id,
         "RAY_AUTH_MODE": "disabled",  # loopback only, inside the namespace: nothing else can connect
         "RAY_USAGE_STATS_ENABLED": "0",
         "PYTHONPATH": str(REPO),
@@ -61,4 +65,6 @@ def test_cluster_suite_passes_in_a_private_network_namespace() -> None:
     summary = [ln for ln in out.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
     print("cluster suite:", summary[-1] if summary else "(no summary)")
     assert run.returncode == 0, out[-12000:]
+    # the fixtures' teardown stopped every node process they started (raylets, workers, agents)
+    assert marked_processes(run_id) == []
     assert summary and " passed" in summary[-1] and "skipped" not in summary[-1], out[-4000:]

@@ -35,6 +35,8 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER_ENV = "IMAGE_SEARCH_CLUSTER_NODE"
+#: Where set, the run id every cluster of this process takes (the outer test checks nothing is left).
+RUN_ENV = "IMAGE_SEARCH_CLUSTER_RUN"
 #: The node's private directory, as its processes see it (each Ray worker inherits it from its raylet).
 NODE_DIR_ENV = "IMAGE_SEARCH_NODE_DIR"
 GCS_PORT = 6379
@@ -81,7 +83,7 @@ class LocalCluster:
 
     base: Path
     head_cpus: int = 1
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    run_id: str = field(default_factory=lambda: os.environ.get(RUN_ENV) or uuid.uuid4().hex[:12])
     nodes: dict[str, Node] = field(default_factory=dict)
     _next_port: int = 20000
 
@@ -289,6 +291,16 @@ def foreign_files(cluster: LocalCluster, procs: list[psutil.Process]) -> list[st
             for name, node in cluster.nodes.items():
                 if name != own and Path(path).is_relative_to(node.root):
                     found.append(f"pid {proc.pid} (node {own}) holds {path} of node {name}")
+    return found
+
+
+def marked_processes(run_id: str) -> list[psutil.Process]:
+    """Every live process of every node of the clusters with this run id."""
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            if p.environ().get(MARKER_ENV, "").partition(":")[0] == run_id:
+                found.append(p)
     return found
 
 

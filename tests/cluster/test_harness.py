@@ -61,6 +61,9 @@ def test_nodes_are_alive_with_their_resources_on_loopback_only(cluster: LocalClu
     assert set(psutil.net_if_addrs()) == {"lo"}
     for name in cluster.nodes:
         assert cluster.node_processes(name), f"node {name} has no processes"
+    # Ray recorded the cluster's address in the head's own temp dir, not in /tmp/ray for others to find
+    recorded = cluster.nodes["head"].temp_dir / "ray_current_cluster"
+    assert recorded.read_text().strip() == cluster.address
 
 
 def test_each_replica_runs_on_the_node_its_resource_names(

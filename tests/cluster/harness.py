@@ -304,14 +304,15 @@ def marked_processes(run_id: str) -> list[psutil.Process]:
     return found
 
 
-def replica_processes(app: str, deployment: str) -> list[psutil.Process]:
-    """The processes of a Serve deployment's replicas, by the title Ray gives a replica actor:
-    ``ray::ServeReplica:<app>:<deployment>`` when idle, ``ray::SERVE_REPLICA::...:ServeReplica:<app>:
-    <deployment>.<method>`` while it runs a method."""
+def replica_processes(cluster: LocalCluster, app: str, deployment: str) -> list[psutil.Process]:
+    """The processes of a Serve deployment's replicas in ``cluster``, by the title Ray gives a replica
+    actor: ``ray::ServeReplica:<app>:<deployment>`` when idle, ``ray::SERVE_REPLICA::...:ServeReplica:
+    <app>:<deployment>.<method>`` while it runs a method. Only this cluster's processes count: another
+    Ray instance on the machine (the outer test session's) may run an app of the same name."""
     title = re.compile(rf"ServeReplica:{re.escape(app)}:{re.escape(deployment)}(\.|\s|$)")
     found = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::") and title.search(cmd):
+        if cmd.startswith("ray::") and title.search(cmd) and cluster.node_of(p) is not None:
             found.append(p)
     return found

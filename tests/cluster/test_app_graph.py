@@ -54,10 +54,10 @@ def _ok(path: str, body: dict[str, Any]) -> dict[str, Any]:
 
 def test_every_deployment_runs_on_the_node_it_is_pinned_to(cluster: LocalCluster, app: str) -> None:
     for deployment, node in PLACEMENT.items():
-        procs = replica_processes(app, deployment)
+        procs = replica_processes(cluster, app, deployment)
         assert procs, f"no replica process of {deployment}"
         assert {cluster.node_of(p) for p in procs} == {node}, deployment
-    procs = [p for d in PLACEMENT for p in replica_processes(app, d)]
+    procs = [p for d in PLACEMENT for p in replica_processes(cluster, app, d)]
     assert foreign_files(cluster, procs) == []
 
 

@@ -73,7 +73,7 @@ def test_each_replica_runs_on_the_node_its_resource_names(
         where = get_json(f"/{app}")  # through the head's proxy
         assert where["node"] == node
         assert where["node_dir"] == str(cluster.nodes[node].data_dir)
-        procs = replica_processes(app, "Probe")
+        procs = replica_processes(cluster, app, "Probe")
         assert [p.pid for p in procs] == [where["pid"]]
         assert cluster.node_of(procs[0]) == node
 
@@ -100,7 +100,7 @@ def test_a_node_directory_is_private_to_its_node(cluster: LocalCluster, probes: 
 def test_isolation_checker_passes_for_replicas_that_keep_to_their_node(
     cluster: LocalCluster, probes: dict[str, str]
 ) -> None:
-    procs = [p for app in probes.values() for p in replica_processes(app, "Probe")]
+    procs = [p for app in probes.values() for p in replica_processes(cluster, app, "Probe")]
     assert len(procs) == len(probes)
     for p in procs:
         # each replica does hold files under its own node's directory (its logs): allowed, not foreign
@@ -119,7 +119,7 @@ def test_isolation_checker_fails_on_a_file_of_another_node(
     handle = _handle(probes["a"])
     pid = handle.hold.remote(str(shared)).result()
     try:
-        procs = [p for app in probes.values() for p in replica_processes(app, "Probe")]
+        procs = [p for app in probes.values() for p in replica_processes(cluster, app, "Probe")]
         assert foreign_files(cluster, procs) == [f"pid {pid} (node a) holds {shared} of node b"]
     finally:
         handle.release.remote().result()
@@ -174,7 +174,7 @@ def test_serve_reschedules_a_replica_when_its_node_dies(
         f"the replica answering from node {survivor}", lambda: get_json(route)["node"] == survivor
     )
     assert moved
-    procs = replica_processes("failover", "Probe")
+    procs = replica_processes(cluster, "failover", "Probe")
     assert [cluster.node_of(p) for p in procs] == [survivor]
     assert foreign_files(cluster, procs) == []
     serve.delete("failover")

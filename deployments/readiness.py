@@ -51,7 +51,9 @@ def parse_states(details: Mapping[str, Any], app_name: str) -> dict[str, Deploym
     for name, dep in (app.get("deployments") or {}).items():
         replicas = dep.get("replicas") or []
         states[name] = DeploymentState(
-            status=str(dep.get("status", "UNKNOWN")),
+            # The controller hands over Serve's DeploymentStatus enum (a str subclass whose str() is
+            # "DeploymentStatus.HEALTHY"): report its value, as `serve status` does.
+            status=str(getattr(dep.get("status"), "value", dep.get("status") or "UNKNOWN")),
             running=sum(1 for r in replicas if r.get("state") == "RUNNING"),
             target=int(dep.get("target_num_replicas", 0)),
             message=str(dep.get("message") or ""),

@@ -65,6 +65,7 @@ def test_health_says_random_weights(client):
     assert isinstance(data["libraries"], int)
     assert set(data["deployments"]) == {"Ingress", "Encoder", "LibraryIndex", "Writer", "Importer"}
     assert all(d["running"] >= 1 and d["target"] >= 1 for d in data["deployments"].values()), data
+    assert {d["status"] for d in data["deployments"].values()} <= {"HEALTHY", "UPSCALING", "DOWNSCALING"}
     assert client.get("/health")[0] == 200
 
 

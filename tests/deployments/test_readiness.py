@@ -60,6 +60,14 @@ def test_parse_counts_running_replicas_and_target() -> None:
     )
 
 
+def test_parse_reports_serves_status_enum_by_its_value() -> None:
+    from ray.serve._private.common import DeploymentStatus
+
+    answer = details(Encoder=("HEALTHY", 1, 1))
+    answer["applications"]["app"]["deployments"]["Encoder"]["status"] = DeploymentStatus.HEALTHY
+    assert parse_states(answer, "app")["Encoder"].status == "HEALTHY"
+
+
 def test_parse_refuses_an_unknown_application() -> None:
     with pytest.raises(Unavailable, match="'other' is not deployed"):
         parse_states(details(Encoder=("HEALTHY", 1, 1)), "other")

@@ -32,6 +32,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -59,6 +60,66 @@ class Manifest:
     index_bytes: int = 0  # resident bytes of the index structure (reporting)
     #: Recall ladders measured on this index (`index.calibration.Calibration.to_dict`); None: none.
     calibration: dict | None = None
+
+
+@runtime_checkable
+class Snapshots(Protocol):
+    """Where one library's snapshots live: ``LocalSnapshots`` (a directory of the storage root, the
+    embedded mode) or ``index.objsnap.ObjectSnapshots`` (an object store, copied into a node-local cache
+    before being memory-mapped: cluster mode). The reader and the writer only use this."""
+
+    #: A short name for logs (the library's directory or uid).
+    label: str
+
+    def current_name(self) -> str | None:
+        """The name of the current snapshot (one small read), or None."""
+        ...
+
+    def seq(self) -> int:
+        """The applied seq of the current snapshot (0 when there is none)."""
+        ...
+
+    def read_manifest(self) -> Manifest | None: ...
+
+    def load(
+        self, *, model_identity: str, dim: int, config: IndexConfig = DEFAULT_CONFIG, writable: bool = False
+    ) -> tuple[VectorTable, str] | None:
+        """The current snapshot's table and name, or None when there is no usable one."""
+        ...
+
+    def write(self, table: VectorTable, *, model_identity: str) -> Manifest:
+        """Publish ``table`` as the newest snapshot (files first, then the manifest, then the pointer)."""
+        ...
+
+
+@dataclass(frozen=True)
+class LocalSnapshots:
+    """Snapshots under ``<library_dir>/snapshots`` (embedded mode)."""
+
+    library_dir: Path
+
+    @property
+    def label(self) -> str:
+        return self.library_dir.name
+
+    def current_name(self) -> str | None:
+        return current_name(self.library_dir)
+
+    def seq(self) -> int:
+        return snapshot_seq(self.library_dir)
+
+    def read_manifest(self) -> Manifest | None:
+        return read_manifest(self.library_dir)
+
+    def load(
+        self, *, model_identity: str, dim: int, config: IndexConfig = DEFAULT_CONFIG, writable: bool = False
+    ) -> tuple[VectorTable, str] | None:
+        return load_snapshot(
+            self.library_dir, model_identity=model_identity, dim=dim, config=config, writable=writable
+        )
+
+    def write(self, table: VectorTable, *, model_identity: str) -> Manifest:
+        return write_snapshot(self.library_dir, table, model_identity=model_identity)
 
 
 def write_snapshot(library_dir: Path, table: VectorTable, *, model_identity: str) -> Manifest:

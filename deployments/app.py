@@ -7,7 +7,8 @@
               '-> Importer      bulk import tasks (one replica) -> Encoder, Writer
 
 ``serve run deployments.app:build_app model=tiny-random storage_root=./data`` (offline demo) or
-``serve run serve_config.yaml`` / ``serve deploy serve_config.yaml`` (production: real weights).
+``serve run serve_config.yaml`` / ``serve deploy serve_config.yaml`` (production: real weights), or
+``serve deploy serve_config.cluster.yaml`` (cluster mode: PostgreSQL + object store, ``index.storage``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from deployments.writer import Writer
 from index.detect.faces import cascade_path
 from index.model.spec import resolve_model_spec
 from index.scores import ScoreCalibration
+from index.storage import open_storage
 
 logger = logging.getLogger("ray.serve")
 
@@ -72,11 +74,17 @@ def build_app(raw_args: dict[str, Any]) -> Application:
     opts = args.deployment_options
     # Serve's decorators return Deployment objects the type checker cannot see through.
     encoder = Encoder.options(**opts.get("Encoder", {})).bind(spec, face_spec)  # type: ignore[attr-defined]
+    storage = args.storage_settings()
+    if storage.cluster:
+        # An unreachable database, a wrong password, a database of a newer schema or a missing bucket
+        # fails the deploy here, with the reason, instead of every replica failing to start in turn.
+        # (An older schema is migrated here too.)
+        open_storage(storage).close()
     index = LibraryIndex.options(**opts.get("LibraryIndex", {})).bind(  # type: ignore[attr-defined]
-        args.storage_root, ScoreCalibration(args.text_score_center, args.text_score_scale), args.index
+        storage, ScoreCalibration(args.text_score_center, args.text_score_scale), args.index
     )
     writer = Writer.options(**opts.get("Writer", {})).bind(  # type: ignore[attr-defined]
-        args.storage_root, args.limits.max_libraries, args.index
+        storage, args.limits.max_libraries, args.index
     )
     importer = Importer.options(**opts.get("Importer", {})).bind(  # type: ignore[attr-defined]
         encoder, writer, args, spec.preprocess

@@ -22,6 +22,7 @@ from index.detect.modes import DetectionConfig, ItemDetectorConfig
 from index.ingest.fetch import DEFAULT_OBJECT_STORE_PROTOCOLS, FetchPolicy
 from index.ingest.importer import ImportSettings
 from index.model.imaging import ImageLimits
+from index.storage import StorageSettings
 
 #: The pretrained tag used when ``pretrained`` is not given, for the models we document.
 DEFAULT_PRETRAINED = {
@@ -34,6 +35,7 @@ DEFAULT_PRETRAINED = {
 MiB = 1024 * 1024
 _IMAGE = ImageLimits.model_fields
 _FETCH = FetchPolicy.model_fields
+_STORAGE = StorageSettings.model_fields
 
 
 class Limits(BaseModel):
@@ -79,6 +81,10 @@ class Limits(BaseModel):
         ImageLimits(formats=tuple(upper))  # raises ValueError naming formats Pillow cannot read
         return upper
 
+    def storage_settings(self) -> StorageSettings:
+        """Where the data lives (``index.storage.open_storage`` opens it in each replica)."""
+        return StorageSettings(**{name: getattr(self, name) for name in StorageSettings.model_fields})
+
     def image_limits(self) -> ImageLimits:
         return ImageLimits(
             max_pixels=self.max_image_pixels,
@@ -122,7 +128,8 @@ class EncodeBatching(BaseModel):
 class AppArgs(BaseModel):
     """Arguments of ``build_app``."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # hide_input_in_errors: a validation error must not print database_url (it may hold a password).
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)
 
     model: str = Field("ViT-B-32", description="open_clip model name, 'tiny-random', or 'local-dir:/path'")
     pretrained: str | None = Field(
@@ -143,7 +150,17 @@ class AppArgs(BaseModel):
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     seed: int = Field(0, description="seed of random-weight models (identical across replicas)")
-    storage_root: str = Field("./data", description="directory (or mounted shared volume) for all libraries")
+    # Storage (index.storage): embedded under storage_root, or cluster mode (PostgreSQL + object store).
+    storage_root: str = _STORAGE["storage_root"]
+    database_url: str | None = _STORAGE["database_url"]
+    database_password_file: str | None = _STORAGE["database_password_file"]
+    database_password_env: str | None = _STORAGE["database_password_env"]
+    database_pool_size: int = _STORAGE["database_pool_size"]
+    database_connect_timeout_s: float = _STORAGE["database_connect_timeout_s"]
+    object_store_url: str | None = _STORAGE["object_store_url"]
+    object_store_options: dict[str, Any] = _STORAGE["object_store_options"]
+    cache_dir: str | None = _STORAGE["cache_dir"]
+    snapshot_grace_s: float = _STORAGE["snapshot_grace_s"]
     limits: Limits = Field(default_factory=Limits)
     jpeg_draft_decode: bool = Field(
         True,
@@ -213,6 +230,10 @@ class AppArgs(BaseModel):
             keys |= from_file
         return frozenset(keys)
 
+    def storage_settings(self) -> StorageSettings:
+        """Where the data lives (``index.storage.open_storage`` opens it in each replica)."""
+        return StorageSettings(**{name: getattr(self, name) for name in StorageSettings.model_fields})
+
     def image_limits(self) -> ImageLimits:
         """How uploaded and fetched images are decoded: ``limits`` plus ``jpeg_draft_decode``."""
         return self.limits.image_limits().model_copy(update={"jpeg_draft_decode": self.jpeg_draft_decode})
@@ -273,10 +294,19 @@ class AppArgs(BaseModel):
         # Relative paths mean the directory the builder ran in (``serve run`` 's), not each replica's
         # working directory, which Ray chooses.
         self.storage_root = os.path.abspath(self.storage_root)
+        if self.database_password_file is not None:
+            self.database_password_file = os.path.abspath(self.database_password_file)
+        if self.cache_dir is not None:
+            self.cache_dir = os.path.abspath(self.cache_dir)
         self.import_roots = [os.path.abspath(p) for p in self.import_roots]
         self.allowed_file_roots = [os.path.abspath(p) for p in self.allowed_file_roots]
         if self.api_keys_file is not None:
             self.api_keys_file = os.path.abspath(self.api_keys_file)
+        return self
+
+    @model_validator(mode="after")
+    def _storage(self) -> AppArgs:
+        self.storage_settings()  # both-or-neither of database_url and object_store_url, named
         return self
 
     @model_validator(mode="after")

@@ -15,10 +15,9 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppArgs
 from deployments.http import unwrap
-from index.catalog import Catalog
 from index.ingest.importer import ImportRunner
-from index.ingest.tasks import TaskStore
 from index.model.spec import PreprocessSpec
+from index.storage import open_storage
 from index.store import NewRecord
 
 logger = logging.getLogger("ray.serve")
@@ -34,10 +33,11 @@ class Importer:
     ) -> None:
         self.encoder = encoder
         self.writer = writer
-        self.store = TaskStore(args.storage_root, max_errors=args.imports.max_task_errors)
+        self.storage = open_storage(args.storage_settings(), max_libraries=args.limits.max_libraries)
+        self.store = self.storage.task_store(max_errors=args.imports.max_task_errors)
         self.runner = ImportRunner(
             tasks=self.store,
-            catalog=Catalog(args.storage_root, max_libraries=args.limits.max_libraries),
+            catalog=self.storage.catalog,
             encode=self._encode,
             write=self._write,
             preprocess=preprocess,
@@ -78,3 +78,4 @@ class Importer:
         # Graceful shutdown: stop tasks where they are; the next replica resumes from the last commit.
         await self.runner.close()
         self.store.close()
+        self.storage.close()

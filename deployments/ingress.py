@@ -51,11 +51,12 @@ from deployments.schemas import (
     UpdateTags,
 )
 from filters import FilterError, TagError, parse_filter, validate_tags
-from index.catalog import Catalog, LibraryInfo, check_served_model
+from index.catalog import LibraryInfo, check_served_model
 from index.detect.modes import Embedded, ModePipeline
 from index.errors import (
     ImageNotFound,
     InvalidParameter,
+    LibraryNotFound,
     ModeNotSupported,
     PayloadTooLarge,
     TaskNotFound,
@@ -64,6 +65,7 @@ from index.errors import (
 from index.ingest.fetch import ConnectionPools, FetchError, FetchRefused, check_source, check_uri, fetch_bytes
 from index.model.imaging import ImageDecodeError, ImageTooLarge, decode_base64, decode_image
 from index.model.spec import PreprocessSpec
+from index.storage import open_storage
 from index.store import NewRecord
 
 logger = logging.getLogger("ray.serve")
@@ -158,9 +160,10 @@ class Ingress:
         self._connections = ConnectionPools(per_host=args.limits.max_concurrent_requests)
         self.limits = args.limits
         self.image_limits = args.image_limits()
-        self.catalog = Catalog(
-            args.storage_root, max_libraries=args.limits.max_libraries, index_config=args.index
-        )
+        # Embedded: files under storage_root; cluster mode: a connection pool to PostgreSQL. Each request
+        # reads the catalog once (``_lookup``): in cluster mode that is a database round trip.
+        self.storage = open_storage(args.storage_settings(), max_libraries=args.limits.max_libraries)
+        self.catalog = self.storage.catalog
         # Detection and cropping are CPU work: they run here, in worker threads, next to decoding.
         self.pipeline = ModePipeline(preprocess, args.detection_config(), face_preprocess=face_preprocess)
         # Serve's batch queues are configured per replica from the builder's args.
@@ -208,7 +211,8 @@ class Ingress:
             }
             if model["random_weights"]:
                 data["warning"] = RANDOM_WEIGHTS_WARNING
-        data["libraries"] = len(self.catalog.names())
+        data["storage"] = self.args.storage_settings().describe()
+        data["libraries"] = len(await asyncio.to_thread(self.catalog.names))
         if not ready:
             return envelope(data, status=Unavailable.status, message="; ".join(reasons), http=503)
         return envelope(data)
@@ -228,13 +232,13 @@ class Ingress:
     @api.get(PREFIX + "/library/list", tags=["libraries"])
     async def list_libraries(self) -> JSONResponse:
         infos = await asyncio.to_thread(self.catalog.list)
-        described = await asyncio.to_thread(lambda: [self.catalog.describe(i) for i in infos])
+        described = await asyncio.to_thread(lambda: [self.storage.describe(i, self.args.index) for i in infos])
         return envelope({"libraries": described})
 
     @api.get(PREFIX + "/library/{library_name}", tags=["libraries"])
     async def get_library(self, library_name: str) -> JSONResponse:
         info = await self._library(library_name, check_model=False)
-        return envelope(await asyncio.to_thread(self.catalog.describe, info))
+        return envelope(await asyncio.to_thread(self.storage.describe, info, self.args.index))
 
     @api.post(PREFIX + "/library/delete", tags=["libraries"])
     async def delete_library(self, body: DeleteLibrary) -> JSONResponse:
@@ -250,19 +254,18 @@ class Ingress:
         # The request is checked whole (400) before the library is looked up (404); an uploaded image
         # is decoded here, a URI is only fetched once the library is known to exist.
         uploaded = None
+        found = await self._lookup(body.library_name)
         if body.image_base64 is not None:
-            uploaded = await self._decode_upload(
-                self._decode_base64(body.image_base64), "image_base64", body.library_name
-            )
+            uploaded = await self._decode_upload(self._decode_base64(body.image_base64), "image_base64", found)
         else:
             try:
                 check_uri(body.image_uri, policy=self.fetch_policy)  # a refusal needs no library (400 first)
             except FetchError as exc:
                 raise self._fetch_refused(exc) from None
-        info = await self._library(body.library_name)
+        info = await self._checked(found)
         if uploaded is None:
             fetched = await self._fetch(body.image_uri)
-            uploaded = await self._decode_upload(fetched, "image_uri", info.name)
+            uploaded = await self._decode_upload(fetched, "image_uri", info)
         data, image = uploaded
         embedded = await self._embed(image, info.mode, query=False)
         if embedded.vector is None or embedded.vector_kind is None:  # imports always embed something
@@ -326,8 +329,9 @@ class Ingress:
     async def search_by_image(self, body: SearchByImage) -> JSONResponse:
         node = self._search_params(body)
         raw = self._decode_base64(body.image_base64)
-        _, image = await self._decode_upload(raw, "image_base64", body.library_name)
-        info = await self._library(body.library_name)
+        found = await self._lookup(body.library_name)
+        _, image = await self._decode_upload(raw, "image_base64", found)
+        info = await self._checked(found)
         embedded = await self._embed(image, info.mode, query=True)
         results: list[Any] = []
         if embedded.vector is not None:  # None: an item_search query in which no item was found
@@ -379,12 +383,27 @@ class Ingress:
             self._model = await self.encoder.info.remote()
         return self._model
 
+    async def _lookup(self, name: str) -> LibraryInfo | LibraryNotFound | InvalidParameter:
+        """The library's descriptor, or the error that says why there is none (raised by ``_checked``
+        once the rest of the request was checked): the one catalog read of a request."""
+        try:
+            return await asyncio.to_thread(self.catalog.get, name)
+        except (LibraryNotFound, InvalidParameter) as exc:
+            return exc
+
+    async def _checked(
+        self, found: LibraryInfo | LibraryNotFound | InvalidParameter, *, check_model: bool = True
+    ) -> LibraryInfo:
+        """``found`` itself (404 or 400 when it is an error); 409 when it was built with another model."""
+        if isinstance(found, Exception):
+            raise found
+        if check_model:
+            check_served_model(found, await self._model_info())
+        return found
+
     async def _library(self, name: str, *, check_model: bool = True) -> LibraryInfo:
         """The library's descriptor (404 when absent); 409 when it was built with another model."""
-        info = self.catalog.get(name)
-        if check_model:
-            check_served_model(info, await self._model_info())
-        return info
+        return await self._checked(await self._lookup(name), check_model=check_model)
 
     def _index(self, info: LibraryInfo) -> GuardedHandle:
         return self.index.options(multiplexed_model_id=info.key)
@@ -460,12 +479,14 @@ class Ingress:
         except ImageDecodeError as exc:
             raise InvalidParameter(f"{field}: {exc}") from None
 
-    async def _decode_upload(self, data: bytes, field: str, library_name: str) -> tuple[bytes, Image.Image]:
+    async def _decode_upload(
+        self, data: bytes, field: str, library: LibraryInfo | Exception
+    ) -> tuple[bytes, Image.Image]:
         """The original bytes and the decoded image (decoded off the event loop).
 
         The library's mode, when it exists, sets the decoding resolution (detection modes crop, so they
         need more pixels); a missing library is reported by the caller after the image was checked."""
-        mode = self.catalog.mode_of(library_name) or "general_search"
+        mode = library.mode if isinstance(library, LibraryInfo) else "general_search"
         hint = self.pipeline.decode_side_hint(mode)
         return data, await asyncio.to_thread(self._decode, data, field, hint)
 

@@ -15,19 +15,22 @@ import numpy as np
 from ray import serve
 
 from index.ann import IndexConfig
-from index.catalog import Catalog
 from index.clock import iso_time
 from index.errors import ImageNotFound, LibraryNotFound
 from index.reader import LibraryReader, record_object, result_objects
 from index.scores import ScoreCalibration
+from index.storage import StorageSettings, open_storage
 
 MAX_LIBRARIES_PER_REPLICA = 8
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
 class LibraryIndex:
-    def __init__(self, storage_root: str, calibration: ScoreCalibration, index_config: IndexConfig) -> None:
-        self.catalog = Catalog(storage_root)
+    def __init__(
+        self, storage: StorageSettings, calibration: ScoreCalibration, index_config: IndexConfig
+    ) -> None:
+        self.storage = open_storage(storage)
+        self.catalog = self.storage.catalog
         self.calibration = calibration
         self.index_config = index_config
         if index_config.search_threads:
@@ -36,12 +39,12 @@ class LibraryIndex:
     @serve.multiplexed(max_num_models_per_replica=MAX_LIBRARIES_PER_REPLICA)
     async def reader(self, key: str) -> LibraryReader:
         name, _, uid = key.partition(":")
-        info = self.catalog.get(name)
+        info = await asyncio.to_thread(self.catalog.get, name)
         if info.uid != uid:
             raise LibraryNotFound(name)
         return await asyncio.to_thread(
             LibraryReader,
-            self.catalog.library_dir(name),
+            self.storage.library(info),
             model_identity=info.model_identity,
             config=self.index_config,
         )

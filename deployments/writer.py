@@ -8,14 +8,17 @@ from typing import Any
 from ray import serve
 
 from index.ann import IndexConfig
+from index.storage import StorageSettings, open_storage
 from index.store import NewRecord
 from index.writer import LibraryWriter
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class Writer:
-    def __init__(self, storage_root: str, max_libraries: int, index_config: IndexConfig) -> None:
-        self.core = LibraryWriter(storage_root, max_libraries=max_libraries, config=index_config)
+    def __init__(self, storage: StorageSettings, max_libraries: int, index_config: IndexConfig) -> None:
+        self.core = LibraryWriter(
+            open_storage(storage, max_libraries=max_libraries), config=index_config
+        )
 
     async def create_library(
         self, name: str, mode: str, description: str | None, model: dict[str, Any], index_kind: str
@@ -37,4 +40,5 @@ class Writer:
         return await asyncio.to_thread(self.core.delete_images, name, uid, image_id, image_uri)
 
     def __del__(self) -> None:
-        self.core.close()
+        if hasattr(self, "core"):  # a constructor that failed (bad storage settings) left nothing to close
+            self.core.close()

@@ -1,4 +1,5 @@
-"""What a LibraryIndex replica holds for one library: a vector table kept in step with SQLite.
+"""What a LibraryIndex replica holds for one library: a vector table kept in step with the record store
+(SQLite, or PostgreSQL in cluster mode).
 
 ``catch_up()`` runs before every answer: one cheap ``last_seq`` read, and when the store is ahead, an
 incremental apply of just the new rows into the table's exact tail (or a full reload when the table is
@@ -23,8 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from index.ann import DEFAULT_CONFIG, IndexConfig
-from index.snapshot import current_name, load_snapshot
-from index.store import LibraryStore, StoredRecord
+from index.backends import RecordStore
+from index.snapshot import LocalSnapshots, Snapshots
+from index.storage import LibraryData, local_library
+from index.store import StoredRecord
 from index.table import SearchHits, VectorTable
 
 logger = logging.getLogger(__name__)
@@ -35,8 +38,8 @@ RELOAD_FRACTION = 0.5
 
 
 def load_table(
-    store: LibraryStore,
-    library_dir: Path,
+    store: RecordStore,
+    snapshots: Snapshots | Path,
     *,
     model_identity: str,
     config: IndexConfig = DEFAULT_CONFIG,
@@ -52,9 +55,9 @@ def load_table(
     # Reading it after would race with a commit landing in between, and the table would claim a seq
     # whose rows it never saw (a snapshot built from it would lose them for good).
     last = store.last_seq()
-    loaded = load_snapshot(
-        library_dir, model_identity=model_identity, dim=store.dim, config=config, writable=writable
-    )
+    if isinstance(snapshots, Path):
+        snapshots = LocalSnapshots(snapshots)
+    loaded = snapshots.load(model_identity=model_identity, dim=store.dim, config=config, writable=writable)
     if loaded is None:
         table, name = VectorTable(store.dim, config), None
         table.apply(store.changes_since(0, live_only=True))
@@ -64,7 +67,7 @@ def load_table(
     table.applied_seq = max(table.applied_seq, last)
     logger.info(
         "loaded %s: %d vectors (%s index, %d in the tail) at seq %d in %.3fs (%s)",
-        library_dir.name,
+        snapshots.label,
         table.live_count,
         table.kind,
         table.tail_count,
@@ -79,7 +82,8 @@ class LibraryReader:
     """Read path of one library. Thread-safe: searches and catch-ups serialise on one lock.
 
     Args:
-        library_dir: the library's directory.
+        library: the library's data (``index.storage.Storage.library``), or an embedded library's
+            directory.
         model_identity: the model the library must have been built with.
         config: planner thresholds and search effort.
         background_pickup: load newer snapshots in a background thread (False: synchronously inside
@@ -88,17 +92,19 @@ class LibraryReader:
 
     def __init__(
         self,
-        library_dir: str | Path,
+        library: LibraryData | str | Path,
         *,
         model_identity: str,
         config: IndexConfig = DEFAULT_CONFIG,
         background_pickup: bool = True,
     ) -> None:
-        self.dir = Path(library_dir)
+        self.library = library if isinstance(library, LibraryData) else local_library(library)
+        self.label = self.library.label
+        self.snapshots = self.library.snapshots
         self.model_identity = model_identity
         self.config = config
         self.background_pickup = background_pickup
-        self._store = LibraryStore(self.dir, readonly=True)
+        self._store = self.library.open_store(True)
         self._lock = threading.Lock()
         self._table, self._snapshot = self._load(self._store)
         self._loading: threading.Thread | None = None
@@ -106,8 +112,8 @@ class LibraryReader:
         self._loaded: tuple[VectorTable, str | None] | None = None
         self._closed = False
 
-    def _load(self, store: LibraryStore) -> tuple[VectorTable, str | None]:
-        return load_table(store, self.dir, model_identity=self.model_identity, config=self.config)
+    def _load(self, store: RecordStore) -> tuple[VectorTable, str | None]:
+        return load_table(store, self.snapshots, model_identity=self.model_identity, config=self.config)
 
     @property
     def applied_seq(self) -> int:
@@ -152,11 +158,11 @@ class LibraryReader:
             # them (the store, not the table, is the source of truth).
             table, name = self._loaded
             self._loaded = None
-            logger.info("%s: switching to snapshot %s (%s index)", self.dir.name, name, table.kind)
+            logger.info("%s: switching to snapshot %s (%s index)", self.label, name, table.kind)
             self._table, self._snapshot = table, name
         if self._loading is not None:
             return
-        name = current_name(self.dir)
+        name = self.snapshots.current_name()
         if name is None or name in (self._snapshot, self._attempted):
             return
         self._attempted = name  # a snapshot that fails to load is not retried on every search
@@ -164,16 +170,19 @@ class LibraryReader:
             self._table, self._snapshot = self._load(self._store)
             return
         self._loading = threading.Thread(
-            target=self._load_in_background, name=f"pickup-{self.dir.name}", daemon=True
+            target=self._load_in_background, name=f"pickup-{self.label}", daemon=True
         )
         self._loading.start()
 
     def _load_in_background(self) -> None:
         try:
-            with LibraryStore(self.dir, readonly=True) as store:  # its own connection: no lock contention
+            store = self.library.open_store(True)  # its own connection: no lock contention
+            try:
                 loaded = self._load(store)
+            finally:
+                store.close()
         except Exception:
-            logger.exception("%s: loading a new snapshot failed; the current table stays", self.dir.name)
+            logger.exception("%s: loading a new snapshot failed; the current table stays", self.label)
             loaded = None
         with self._lock:
             if not self._closed and loaded is not None:
@@ -219,7 +228,7 @@ class LibraryReader:
         return self._table.live_count
 
     def close(self) -> None:
-        """Release the SQLite connection (idempotent)."""
+        """Release the record store's connection (idempotent)."""
         with self._lock:
             self._closed = True
         self._store.close()

@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from index.ann import DEFAULT_CONFIG, IndexConfig, choose_kind
-from index.catalog import Catalog, LibraryInfo
+from index.backends import RecordStore
+from index.catalog import LibraryInfo
 from index.errors import LibraryNotFound
 from index.reader import load_table
-from index.snapshot import Manifest, snapshot_seq, write_snapshot
-from index.store import LibraryStore, NewRecord
+from index.snapshot import Manifest, Snapshots
+from index.storage import ClusterStorage, LibraryData, Storage, StorageSettings, open_storage
+from index.store import NewRecord
 
 logger = logging.getLogger(__name__)
 
@@ -34,18 +36,27 @@ class LibraryWriter:
     """Mutations of libraries. Thread-safe; each library's store serialises its own transactions.
 
     Args:
-        root: the storage root.
-        max_libraries: the most libraries this deployment holds.
+        storage: where the data lives (``index.storage``), or an embedded storage root.
+        max_libraries: the most libraries this deployment holds (when ``storage`` is a root).
         config: index kinds, thresholds and the snapshot policy (``snapshot_*`` fields).
     """
 
     def __init__(
-        self, root: str | Path, *, max_libraries: int = 1000, config: IndexConfig = DEFAULT_CONFIG
+        self,
+        storage: Storage | str | Path,
+        *,
+        max_libraries: int = 1000,
+        config: IndexConfig = DEFAULT_CONFIG,
     ) -> None:
-        self.catalog = Catalog(root, max_libraries=max_libraries)
+        if not isinstance(storage, Storage):
+            storage = open_storage(StorageSettings(storage_root=str(storage)), max_libraries=max_libraries)
+        self.storage = storage
+        self.catalog = storage.catalog
         self.catalog.empty_trash()
+        if isinstance(storage, ClusterStorage):
+            storage.collect_orphans()
         self.config = config
-        self._stores: dict[str, tuple[str, LibraryStore]] = {}
+        self._stores: dict[str, tuple[str, RecordStore]] = {}
         self._lock = threading.Lock()
         self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
         self._snapshot_pending: set[str] = set()
@@ -76,14 +87,14 @@ class LibraryWriter:
             face_model_identity=model.get("face_identity"),
             index_kind=index_kind,
         )
-        return self.catalog.describe(info)
+        return self.storage.describe(info, self.config)
 
     def delete_library(self, name: str) -> None:
         with self._lock:
             entry = self._stores.pop(name, None)
         if entry is not None:
             entry[1].close()
-        self.catalog.delete(name)
+        self.storage.delete_library(name)
 
     # -- images ----------------------------------------------------------------------------------
 
@@ -114,10 +125,11 @@ class LibraryWriter:
             for _, store in self._stores.values():
                 store.close()
             self._stores.clear()
+        self.storage.close()
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _store(self, name: str, uid: str) -> tuple[LibraryInfo, LibraryStore]:
+    def _store(self, name: str, uid: str) -> tuple[LibraryInfo, RecordStore]:
         info = self.catalog.get(name)
         if info.uid != uid:  # deleted and re-created since the caller looked it up
             raise LibraryNotFound(name)
@@ -126,14 +138,14 @@ class LibraryWriter:
             if entry is None or entry[0] != uid:
                 if entry is not None:
                     entry[1].close()
-                entry = (uid, LibraryStore(self.catalog.library_dir(name)))
+                entry = (uid, self.storage.library(info).open_store(False))
                 self._stores[name] = entry
             return info, entry[1]
 
-    def _maybe_snapshot(self, info: LibraryInfo, store: LibraryStore) -> None:
-        library_dir = self.catalog.library_dir(info.name)
+    def _maybe_snapshot(self, info: LibraryInfo, store: RecordStore) -> None:
+        library = self.storage.library(info)
         cfg = self.config
-        changed = store.count_changed_since(snapshot_seq(library_dir))
+        changed = store.count_changed_since(library.snapshots.seq())
         if changed < cfg.snapshot_min_rows:
             return
         # The tail bound comes first: readers scan the tail exactly, so it must stay small even when
@@ -144,7 +156,7 @@ class LibraryWriter:
             if info.key in self._snapshot_pending:
                 return
             self._snapshot_pending.add(info.key)
-        self._snapshots.submit(self._snapshot, info, library_dir)
+        self._snapshots.submit(self._snapshot, info, library)
 
     def snapshot_now(self, name: str) -> Manifest:
         """Write a snapshot of library ``name`` synchronously (tests, maintenance, benchmarks).
@@ -153,15 +165,21 @@ class LibraryWriter:
             LibraryNotFound: no such library. Errors of the snapshot itself propagate too.
         """
         info = self.catalog.get(name)
-        library_dir = self.catalog.library_dir(name)
-        with LibraryStore(library_dir, readonly=True) as store:
-            return refresh_snapshot(store, library_dir, info, self.config)
-
-    def _snapshot(self, info: LibraryInfo, library_dir: Path) -> None:
+        library = self.storage.library(info)
+        store = library.open_store(True)
         try:
-            with LibraryStore(library_dir, readonly=True) as store:
-                refresh_snapshot(store, library_dir, info, self.config)
-        except FileNotFoundError:
+            return refresh_snapshot(store, library.snapshots, info, self.config)
+        finally:
+            store.close()
+
+    def _snapshot(self, info: LibraryInfo, library: LibraryData) -> None:
+        try:
+            store = library.open_store(True)
+            try:
+                refresh_snapshot(store, library.snapshots, info, self.config)
+            finally:
+                store.close()
+        except (FileNotFoundError, LibraryNotFound):
             logger.info("library %s was deleted before its snapshot was written", info.name)
         except Exception:
             logger.exception(
@@ -173,7 +191,7 @@ class LibraryWriter:
 
 
 def refresh_snapshot(
-    store: LibraryStore, library_dir: Path, info: LibraryInfo, config: IndexConfig = DEFAULT_CONFIG
+    store: RecordStore, snapshots: Snapshots, info: LibraryInfo, config: IndexConfig = DEFAULT_CONFIG
 ) -> Manifest:
     """Write a new snapshot of a library: the previous one plus the rows committed since.
 
@@ -181,13 +199,11 @@ def refresh_snapshot(
     at most ``compact_dead_fraction`` of its slots are dead; otherwise the index is rebuilt from the
     live rows with the kind `choose_kind` picks now.
     """
-    table, _ = load_table(
-        store, library_dir, model_identity=info.model_identity, config=config, writable=True
-    )
+    table, _ = load_table(store, snapshots, model_identity=info.model_identity, config=config, writable=True)
     target = choose_kind(info.index_kind, table.live_count, table.dim, config)
     dead = len(table) - table.live_count
     if table.base is not None and table.kind == target and dead <= config.compact_dead_fraction * len(table):
         table.absorb_tail()
     else:
         table = table.rebuilt(target)
-    return write_snapshot(library_dir, table, model_identity=info.model_identity)
+    return snapshots.write(table, model_identity=info.model_identity)

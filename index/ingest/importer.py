@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from filters import TagLimits
-from index.catalog import Catalog
+from index.backends import LibraryCatalog, TaskStorage
 from index.errors import InvalidParameter, LibraryNotFound, Overloaded
 from index.ingest.fetch import (
     ConnectionPools,
@@ -39,7 +39,6 @@ from index.ingest.tasks import (
     LineError,
     LostOwnership,
     Task,
-    TaskStore,
 )
 from index.model.imaging import (
     ImageDecodeError,
@@ -144,8 +143,8 @@ class ImportRunner:
     def __init__(
         self,
         *,
-        tasks: TaskStore,
-        catalog: Catalog,
+        tasks: TaskStorage,
+        catalog: LibraryCatalog,
         encode: EncodeFn,
         write: WriteFn,
         preprocess: PreprocessSpec,

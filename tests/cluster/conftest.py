@@ -23,9 +23,15 @@ INSIDE_ENV = "IMAGE_SEARCH_CLUSTER_SUITE"
 if os.environ.get(INSIDE_ENV) != "1":
     collect_ignore_glob = ["test_*.py"]
 
-#: Worker nodes of the shared cluster and the custom resource that pins a replica to each.
-WORKERS = {"a": {"node_a": 1.0}, "b": {"node_b": 1.0}, "c": {"node_c": 1.0}}
-HEAD_RESOURCES = {"node_head": 1.0}
+#: Worker nodes of the shared cluster and the custom resources that pin replicas: ``node_<x>`` one node,
+#: and the roles of cluster mode's placement (tests/cluster/test_cluster_mode.py): Encoder replicas on the
+#: head or a, one LibraryIndex replica on each of a and b, Writer and Importer on c.
+WORKERS = {
+    "a": {"node_a": 1.0, "index": 1.0, "encoder": 1.0},
+    "b": {"node_b": 1.0, "index": 1.0},
+    "c": {"node_c": 1.0, "writer": 1.0},
+}
+HEAD_RESOURCES = {"node_head": 1.0, "ingress": 1.0, "encoder": 1.0}
 SERVE_PORT = 8000
 SERVE_URL = f"http://127.0.0.1:{SERVE_PORT}"
 

@@ -5,12 +5,14 @@ Each writer has its own pool (its own connections), as two Writer replicas would
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from contextlib import nullcontext
 
 import numpy as np
 import pytest
 
+from index.blobs import BlobStore, library_blobs
 from index.errors import LibraryNotFound
 from index.pg import PgCatalog, PgLibraryStore, connect
 from index.store import NewRecord
@@ -24,12 +26,18 @@ def rec(image_id: str, **kw) -> NewRecord:
 
 
 @pytest.fixture
-def two_writers(pg_url):
+def blobs(tmp_path) -> BlobStore:
+    return BlobStore.open(f"file://{tmp_path}/blobs")
+
+
+@pytest.fixture
+def two_writers(pg_url, blobs):
     with connect(pg_url) as db1, connect(pg_url) as db2:
         info = PgCatalog(db1).create(
             "lib", "general_search", None, model="m", pretrained="p", model_identity="m/p", dim=DIM
         )
-        yield PgLibraryStore(db1, info.uid), PgLibraryStore(db2, info.uid)
+        frames = library_blobs(blobs, info.uid)
+        yield PgLibraryStore(db1, info.uid, frames=frames), PgLibraryStore(db2, info.uid, frames=frames)
 
 
 def seq_of(store: PgLibraryStore) -> dict[str, int]:
@@ -104,19 +112,23 @@ def test_a_reader_streams_one_state_while_a_writer_commits(two_writers) -> None:
     assert [(c.seq, c.deleted) for c in a.changes_since(1)] == [(2, False), (3, True)]
 
 
-def test_a_deleted_library_refuses_writes_and_its_rows_are_gone(two_writers, pg_url) -> None:
+def test_a_deleted_library_refuses_writes_and_its_rows_and_blobs_are_gone(two_writers, blobs) -> None:
     a, b = two_writers
     a.upsert([rec("x", frame=b"bytes")])
     [x] = a.get("x")
     assert b.read_frame(x.frame) == b"bytes"
-    PgCatalog(a.db).delete("lib")
+    uid = PgCatalog(a.db).delete_library("lib")
+    assert uid == a.uid
     with pytest.raises(LibraryNotFound):
-        b.upsert([rec("y")])
+        b.upsert([rec("y", frame=b"more bytes")])
+    assert not a.frames.exists(f"frames/{hashlib.sha256(b'more bytes').hexdigest()}")  # not uploaded
     with pytest.raises(LibraryNotFound):
         b.last_seq()
-    assert b.read_frame(x.frame) is None and b.count() == 0
+    assert b.count() == 0
+    library_blobs(blobs, uid).delete_prefix("")  # what the storage layer does after the commit
+    assert b.read_frame(x.frame) is None and blobs.list("libraries") == []
     with pytest.raises(LibraryNotFound):
-        PgLibraryStore(a.db, a.uid)
+        PgLibraryStore(a.db, a.uid, frames=a.frames)
 
 
 def test_the_vector_table_loads_and_catches_up_from_postgresql(two_writers, tmp_path) -> None:

@@ -113,11 +113,12 @@ class PgLibraryStore:
             return []
         blobs = vector_blobs(records, self.dim)
         frames = [hashlib.sha256(r.frame).hexdigest() if r.frame is not None else None for r in records]
+        uploads = {
+            f: r.frame for f, r in zip(frames, records, strict=True) if f is not None and r.frame is not None
+        }
         now = time.time()
         with self._write() as (conn, seq):
-            self._put_frames(
-                conn, {f: r.frame for f, r in zip(frames, records, strict=True) if r.frame is not None}
-            )
+            self._put_frames(conn, uploads)
             # What each key held before (the library's lock keeps it so until the commit).
             live: dict[tuple[str, str], tuple[bool, str | None]] = {
                 (r[0], r[1]): (not r[2], r[3])

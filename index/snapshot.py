@@ -23,6 +23,7 @@ the snapshot is a private cache under the service's own storage root, rebuilt wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT = 2
 SNAPSHOT_DIR = "snapshots"
+#: A temporary snapshot directory this old was left by a crashed writer (one in progress is younger).
+ABANDONED_TMP_S = 3600.0
 KEEP = 2  # snapshots kept: the current one and the one a slow reader may still be loading
 MANIFEST = "manifest.json"
 
@@ -337,5 +340,7 @@ def _prune(root: Path, *, current: str, keep_newest: int) -> None:
     for old in snaps[:-keep_newest]:
         if old.name != current:
             shutil.rmtree(old, ignore_errors=True)
-    for tmp in root.glob(".tmp-*"):  # left by a crashed writer
-        shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in root.glob(".tmp-*"):  # left by a crashed writer; a young one may be another's, in progress
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - tmp.stat().st_mtime > ABANDONED_TMP_S:
+                shutil.rmtree(tmp, ignore_errors=True)

@@ -204,7 +204,9 @@ class ClusterStorage(Storage):
         self.cache_dir = Path(settings.cache_dir or os.path.join(tempfile.gettempdir(), "image-search-cache"))
 
     def _library_blobs(self, uid: str) -> Any:
-        return self.blobs.child(f"libraries/{uid}")
+        from index.blobs import library_blobs
+
+        return library_blobs(self.blobs, uid)
 
     def library(self, info: LibraryInfo) -> LibraryData:
         from index.objsnap import ObjectSnapshots
@@ -229,10 +231,9 @@ class ClusterStorage(Storage):
         return PgTaskStore(self.db, max_errors=max_errors)
 
     def delete_library(self, name: str) -> None:
-        info = self._catalog.get(name)
-        self._catalog.delete(name)  # records and tasks go with the row (ON DELETE CASCADE)
+        uid = self._catalog.delete_library(name)  # records and tasks go with the row (ON DELETE CASCADE)
         # Then the blobs: a crash here leaves a prefix no library names, removed by collect_orphans.
-        self._library_blobs(info.uid).delete_prefix("")
+        self._library_blobs(uid).delete_prefix("")
 
     def collect_orphans(self) -> int:
         """Delete the blobs of libraries that no longer exist (a delete interrupted between the database

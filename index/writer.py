@@ -62,6 +62,9 @@ class LibraryWriter:
         self._lock = threading.Lock()
         self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
         self._snapshot_pending: set[str] = set()
+        # One snapshot at a time: the background thread's and snapshot_now's would otherwise race on
+        # the same library's pointer and files.
+        self._snapshot_lock = threading.Lock()
 
     # -- libraries -------------------------------------------------------------------------------
 
@@ -167,25 +170,24 @@ class LibraryWriter:
             LibraryNotFound: no such library. Errors of the snapshot itself propagate too.
         """
         info = self.catalog.get(name)
-        library = self.storage.library(info)
-        store = library.open_store(True)
-        try:
-            return refresh_snapshot(store, library.snapshots, info, self.config)
-        finally:
-            store.close()
+        return self._write_snapshot(info, self.storage.library(info))
+
+    def _write_snapshot(self, info: LibraryInfo, library: LibraryData) -> Manifest:
+        with self._snapshot_lock:
+            store = library.open_store(True)
+            try:
+                return refresh_snapshot(store, library.snapshots, info, self.config)
+            finally:
+                store.close()
 
     def _snapshot(self, info: LibraryInfo, library: LibraryData) -> None:
         try:
-            store = library.open_store(True)
-            try:
-                refresh_snapshot(store, library.snapshots, info, self.config)
-            finally:
-                store.close()
+            self._write_snapshot(info, library)
         except (FileNotFoundError, LibraryNotFound):
             logger.info("library %s was deleted before its snapshot was written", info.name)
         except Exception:
             logger.exception(
-                "snapshot of library %s failed (searches replay from SQLite meanwhile)", info.name
+                "snapshot of library %s failed (searches replay from the store meanwhile)", info.name
             )
         finally:
             with self._lock:

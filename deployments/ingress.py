@@ -146,8 +146,16 @@ class Ingress:
         # Every call to another deployment is refused with 503 UNAVAILABLE while it has no running
         # replica, instead of waiting for one until the proxy times out.
         self.states = DeploymentStates(serve.get_replica_context().app_name, controller_details)
-        self.encoder, self.index, self.writer, self.importer = (
-            GuardedHandle(h, h.deployment_name, self.states) for h in (encoder, index, writer, importer)
+        # Every call to another deployment waits at most limits.unavailable_wait_s for a running replica,
+        # then is refused with 503 UNAVAILABLE. Reads and encoding are idempotent: a call whose replica
+        # died (its node was lost) is sent again; writes are not (the first may have committed).
+        wait_s = args.limits.unavailable_wait_s
+        self.encoder, self.index = (
+            GuardedHandle(h, h.deployment_name, self.states, wait_s=wait_s, retries=2)
+            for h in (encoder, index)
+        )
+        self.writer, self.importer = (
+            GuardedHandle(h, h.deployment_name, self.states, wait_s=wait_s) for h in (writer, importer)
         )
         self.args = args
         self.fetch_policy = args.fetch_policy()
@@ -232,7 +240,9 @@ class Ingress:
     @api.get(PREFIX + "/library/list", tags=["libraries"])
     async def list_libraries(self) -> JSONResponse:
         infos = await asyncio.to_thread(self.catalog.list)
-        described = await asyncio.to_thread(lambda: [self.storage.describe(i, self.args.index) for i in infos])
+        described = await asyncio.to_thread(
+            lambda: [self.storage.describe(i, self.args.index) for i in infos]
+        )
         return envelope({"libraries": described})
 
     @api.get(PREFIX + "/library/{library_name}", tags=["libraries"])
@@ -256,7 +266,9 @@ class Ingress:
         uploaded = None
         found = await self._lookup(body.library_name)
         if body.image_base64 is not None:
-            uploaded = await self._decode_upload(self._decode_base64(body.image_base64), "image_base64", found)
+            uploaded = await self._decode_upload(
+                self._decode_base64(body.image_base64), "image_base64", found
+            )
         else:
             try:
                 check_uri(body.image_uri, policy=self.fetch_policy)  # a refusal needs no library (400 first)

@@ -1,8 +1,10 @@
 """Which deployments of this application have a running replica, as Serve's controller sees them.
 
-The ingress asks before it calls a deployment, so that a deployment with no running replica (one that
-cannot be scheduled, or whose replicas all died) is answered at once with 503 ``UNAVAILABLE`` instead of
-a call that waits for a replica until the proxy's timeout; ``/health`` reports the same state.
+The ingress asks before it calls a deployment: a call to a deployment with no running replica waits a
+bounded time for one (a replica restarting on another node, a rolling update replacing the only one) and
+is then answered with 503 ``UNAVAILABLE``, instead of waiting for a replica that may never come (one that
+cannot be scheduled) until the proxy's timeout; ``/health`` reports the same state. Idempotent calls
+(reads, encoding) are retried when the replica serving them dies (its node was lost).
 
 The controller's view is cached for ``ttl_s``: a stale view is served while one refresh runs in the
 background, so a request never waits for the controller once the first view is in.
@@ -16,6 +18,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from ray.exceptions import RayActorError
 
 from index.errors import Unavailable
 
@@ -133,6 +137,23 @@ class DeploymentStates:
         if state is None or state.running == 0:
             raise Unavailable(unavailable_message(name, state))
 
+    async def wait_for(self, name: str, wait_s: float, poll_s: float = 0.25) -> None:
+        """Return once ``name`` has a running replica; raise `Unavailable` after ``wait_s`` without one.
+
+        The view is refreshed meanwhile (``ttl_s`` bounds how stale it is), so a replica that starts
+        within the wait is seen a few seconds at most after the controller counts it.
+        """
+        end = self._clock() + wait_s
+        while True:
+            try:
+                self.require(name)
+                return
+            except Unavailable:
+                if self._clock() >= end:
+                    raise
+            await asyncio.sleep(poll_s)
+            await self.current()
+
     def report(self) -> tuple[bool, dict[str, Any], list[str]]:
         """``(ready, per-deployment state, reasons it is not ready)`` for ``/health``."""
         if self._states is None:
@@ -154,20 +175,60 @@ async def controller_details() -> Mapping[str, Any]:
 
 
 class GuardedHandle:
-    """A deployment handle that refuses a call (503 ``UNAVAILABLE``) when the deployment has no running
-    replica, instead of letting Serve's router wait for one.
+    """A deployment handle whose calls wait at most ``wait_s`` for a running replica, then are refused
+    (503 ``UNAVAILABLE``), instead of letting Serve's router wait for one without end.
 
-    ``guarded.method.remote(...)`` and ``guarded.options(...)`` behave as on the handle itself.
+    ``await guarded.method.remote(...)`` returns the call's result; ``guarded.options(...)`` behaves as
+    on the handle itself.
+
+    Args:
+        wait_s: how long a call waits for a running replica (``limits.unavailable_wait_s``).
+        retries: for idempotent deployments (reads, encoding): times a call is sent again when the
+            replica serving it died (``RayActorError``: its node was lost, it crashed). Serve's router
+            drops a dead replica, so the retry goes to a live one or waits for a replacement.
     """
 
-    def __init__(self, handle: Any, name: str, states: DeploymentStates) -> None:
+    def __init__(
+        self, handle: Any, name: str, states: DeploymentStates, *, wait_s: float = 10.0, retries: int = 0
+    ) -> None:
         self._handle = handle
         self._name = name
         self._states = states
+        self._wait_s = wait_s
+        self._retries = retries
 
     def options(self, **kwargs: Any) -> GuardedHandle:
-        return GuardedHandle(self._handle.options(**kwargs), self._name, self._states)
+        return GuardedHandle(
+            self._handle.options(**kwargs),
+            self._name,
+            self._states,
+            wait_s=self._wait_s,
+            retries=self._retries,
+        )
 
-    def __getattr__(self, method: str) -> Any:
-        self._states.require(self._name)
-        return getattr(self._handle, method)
+    def __getattr__(self, method: str) -> _GuardedMethod:
+        return _GuardedMethod(self, method)
+
+
+@dataclass(frozen=True)
+class _GuardedMethod:
+    guarded: GuardedHandle
+    method: str
+
+    async def remote(self, *args: Any, **kwargs: Any) -> Any:
+        g = self.guarded
+        attempt = 0
+        while True:
+            await g._states.wait_for(g._name, g._wait_s)
+            try:
+                return await getattr(g._handle, self.method).remote(*args, **kwargs)
+            except RayActorError as exc:
+                if attempt >= g._retries:
+                    raise
+                attempt += 1
+                logger.warning(
+                    "%s.%s: the replica died (%s); sending the call again",
+                    g._name,
+                    self.method,
+                    type(exc).__name__,
+                )

@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 FORMAT = 2
 SNAPSHOT_DIR = "snapshots"
 KEEP = 2  # snapshots kept: the current one and the one a slow reader may still be loading
+MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class Manifest:
     index_bytes: int = 0  # resident bytes of the index structure (reporting)
     #: Recall ladders measured on this index (`index.calibration.Calibration.to_dict`); None: none.
     calibration: dict | None = None
+    #: When the snapshot was written (Unix time; 0: before it was recorded). Object stores collect a
+    #: snapshot a grace period after the next one was written (`index.objsnap`).
+    written_at: float = 0.0
 
 
 @runtime_checkable
@@ -128,11 +132,32 @@ def write_snapshot(library_dir: Path, table: VectorTable, *, model_identity: str
     Raises:
         ValueError: the table has a tail or no base (the writer absorbs or rebuilds first).
     """
-    if table.base is None or table.tail_count:
-        raise ValueError("only a table whose slots are all in its base index can be snapshotted")
+    manifest = build_manifest(table, model_identity=model_identity)
     root = library_dir / SNAPSHOT_DIR
     root.mkdir(exist_ok=True)
-    manifest = Manifest(
+    name = snapshot_name(manifest)
+    tmp = root / f".tmp-{name}"
+    tmp.mkdir()
+    write_snapshot_files(tmp, table, manifest)
+    fsync_dir(tmp)
+    os.rename(tmp, root / name)
+    _save(root / "CURRENT.tmp", lambda f: f.write(name.encode()))
+    os.replace(root / "CURRENT.tmp", root / "CURRENT")
+    fsync_dir(root)
+    _prune(root, current=name, keep_newest=KEEP)
+    log_written(name, table)
+    return manifest
+
+
+def build_manifest(table: VectorTable, *, model_identity: str, written_at: float | None = None) -> Manifest:
+    """The manifest of a snapshot of ``table`` (``written_at``: now unless given).
+
+    Raises:
+        ValueError: the table has a tail or no base (only a base index is saved).
+    """
+    if table.base is None or table.tail_count:
+        raise ValueError("only a table whose slots are all in its base index can be snapshotted")
+    return Manifest(
         FORMAT,
         table.applied_seq,
         model_identity,
@@ -142,23 +167,37 @@ def write_snapshot(library_dir: Path, table: VectorTable, *, model_identity: str
         table.live_count,
         table.base.nbytes(),
         None if table.calibration is None else table.calibration.to_dict(),
+        time.time() if written_at is None else written_at,
     )
-    name = f"{table.applied_seq:012d}-{uuid.uuid4().hex[:8]}"
-    tmp = root / f".tmp-{name}"
-    tmp.mkdir()
-    for path in table.base.save(tmp):
+
+
+def snapshot_name(manifest: Manifest) -> str:
+    """A new snapshot's name: its applied seq first (what ``snapshot_seq`` reads), then a random part so
+    that two snapshots of one seq (a compaction, a change of index kind) never collide."""
+    return f"{manifest.applied_seq:012d}-{uuid.uuid4().hex[:8]}"
+
+
+def write_snapshot_files(directory: Path, table: VectorTable, manifest: Manifest) -> list[Path]:
+    """Write the files of a snapshot of ``table`` into the existing, empty ``directory``, each fsynced,
+    ``manifest.json`` last.
+
+    Returns:
+        The files in the order they were written (the manifest last: publish them in that order).
+    """
+    if table.base is None:
+        raise ValueError("only a table whose slots are all in its base index can be snapshotted")
+    paths = table.base.save(directory)
+    for path in paths:
         _fsync_file(path)
-    _save(tmp / "row_ids.npy", lambda f: np.save(f, table.row_ids))
-    _save(tmp / "kinds.npy", lambda f: np.save(f, table.kinds))
-    _save(tmp / "live.npy", lambda f: np.save(f, table.live))
-    _save(tmp / "tags.pkl", lambda f: pickle.dump(table.tags, f, protocol=pickle.HIGHEST_PROTOCOL))
-    _save(tmp / "manifest.json", lambda f: f.write(json.dumps(manifest.__dict__).encode()))
-    fsync_dir(tmp)
-    os.rename(tmp, root / name)
-    _save(root / "CURRENT.tmp", lambda f: f.write(name.encode()))
-    os.replace(root / "CURRENT.tmp", root / "CURRENT")
-    fsync_dir(root)
-    _prune(root, current=name, keep_newest=KEEP)
+    for name, value in (("row_ids.npy", table.row_ids), ("kinds.npy", table.kinds), ("live.npy", table.live)):
+        _save(directory / name, lambda f, v=value: np.save(f, v))
+        paths.append(directory / name)
+    _save(directory / "tags.pkl", lambda f: pickle.dump(table.tags, f, protocol=pickle.HIGHEST_PROTOCOL))
+    _save(directory / MANIFEST, lambda f: f.write(json.dumps(manifest.__dict__).encode()))
+    return [*paths, directory / "tags.pkl", directory / MANIFEST]
+
+
+def log_written(name: str, table: VectorTable) -> None:
     logger.info(
         "snapshot %s written: %s index, %d slots (%d live) at seq %d",
         name,
@@ -167,7 +206,56 @@ def write_snapshot(library_dir: Path, table: VectorTable, *, model_identity: str
         table.live_count,
         table.applied_seq,
     )
-    return manifest
+
+
+def parse_manifest(data: bytes | str) -> Manifest:
+    """A manifest from its JSON.
+
+    Raises:
+        ValueError: not JSON, or not the fields of a manifest.
+    """
+    try:
+        return Manifest(**json.loads(data))
+    except TypeError as exc:
+        raise ValueError(f"not a snapshot manifest: {exc}") from None
+
+
+def usable(manifest: Manifest, *, model_identity: str, dim: int) -> bool:
+    """Whether a snapshot can serve this model: same format, model and dimension."""
+    return manifest.format == FORMAT and manifest.model_identity == model_identity and manifest.dim == dim
+
+
+def load_snapshot_dir(
+    snap: Path, manifest: Manifest, *, config: IndexConfig = DEFAULT_CONFIG, writable: bool = False
+) -> VectorTable:
+    """The table in the complete snapshot directory ``snap`` (whose manifest is ``manifest``).
+
+    Args:
+        writable: read the index into memory so that it can grow; by default it is memory-mapped.
+    Raises:
+        OSError, ValueError, ...: missing or unreadable files (callers treat any as "no snapshot").
+    """
+    kind = BASES[manifest.index_kind]
+    base = kind.load_writable(snap) if writable else kind.load(snap)
+    row_ids = np.load(snap / "row_ids.npy")
+    kinds = np.load(snap / "kinds.npy")
+    live = np.load(snap / "live.npy")
+    with open(snap / "tags.pkl", "rb") as f:
+        tags = pickle.load(f)
+    calibration = None if manifest.calibration is None else Calibration.from_dict(manifest.calibration)
+    return VectorTable.from_snapshot(
+        base, row_ids, kinds, live, tags, manifest.applied_seq, config, calibration
+    )
+
+
+def log_loaded(name: str, table: VectorTable, started: float) -> None:
+    logger.info(
+        "loaded snapshot %s (%s, %d slots) in %.2fs",
+        name,
+        table.kind,
+        len(table),
+        time.perf_counter() - started,
+    )
 
 
 def current_name(library_dir: Path) -> str | None:
@@ -184,8 +272,8 @@ def read_manifest(library_dir: Path) -> Manifest | None:
     if name is None:
         return None
     try:
-        return Manifest(**json.loads((library_dir / SNAPSHOT_DIR / name / "manifest.json").read_text()))
-    except (OSError, ValueError, TypeError):
+        return parse_manifest((library_dir / SNAPSHOT_DIR / name / MANIFEST).read_text())
+    except (OSError, ValueError):
         return None
 
 
@@ -209,33 +297,17 @@ def load_snapshot(
     try:
         name = (root / "CURRENT").read_text().strip()
         snap = root / name
-        manifest = Manifest(**json.loads((snap / "manifest.json").read_text()))
-        if manifest.format != FORMAT or manifest.model_identity != model_identity or manifest.dim != dim:
+        manifest = parse_manifest((snap / MANIFEST).read_text())
+        if not usable(manifest, model_identity=model_identity, dim=dim):
             logger.warning("ignoring snapshot %s: made by another format or model", name)
             return None
-        kind = BASES[manifest.index_kind]
-        base = kind.load_writable(snap) if writable else kind.load(snap)
-        row_ids = np.load(snap / "row_ids.npy")
-        kinds = np.load(snap / "kinds.npy")
-        live = np.load(snap / "live.npy")
-        with open(snap / "tags.pkl", "rb") as f:
-            tags = pickle.load(f)
-        calibration = None if manifest.calibration is None else Calibration.from_dict(manifest.calibration)
-        table = VectorTable.from_snapshot(
-            base, row_ids, kinds, live, tags, manifest.applied_seq, config, calibration
-        )
+        table = load_snapshot_dir(snap, manifest, config=config, writable=writable)
     except FileNotFoundError:
         return None
     except Exception:  # a damaged cache is not an error: rebuild from SQLite
         logger.exception("ignoring unreadable snapshot in %s", root)
         return None
-    logger.info(
-        "loaded snapshot %s (%s, %d slots) in %.2fs",
-        name,
-        manifest.index_kind,
-        len(table),
-        time.perf_counter() - started,
-    )
+    log_loaded(name, table, started)
     return table, name
 
 

@@ -53,11 +53,12 @@ class StorageSettings(BaseModel):
     database_pool_size: int = Field(4, ge=1, le=64, description="connections per replica, at most")
     database_connect_timeout_s: float = Field(10.0, gt=0, le=300)
     object_store_url: str | None = Field(
-        None, description="cluster mode: fsspec URL of snapshots and frames (s3://bucket/prefix, gs://, az://)"
+        None,
+        description="cluster mode: fsspec URL of snapshots and frames (s3://bucket/prefix, gs://, az://)",
     )
     object_store_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="fsspec options of the object store, e.g. {\"endpoint_url\": ...} for MinIO or Ceph",
+        description='fsspec options of the object store, e.g. {"endpoint_url": ...} for MinIO or Ceph',
     )
     cache_dir: str | None = Field(
         None,

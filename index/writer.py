@@ -56,7 +56,9 @@ class LibraryWriter:
         if isinstance(storage, ClusterStorage):
             storage.collect_orphans()
         self.config = config
-        self._stores: dict[str, tuple[str, RecordStore]] = {}
+        #: name -> (uid, the library's data, its write store): one of each per library, so that the
+        #: snapshot pointer an object store caches (index.objsnap) serves every write.
+        self._stores: dict[str, tuple[str, LibraryData, RecordStore]] = {}
         self._lock = threading.Lock()
         self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
         self._snapshot_pending: set[str] = set()
@@ -93,43 +95,43 @@ class LibraryWriter:
         with self._lock:
             entry = self._stores.pop(name, None)
         if entry is not None:
-            entry[1].close()
+            entry[2].close()
         self.storage.delete_library(name)
 
     # -- images ----------------------------------------------------------------------------------
 
     def add_images(self, name: str, uid: str, records: list[NewRecord]) -> list[bool]:
         """Upsert records into library ``name`` (whose uid must still be ``uid``)."""
-        info, store = self._store(name, uid)
+        info, library, store = self._store(name, uid)
         created = store.upsert(records)
-        self._maybe_snapshot(info, store)
+        self._maybe_snapshot(info, library, store)
         return created
 
     def update_tags(
         self, name: str, uid: str, image_id: str, image_uri: str | None, tags: dict[str, Any]
     ) -> int:
-        info, store = self._store(name, uid)
+        info, library, store = self._store(name, uid)
         n = store.update_tags(image_id, image_uri, tags)
-        self._maybe_snapshot(info, store)
+        self._maybe_snapshot(info, library, store)
         return n
 
     def delete_images(self, name: str, uid: str, image_id: str, image_uri: str | None) -> int:
-        info, store = self._store(name, uid)
+        info, library, store = self._store(name, uid)
         n = store.delete(image_id, image_uri)
-        self._maybe_snapshot(info, store)
+        self._maybe_snapshot(info, library, store)
         return n
 
     def close(self) -> None:
         self._snapshots.shutdown(wait=True)
         with self._lock:
-            for _, store in self._stores.values():
+            for _, _, store in self._stores.values():
                 store.close()
             self._stores.clear()
         self.storage.close()
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _store(self, name: str, uid: str) -> tuple[LibraryInfo, RecordStore]:
+    def _store(self, name: str, uid: str) -> tuple[LibraryInfo, LibraryData, RecordStore]:
         info = self.catalog.get(name)
         if info.uid != uid:  # deleted and re-created since the caller looked it up
             raise LibraryNotFound(name)
@@ -137,13 +139,13 @@ class LibraryWriter:
             entry = self._stores.get(name)
             if entry is None or entry[0] != uid:
                 if entry is not None:
-                    entry[1].close()
-                entry = (uid, self.storage.library(info).open_store(False))
+                    entry[2].close()
+                library = self.storage.library(info)
+                entry = (uid, library, library.open_store(False))
                 self._stores[name] = entry
-            return info, entry[1]
+            return info, entry[1], entry[2]
 
-    def _maybe_snapshot(self, info: LibraryInfo, store: RecordStore) -> None:
-        library = self.storage.library(info)
+    def _maybe_snapshot(self, info: LibraryInfo, library: LibraryData, store: RecordStore) -> None:
         cfg = self.config
         changed = store.count_changed_since(library.snapshots.seq())
         if changed < cfg.snapshot_min_rows:

@@ -1,4 +1,5 @@
-"""Fixtures shared by every test package: a throwaway PostgreSQL server (tests/pg_server.py)."""
+"""Fixtures shared by every test package: a throwaway PostgreSQL server (tests/pg_server.py) and an
+S3-compatible server (tests/s3_server.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.pg_server import PgServer, find_bindir
+from tests.s3_server import S3, running_s3
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +43,16 @@ def pg_url(pg_server: PgServer) -> Iterator[str]:
     yield pg_server.url(options=f"-csearch_path={schema}")
     with psycopg.connect(pg_server.url(), autocommit=True) as conn:
         conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3]:
+    """One moto S3 server for the session (bucket ``image-search``; tests that need an empty one take
+    ``S3.new_bucket()``). Skips, loudly, only when moto or s3fs is not installed (the ``test`` extra)."""
+    for module in ("moto.server", "s3fs"):
+        try:
+            __import__(module)
+        except ImportError:
+            pytest.skip(f"S3 tests SKIPPED: {module} is not installed; install the test extra to run them")
+    with running_s3() as server:
+        yield server

@@ -40,8 +40,10 @@ def free_port() -> int:
 class PgServer:
     """Start with :meth:`start`, always :meth:`stop` (which also removes every file it made)."""
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, *, durable: bool = False) -> None:
         self.bindir = bindir
+        #: Commits flushed to disk as in production (benchmarks); tests turn that off for speed.
+        self.durable = durable
         self.dir = Path(tempfile.mkdtemp(prefix="image-search-pg-"))
         self.data = self.dir / "data"
         self.port = free_port()
@@ -69,10 +71,9 @@ class PgServer:
             "--no-sync", "-E", "UTF8",
         )  # fmt: skip
         pwfile.unlink()
-        options = (
-            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off"
-            " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
-        )
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c max_connections=200"
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._started = True  # from here on, stop() must run pg_ctl stop even if start fails
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.dir / "log"), "-w", "start")
         self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", USER, USER,

@@ -4,7 +4,8 @@ The same interface as ``index.catalog.Catalog`` (``index.backends.LibraryCatalog
 holds its descriptor (``info``, what ``library.json`` holds on disk), its dim and its ``last_seq``, the
 row that every write to the library locks (``index/pg/store.py``). Create and delete are single
 transactions, so there is no staging or trash to clean up; deleting the row deletes the library's
-records and frames with it (``ON DELETE CASCADE``).
+records with it (``ON DELETE CASCADE``); its blobs on the object store (frames, snapshots) are the
+caller's to delete once that has committed (:meth:`PgCatalog.delete_library` returns the uid).
 """
 
 from __future__ import annotations
@@ -83,13 +84,24 @@ class PgCatalog(CatalogBase):
         return [LibraryInfo(**json.loads(r[0])) for r in rows]
 
     def delete(self, name: str) -> None:
-        """Delete a library with every record and frame. Raises LibraryNotFound."""
+        """Delete a library with every record. Raises LibraryNotFound."""
+        self.delete_library(name)
+
+    def delete_library(self, name: str) -> str:
+        """Delete a library with every record and return its uid, whose blobs the caller then deletes
+        (``index.blobs.library_blobs(root, uid).delete_prefix("")``): the uid of the row this deleted,
+        not of a library looked up before, which may have been replaced meanwhile.
+
+        Raises:
+            LibraryNotFound: no library has that name.
+        """
         check_library_name(name)
         with self.db.transaction() as conn:
             row = conn.execute("DELETE FROM libraries WHERE name = %s RETURNING uid", (name,)).fetchone()
         if row is None:
             raise LibraryNotFound(name)
         logger.info("deleted library %s", name)
+        return str(row[0])
 
     def empty_trash(self) -> None:
         """Nothing to finish: create and delete are single transactions here."""

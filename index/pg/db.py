@@ -1,5 +1,5 @@
 """The PostgreSQL connection pool and schema: one database holds the catalog, every library's records
-and frames, and the import tasks.
+and the import tasks (frames and snapshots are blobs on the object store: `index.blobs`).
 
 :func:`connect` checks the server first with one plain connection, so a bad configuration fails at
 start with the server's own reason (refused, unknown host, wrong password, missing database) within
@@ -101,6 +101,10 @@ CREATE TABLE runners (
     owner TEXT PRIMARY KEY,
     heartbeat_at DOUBLE PRECISION NOT NULL
 );
+""",
+    # 2: frames moved to the object store (index.pg.store); no deployment ever stored one in the table
+    """
+DROP TABLE frames;
 """,
 )
 SCHEMA_VERSION = len(STEPS)

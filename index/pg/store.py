@@ -13,16 +13,26 @@ it stamps commit together, a reader that saw ``last_seq = n`` finds every row up
 
 Deletes leave tombstones (``deleted = true``, no vector, a new seq), as in SQLite.
 
-Frames (stored original images) are rows of ``frames`` (bytea, content-addressed by SHA-256 per library),
-written in the same transaction as the records that name them, and deleted in that transaction when no
-live record names them any more. That is a stopgap: in cluster mode frames belong in the object store
-(DESIGN.md, "Cluster deployment"), and only ``read_frame`` and the frame names in records are the
-interface.
+Frames (stored original images) are objects ``frames/<sha256>`` of the library's
+:class:`~index.blobs.BlobStore` (content-addressed, per library). The library's row lock orders them with
+the records:
+
+- an upsert uploads its frames *inside* its transaction, after taking the lock and before the records
+  that name them are written; a crash or rollback before the commit leaves only unreferenced objects;
+- frames that a commit left unnamed (overwritten or deleted records) are deleted *after* that commit, in
+  a second transaction that takes the lock again and deletes only those that no live record names then.
+  Deleting inside the first transaction would lose a frame still named if its commit then failed;
+  deleting after the commit without the lock would race an upsert that names the frame again. A crash
+  between the two leaves unreferenced objects, never a record without its frame.
+
+Deleting a library deletes its row (and records) in PostgreSQL; its blobs are the caller's to delete
+afterwards (``library_blobs(root, uid).delete_prefix("")``, `index.blobs`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +41,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
+from index.blobs import BlobStore
 from index.errors import LibraryNotFound
 from index.pg.db import Database
 from index.store import (
@@ -45,6 +56,8 @@ from index.store import (
 )
 from index.store import change_from_row as _change
 
+FRAMES_PREFIX = "frames"
+_FRAME_NAME = re.compile(r"^[0-9a-f]{64}$")
 _RECORD_COLS = (
     "row_id, image_id, image_uri, tags::text, vector_kind, frame, extra::text, created_at, updated_at"
 )
@@ -58,15 +71,17 @@ class PgLibraryStore:
         db: the pool; the store does not own it.
         uid: the library's uid (``LibraryInfo.uid``): a library deleted and created again is another one.
         readonly: refuse every write (what readers open).
+        frames: the library's blobs (``library_blobs(root, uid)``); frames are ``frames/<sha256>`` in it.
 
     Raises:
         LibraryNotFound: no library has that uid (it was deleted).
     """
 
-    def __init__(self, db: Database, uid: str, *, readonly: bool = False) -> None:
+    def __init__(self, db: Database, uid: str, *, readonly: bool = False, frames: BlobStore) -> None:
         self.db = db
         self.uid = uid
         self.readonly = readonly
+        self.frames = frames
         with db.transaction() as conn:
             row = conn.execute("SELECT dim, name FROM libraries WHERE uid = %s", (uid,)).fetchone()
         if row is None:
@@ -98,15 +113,12 @@ class PgLibraryStore:
             return []
         blobs = vector_blobs(records, self.dim)
         frames = [hashlib.sha256(r.frame).hexdigest() if r.frame is not None else None for r in records]
+        uploads = {
+            f: r.frame for f, r in zip(frames, records, strict=True) if f is not None and r.frame is not None
+        }
         now = time.time()
         with self._write() as (conn, seq):
-            frame_rows = {f: r.frame for f, r in zip(frames, records, strict=True) if f is not None}
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO frames (library_uid, sha256, data) VALUES (%s, %s, %s)"
-                    " ON CONFLICT DO NOTHING",
-                    [(self.uid, f, data) for f, data in frame_rows.items()],
-                )
+            self._put_frames(conn, uploads)
             # What each key held before (the library's lock keeps it so until the commit).
             live: dict[tuple[str, str], tuple[bool, str | None]] = {
                 (r[0], r[1]): (not r[2], r[3])
@@ -150,7 +162,7 @@ class PgLibraryStore:
                         for r, blob, frame in zip(records, blobs, frames, strict=True)
                     ],
                 )
-            self._collect_frames(conn, old_frames)
+        self._collect_frames(old_frames)
         return created
 
     def update_tags(self, image_id: str, image_uri: str | None, tags: dict[str, Any]) -> int:
@@ -182,8 +194,9 @@ class PgLibraryStore:
                 f" WHERE library_uid = %s AND NOT deleted AND {where}",
                 (seq, time.time(), self.uid, *args),
             )
-            self._collect_frames(conn, frames)
-            return cur.rowcount
+            deleted = cur.rowcount
+        self._collect_frames(frames)
+        return deleted
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -252,11 +265,10 @@ class PgLibraryStore:
                     yield _change(row)
 
     def read_frame(self, frame: str) -> bytes | None:
-        with self.db.transaction() as conn:
-            row = conn.execute(
-                "SELECT data FROM frames WHERE library_uid = %s AND sha256 = %s", (self.uid, frame)
-            ).fetchone()
-        return None if row is None else bytes(row[0])
+        """The bytes of a stored frame (a record's ``frame``), or None when there is none."""
+        if not _FRAME_NAME.match(frame):  # not a SHA-256: it names no frame (and no other object)
+            return None
+        return self.frames.get_bytes(f"{FRAMES_PREFIX}/{frame}")
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -275,15 +287,42 @@ class PgLibraryStore:
             conn.execute("UPDATE libraries SET last_seq = %s WHERE uid = %s", (seq, self.uid))
             yield conn, seq
 
-    def _collect_frames(self, conn: psycopg.Connection[Any], frames: Sequence[str]) -> None:
-        """Delete frames that no live record names any more (inside the writing transaction)."""
-        if frames:
-            conn.execute(
-                "DELETE FROM frames AS f WHERE f.library_uid = %s AND f.sha256 = ANY(%s) AND NOT EXISTS"
-                " (SELECT 1 FROM records AS r WHERE r.library_uid = f.library_uid AND r.frame = f.sha256"
-                " AND NOT r.deleted)",
-                (self.uid, sorted(set(frames))),
+    def _put_frames(self, conn: psycopg.Connection[Any], frames: dict[str, bytes]) -> None:
+        """Upload the frames that no live record names yet (inside the write transaction, after the
+        lock: those that one does name exist already, and none can be collected before the commit)."""
+        if not frames:
+            return
+        named = {
+            r[0]
+            for r in conn.execute(
+                "SELECT DISTINCT frame FROM records WHERE library_uid = %s AND frame = ANY(%s)"
+                " AND NOT deleted",
+                (self.uid, sorted(frames)),
             )
+        }
+        self.frames.put_many({f"{FRAMES_PREFIX}/{f}": data for f, data in frames.items() if f not in named})
+
+    def _collect_frames(self, frames: Sequence[str]) -> None:
+        """Delete the objects of ``frames`` that no live record names, under the library's lock (after
+        the commit that unnamed them: see the module's docstring)."""
+        if not frames:
+            return
+        with self.db.transaction() as conn:
+            if (
+                conn.execute("SELECT 1 FROM libraries WHERE uid = %s FOR UPDATE", (self.uid,)).fetchone()
+                is None
+            ):
+                return  # the library was deleted meanwhile: its blobs go with it
+            named = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT frame FROM records WHERE library_uid = %s AND frame = ANY(%s)"
+                    " AND NOT deleted",
+                    (self.uid, sorted(set(frames))),
+                )
+            }
+            for frame in sorted(set(frames) - named):
+                self.frames.delete(f"{FRAMES_PREFIX}/{frame}")
 
     def _one(self, sql: str, args: tuple[Any, ...], *, missing: bool = False) -> Any:
         with self.db.transaction() as conn:

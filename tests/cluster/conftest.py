@@ -11,21 +11,27 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import requests
 
 from tests.cluster.harness import LocalCluster, new_cluster_dir
+from tests.s3_server import S3
 
 INSIDE_ENV = "IMAGE_SEARCH_CLUSTER_SUITE"
 if os.environ.get(INSIDE_ENV) != "1":
     collect_ignore_glob = ["test_*.py"]
 
-#: Worker nodes of the shared cluster and the custom resource that pins a replica to each.
-WORKERS = {"a": {"node_a": 1.0}, "b": {"node_b": 1.0}, "c": {"node_c": 1.0}}
-HEAD_RESOURCES = {"node_head": 1.0}
+#: Worker nodes of the shared cluster and the custom resources that pin replicas: ``node_<x>`` one node,
+#: and the roles of cluster mode's placement (tests/cluster/test_cluster_mode.py): Encoder replicas on the
+#: head or a, one LibraryIndex replica on each of a and b, Writer and Importer on c.
+WORKERS = {
+    "a": {"node_a": 1.0, "index": 1.0, "encoder": 1.0},
+    "b": {"node_b": 1.0, "index": 1.0},
+    "c": {"node_c": 1.0, "writer": 1.0},
+}
+HEAD_RESOURCES = {"node_head": 1.0, "ingress": 1.0, "encoder": 1.0}
 SERVE_PORT = 8000
 SERVE_URL = f"http://127.0.0.1:{SERVE_PORT}"
 
@@ -78,45 +84,7 @@ def get_json(path: str) -> Any:
     return r.json()
 
 
-@dataclass
-class S3:
-    """A moto S3 server on loopback with one bucket, and the options fsspec/s3fs need to reach it."""
-
-    endpoint_url: str
-    bucket: str
-
-    @property
-    def storage_options(self) -> dict[str, Any]:
-        """``fsspec.filesystem("s3", **storage_options)``."""
-        return {
-            "key": "testing",
-            "secret": "testing",
-            "endpoint_url": self.endpoint_url,
-            "client_kwargs": {"region_name": "us-east-1"},
-        }
-
-    def client(self) -> Any:
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
-        )
-
-
 @pytest.fixture(scope="session")
-def s3() -> Iterator[S3]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        store = S3(endpoint_url=f"http://{host}:{port}", bucket="image-search")
-        store.client().create_bucket(Bucket=store.bucket)
-        yield store
-    finally:
-        server.stop()
+def s3(s3_server: S3) -> S3:
+    """The session's S3 server (tests/conftest.py), reachable from every node (loopback is shared)."""
+    return s3_server

@@ -149,6 +149,9 @@ class LocalCluster:
         env = os.environ | {
             MARKER_ENV: self.marker(name),
             NODE_DIR_ENV: str(node.data_dir),
+            # Temporary files (cluster mode's default cache_dir among them) on the node's private tmpfs,
+            # as on a real node's local disk.
+            "TMPDIR": str(node.data_dir),
             "RAY_AUTH_MODE": "disabled",
             "RAY_USAGE_STATS_ENABLED": "0",
             "PYTHONPATH": str(REPO),

@@ -14,9 +14,10 @@ import pytest
 import ray
 from ray import serve
 
-from tests.cluster.conftest import HEAD_RESOURCES, S3, WORKERS, get_json, wait_for
+from tests.cluster.conftest import HEAD_RESOURCES, WORKERS, get_json, wait_for
 from tests.cluster.harness import LocalCluster, foreign_files, open_paths, replica_processes
 from tests.cluster.probe import Probe
+from tests.s3_server import S3
 
 pytestmark = pytest.mark.cluster
 

@@ -136,22 +136,86 @@ def test_without_an_answer_calls_go_through_but_health_is_not_ready() -> None:
     assert not ready and reasons == ["Serve's controller did not answer: RuntimeError"]
 
 
-def test_guarded_handle_refuses_before_the_call_and_keeps_options() -> None:
-    class Handle:
-        def __init__(self, model_id: str = "") -> None:
-            self.model_id = model_id
+class Method:
+    """A handle method: ``remote`` returns an awaitable, as Serve's DeploymentResponse is."""
 
-        def options(self, multiplexed_model_id: str) -> Handle:
-            return Handle(multiplexed_model_id)
+    def __init__(self, handle: Handle, name: str) -> None:
+        self.handle, self.name = handle, name
 
-        @property
-        def search(self) -> str:
-            return f"search@{self.model_id}"
+    def remote(self, *args: Any) -> Any:
+        async def answer() -> str:
+            self.handle.calls += 1
+            if self.handle.failures:
+                self.handle.failures -= 1
+                from ray.exceptions import ActorDiedError
 
-    states = DeploymentStates(
-        "app", Controller(details(Index=("HEALTHY", 1, 1), Importer=("UPDATING", 0, 1)))
-    )
-    asyncio.run(states.current())
-    assert GuardedHandle(Handle(), "Index", states).options(multiplexed_model_id="lib").search == "search@lib"
-    with pytest.raises(Unavailable):
-        _ = GuardedHandle(Handle(), "Importer", states).search
+                raise ActorDiedError()
+            return f"{self.name}@{self.handle.model_id}{args}"
+
+        return answer()
+
+
+class Handle:
+    def __init__(self, model_id: str = "", failures: int = 0) -> None:
+        self.model_id = model_id
+        self.failures = failures
+        self.calls = 0
+
+    def options(self, multiplexed_model_id: str) -> Handle:
+        return Handle(multiplexed_model_id, self.failures)
+
+    def __getattr__(self, name: str) -> Method:
+        return Method(self, name)
+
+
+def test_guarded_handle_calls_through_with_its_options() -> None:
+    states = DeploymentStates("app", Controller(details(Index=("HEALTHY", 1, 1))))
+    guarded = GuardedHandle(Handle(), "Index", states, wait_s=0)
+    assert asyncio.run(guarded.options(multiplexed_model_id="lib").search.remote(1)) == "search@lib(1,)"
+
+
+def test_guarded_handle_refuses_after_waiting_for_a_replica() -> None:
+    states = DeploymentStates("app", Controller(details(Importer=("UPDATING", 0, 1))), ttl_s=0)
+    handle = Handle()
+
+    async def call() -> None:
+        await states.current()
+        await GuardedHandle(handle, "Importer", states, wait_s=0.3).create.remote()
+
+    with pytest.raises(Unavailable, match="'Importer' has no running replica"):
+        asyncio.run(call())
+    assert handle.calls == 0  # refused before the call
+
+
+def test_guarded_handle_waits_for_a_replacement_replica() -> None:
+    """A rolling update or a node loss leaves no running replica for a moment: the call waits for the
+    replacement instead of failing."""
+    controller = Controller(details(Encoder=("UPDATING", 0, 1)))
+    states = DeploymentStates("app", controller, ttl_s=0)
+
+    async def call() -> str:
+        await states.current()
+
+        async def replacement_starts() -> None:
+            await asyncio.sleep(0.3)
+            controller.answer = details(Encoder=("HEALTHY", 1, 1))
+
+        started = asyncio.create_task(replacement_starts())
+        result = await GuardedHandle(Handle(), "Encoder", states, wait_s=30).embed.remote()
+        await started
+        return result
+
+    assert asyncio.run(call()) == "embed@()"
+
+
+def test_guarded_handle_retries_idempotent_calls_whose_replica_died() -> None:
+    states = DeploymentStates("app", Controller(details(Index=("HEALTHY", 1, 1))))
+    retried = Handle(failures=2)
+    assert asyncio.run(GuardedHandle(retried, "Index", states, retries=2).search.remote()) == "search@()"
+    assert retried.calls == 3
+    from ray.exceptions import ActorDiedError
+
+    once = Handle(failures=1)
+    with pytest.raises(ActorDiedError):  # writes are not retried: the first call may have committed
+        asyncio.run(GuardedHandle(once, "Writer", states).add.remote())
+    assert once.calls == 1

@@ -75,9 +75,11 @@ class Backend:
             from index.store import LibraryStore
 
             return LibraryStore(self.root / "libraries" / info.name, readonly=readonly)
+        from index.blobs import BlobStore, library_blobs
         from index.pg import PgLibraryStore
 
-        return PgLibraryStore(self._db, info.uid, readonly=readonly)
+        blobs = library_blobs(BlobStore.open(f"file://{self.root}/blobs"), info.uid)
+        return PgLibraryStore(self._db, info.uid, readonly=readonly, frames=blobs)
 
     def tasks(self, *, max_errors: int = 10_000):
         if self._db is None:
@@ -100,3 +102,15 @@ def backend(request, tmp_path):
     b = Backend(request.param, tmp_path, pg_url)
     yield b
     b.close()
+
+
+@pytest.fixture(params=["file", "s3"])
+def blob_root(request, tmp_path):
+    """An empty ``BlobStore`` on each kind of object store in turn: a ``file://`` directory, and a fresh
+    bucket of the session's moto S3 server (under a prefix, as deployments use one)."""
+    from index.blobs import BlobStore
+
+    if request.param == "file":
+        return BlobStore.open(f"file://{tmp_path}/store")
+    s3 = request.getfixturevalue("s3_server")
+    return BlobStore.open(f"s3://{s3.new_bucket()}/service", s3.storage_options)

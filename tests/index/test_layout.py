@@ -18,6 +18,7 @@ LIGHT = [
     "index.errors",
     "index.backends",
     "index.pg",
+    "index.blobs",
 ]
 
 

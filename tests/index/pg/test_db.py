@@ -142,3 +142,15 @@ def test_migration_applies_the_missing_steps_in_one_transaction(pg_url) -> None:
         assert history == [(v, SERVICE_VERSION) for v in range(1, len(STEPS) + 2)]
         with pytest.raises(SchemaTooNew, match=f"knows versions up to {len(STEPS)}"):
             migrate(conn, "db")
+
+
+def test_version_2_drops_the_frames_table(pg_url) -> None:
+    """Frames moved to the object store (index.pg.store): a version-1 database loses its table."""
+    tables = "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+    with psycopg.connect(pg_url) as conn:
+        assert migrate(conn, "db", STEPS[:1]) == 0
+        assert "frames" in {r[0] for r in conn.execute(tables)}
+        assert migrate(conn, "db") == 1
+        assert {r[0] for r in conn.execute(tables)} == {
+            "schema_version", "libraries", "records", "tasks", "task_errors", "runners",
+        }  # fmt: skip

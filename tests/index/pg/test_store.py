@@ -5,12 +5,14 @@ Each writer has its own pool (its own connections), as two Writer replicas would
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from contextlib import nullcontext
 
 import numpy as np
 import pytest
 
+from index.blobs import BlobStore, library_blobs
 from index.errors import LibraryNotFound
 from index.pg import PgCatalog, PgLibraryStore, connect
 from index.store import NewRecord
@@ -24,12 +26,18 @@ def rec(image_id: str, **kw) -> NewRecord:
 
 
 @pytest.fixture
-def two_writers(pg_url):
+def blobs(tmp_path) -> BlobStore:
+    return BlobStore.open(f"file://{tmp_path}/blobs")
+
+
+@pytest.fixture
+def two_writers(pg_url, blobs):
     with connect(pg_url) as db1, connect(pg_url) as db2:
         info = PgCatalog(db1).create(
             "lib", "general_search", None, model="m", pretrained="p", model_identity="m/p", dim=DIM
         )
-        yield PgLibraryStore(db1, info.uid), PgLibraryStore(db2, info.uid)
+        frames = library_blobs(blobs, info.uid)
+        yield PgLibraryStore(db1, info.uid, frames=frames), PgLibraryStore(db2, info.uid, frames=frames)
 
 
 def seq_of(store: PgLibraryStore) -> dict[str, int]:
@@ -104,19 +112,23 @@ def test_a_reader_streams_one_state_while_a_writer_commits(two_writers) -> None:
     assert [(c.seq, c.deleted) for c in a.changes_since(1)] == [(2, False), (3, True)]
 
 
-def test_a_deleted_library_refuses_writes_and_its_rows_are_gone(two_writers, pg_url) -> None:
+def test_a_deleted_library_refuses_writes_and_its_rows_and_blobs_are_gone(two_writers, blobs) -> None:
     a, b = two_writers
     a.upsert([rec("x", frame=b"bytes")])
     [x] = a.get("x")
     assert b.read_frame(x.frame) == b"bytes"
-    PgCatalog(a.db).delete("lib")
+    uid = PgCatalog(a.db).delete_library("lib")
+    assert uid == a.uid
     with pytest.raises(LibraryNotFound):
-        b.upsert([rec("y")])
+        b.upsert([rec("y", frame=b"more bytes")])
+    assert not a.frames.exists(f"frames/{hashlib.sha256(b'more bytes').hexdigest()}")  # not uploaded
     with pytest.raises(LibraryNotFound):
         b.last_seq()
-    assert b.read_frame(x.frame) is None and b.count() == 0
+    assert b.count() == 0
+    library_blobs(blobs, uid).delete_prefix("")  # what the storage layer does after the commit
+    assert b.read_frame(x.frame) is None and blobs.list("libraries") == []
     with pytest.raises(LibraryNotFound):
-        PgLibraryStore(a.db, a.uid)
+        PgLibraryStore(a.db, a.uid, frames=a.frames)
 
 
 def test_the_vector_table_loads_and_catches_up_from_postgresql(two_writers, tmp_path) -> None:
@@ -140,3 +152,58 @@ def test_the_vector_table_loads_and_catches_up_from_postgresql(two_writers, tmp_
     [late] = writer.get("late")
     hits = table.search(query, 3, parse_filter([{"field": "n", "op": ">", "value": 50}]))
     assert hits.row_ids.tolist() == [late.row_id]
+
+
+def test_frames_are_objects_named_by_their_sha256(two_writers) -> None:
+    a, _ = two_writers
+    a.upsert([rec("x", frame=b"x bytes"), rec("y", frame=b"y bytes")])
+    sha = hashlib.sha256(b"x bytes").hexdigest()
+    assert a.get("x")[0].frame == sha
+    assert a.frames.get_bytes(f"frames/{sha}") == b"x bytes"
+    assert len(a.frames.list("frames")) == 2
+    a.upsert([rec("x", frame=b"new x bytes")])  # overwritten: the old frame is collected
+    a.delete("y", None)
+    assert a.frames.list("frames") == [f"frames/{hashlib.sha256(b'new x bytes').hexdigest()}"]
+    assert a.read_frame("../snapshots/CURRENT") is None and a.read_frame("f" * 63) is None
+
+
+def test_a_failed_upsert_leaves_only_an_unreferenced_frame(two_writers) -> None:
+    a, _ = two_writers
+    with pytest.raises(ValueError):  # fails inside the transaction, after the upload
+        a.upsert([rec("x", frame=b"orphan", tags={"x": float("nan")})])
+    assert a.count() == 0 and a.last_seq() == 0
+    assert a.frames.exists(f"frames/{hashlib.sha256(b'orphan').hexdigest()}")
+    a.upsert([rec("y", frame=b"orphan")])  # named after all: it reads back
+    assert a.read_frame(a.get("y")[0].frame) == b"orphan"
+
+
+def test_an_upsert_naming_a_frame_never_loses_it_to_a_concurrent_delete(two_writers) -> None:
+    """Writer B deletes the only record naming frame F while writer A upserts another record naming F:
+    in every interleaving, A's record ends up with its frame."""
+    a, b = two_writers
+    data = b"shared frame"
+    sha = hashlib.sha256(data).hexdigest()
+    for i in range(15):
+        b.upsert([rec("old", frame=data)])
+        start = threading.Barrier(2)
+        failures: list[BaseException] = []
+
+        def together(fn, start=start, failures=failures) -> None:
+            try:
+                start.wait()
+                fn()
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [
+            threading.Thread(target=together, args=(lambda: b.delete("old", None),)),
+            threading.Thread(target=together, args=(lambda i=i: a.upsert([rec(f"new{i}", frame=data)]),)),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not failures
+        assert a.read_frame(sha) == data, f"round {i}: the frame of a live record is gone"
+        a.delete(f"new{i}", None)
+        assert a.read_frame(sha) is None

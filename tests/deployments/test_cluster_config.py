@@ -90,7 +90,6 @@ def test_the_builder_builds_the_cluster_graph(
 ) -> None:
     """The config's args with only the database and the object store replaced by real ones (the
     password from the environment variable the config names, as on a cluster)."""
-    pytest.importorskip("index.blobs")  # TEMPORARY: until issue-13-objstore (index.blobs) is merged
     app = app_of(cluster_config())
     args = dict(app["args"])
     monkeypatch.setenv(args["database_password_env"], pg_server.password)

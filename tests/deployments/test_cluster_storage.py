@@ -5,7 +5,6 @@ once in cluster mode to fail fast."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -15,9 +14,11 @@ from pydantic import ValidationError
 
 from deployments.app import build_app
 from deployments.config import AppArgs
+from index.blobs import StorageUnavailable
 from index.pg import DatabaseUnavailable
 from index.schema import SchemaTooNew
 from tests.pg_server import PgServer, free_port
+from tests.s3_server import S3
 
 SECRET = "s3cr3t-Pa55word"  # a password no message may show
 
@@ -25,7 +26,6 @@ SECRET = "s3cr3t-Pa55word"  # a password no message may show
 @pytest.fixture
 def object_store(tmp_path: Path) -> str:
     """A usable object store (a file:// directory) for the tests about the database."""
-    pytest.importorskip("index.blobs")  # TEMPORARY: until issue-13-objstore (index.blobs) is merged
     return (tmp_path / "objects").as_uri()
 
 
@@ -87,29 +87,9 @@ def test_a_missing_password_file_is_named(pg_server: PgServer, object_store: str
     assert str(missing) in str(err.value)
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[dict[str, Any]]:
-    """An S3 server (moto) on loopback without any bucket; yields the fsspec options to reach it."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield {
-            "key": "testing",
-            "secret": "testing",
-            "endpoint_url": f"http://{host}:{port}",
-            "client_kwargs": {"region_name": "us-east-1"},
-        }
-    finally:
-        server.stop()
-
-
-def test_a_missing_bucket_is_named(pg_url: str, s3_endpoint: dict[str, Any]) -> None:
-    blobs = pytest.importorskip("index.blobs")  # TEMPORARY: until issue-13-objstore is merged
-    args = cluster_args(pg_url, "s3://no-such-bucket/prod", object_store_options=s3_endpoint)
-    with pytest.raises(blobs.StorageUnavailable, match="no-such-bucket"):
+def test_a_missing_bucket_is_named(pg_url: str, s3_server: S3) -> None:
+    args = cluster_args(pg_url, "s3://no-such-bucket/prod", object_store_options=s3_server.storage_options)
+    with pytest.raises(StorageUnavailable, match="no-such-bucket"):
         build_app(args)
 
 

@@ -5,15 +5,12 @@ field and vector bit for bit; re-running writes nothing; an interrupted run is f
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import numpy as np
 import pytest
-
-pytest.importorskip("index.blobs")  # TEMPORARY: until issue-13-objstore (index.blobs, objsnap) is merged
 
 from index import migrate as migrate_module
 from index.catalog import Catalog, LibraryInfo
@@ -85,34 +82,6 @@ def source(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def moto_s3() -> Iterator[dict[str, Any]]:
-    """An S3 server (moto) on loopback with the bucket ``migrated``; yields the fsspec options."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
-        ).create_bucket(Bucket="migrated")
-        yield {
-            "key": "testing",
-            "secret": "testing",
-            "endpoint_url": endpoint,
-            "client_kwargs": {"region_name": "us-east-1"},
-        }
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def settings(pg_url: str, tmp_path: Path) -> StorageSettings:
     """Cluster storage: this test's PostgreSQL schema and a file:// object store."""
@@ -171,9 +140,12 @@ def test_every_library_and_record_is_copied_exactly(
     source: Path, settings: StorageSettings, object_store: str, request: pytest.FixtureRequest
 ) -> None:
     if object_store == "s3":
-        options = request.getfixturevalue("moto_s3")
+        s3 = request.getfixturevalue("s3_server")
         settings = settings.model_copy(
-            update={"object_store_url": f"s3://migrated/{request.node.name}", "object_store_options": options}
+            update={
+                "object_store_url": f"s3://{s3.new_bucket()}/prod",
+                "object_store_options": s3.storage_options,
+            }
         )
     results = migrate(source, settings)
     assert [(r.name, r.written, r.source_records, r.target_records) for r in results] == [

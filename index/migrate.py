@@ -4,8 +4,9 @@ storage (PostgreSQL and an object store), in one command.
 Copied: every library with its descriptor unchanged (name, uid, mode, model, created_at, index kind),
 and every live record with its vector (bit for bit), tags, URI, vector kind, detection extras, stored
 frame and its created_at/updated_at. Not copied: import tasks (finish or cancel them first; their
-progress refers to the embedded store) and snapshots (a cluster replica replays the library's rows from
-PostgreSQL until the cluster Writer writes a snapshot, which it does after the library's next writes).
+progress refers to the embedded store) and snapshots (a cluster replica builds the library's index from
+its PostgreSQL rows until the cluster Writer writes a snapshot, which it does at the library's first
+write after the copy when at least ``snapshot_min_rows`` rows changed).
 
 The copy streams: each library is read through one read transaction of its SQLite store
 (``changes_since(0, live_only=True)``, one consistent state), in batches of ``batch_records`` whose
@@ -25,11 +26,11 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tqdm import tqdm
 
@@ -139,10 +140,9 @@ def copy_library(
     """
     result = LibraryResult(info.name, source.count())
     # closing(): an interrupted copy ends the source's read transaction at once, not when collected
-    with (
-        closing(storage.library(info).open_store(False)) as target,
-        closing(source.changes_since(0, live_only=True)) as changes,
-    ):
+    # (changes_since is a generator; its annotation says only Iterator)
+    rows = cast(Generator[Change, None, None], source.changes_since(0, live_only=True))
+    with closing(storage.library(info).open_store(False)) as target, closing(rows) as changes:
         done = 0
         for batch in _batches(changes, batch_records):
             records = source.fetch([c.row_id for c in batch])
@@ -222,7 +222,7 @@ def migrate(
         for p in plans:
             in_target = 0
             if p.action == "continue":
-                with storage.library(p.info).open_store(True) as there:
+                with closing(storage.library(p.info).open_store(True)) as there:
                     in_target = there.count()
             out(_describe_plan(p, in_target))
         if dry_run:
@@ -266,10 +266,10 @@ def parser() -> argparse.ArgumentParser:
         "extras, stored frame and timestamps. Safe to re-run: a run that stopped midway is finished by "
         "running it again, and a finished copy re-run writes nothing.",
         epilog="Not copied: import tasks (finish or cancel them before migrating) and FAISS snapshots (in "
-        "cluster mode the Writer writes them to the object store after a library's next writes; until "
-        "then index replicas replay the library from PostgreSQL). Stop the embedded service first: "
-        "changes made to it during or after the copy are not carried over unless the command is run "
-        "again, and deletes never are. README: 'Running on a Ray cluster'.",
+        "cluster mode the Writer writes one to the object store at a library's first write after the "
+        "copy; until then index replicas build the index from the library's PostgreSQL rows). Stop the "
+        "embedded service first: changes made to it during or after the copy are not carried over "
+        "unless the command is run again, and deletes never are. README: 'Running on a Ray cluster'.",
     )
     p.add_argument(
         "--from",
@@ -363,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- internals -----------------------------------------------------------------------------------
 
 
-def _batches(changes: Iterator[Change], size: int) -> Iterator[list[Change]]:
+def _batches(changes: Iterable[Change], size: int) -> Iterator[list[Change]]:
     batch: list[Change] = []
     for change in changes:
         batch.append(change)

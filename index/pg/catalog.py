@@ -53,6 +53,18 @@ class PgCatalog(CatalogBase):
         except psycopg.errors.UniqueViolation:  # a uid collision: 48 random bits, but say so plainly
             raise LibraryAlreadyExists(info.name) from None
 
+    def add_existing(self, info: LibraryInfo) -> None:
+        """Add a library that already exists elsewhere, keeping its descriptor as it is (uid,
+        created_at, model, index kind): what ``index.migrate`` copies from an embedded store.
+
+        Raises:
+            LibraryAlreadyExists: a library of that name (or with that uid) exists here.
+            LibraryLimitReached: this deployment already holds ``max_libraries`` libraries.
+        """
+        check_library_name(info.name)
+        self._add(info)
+        logger.info("added library %s (uid %s) as copied", info.name, info.uid)
+
     def get(self, name: str) -> LibraryInfo:
         """Read a library's descriptor. Raises LibraryNotFound (InvalidParameter for a bad name)."""
         check_library_name(name)

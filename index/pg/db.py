@@ -25,8 +25,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
+from index.errors import Unavailable
 from index.schema import SERVICE_VERSION, check_not_newer
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,13 @@ class DatabaseUnavailable(RuntimeError):
     """The database cannot be used: unreachable, refused the credentials, or no such database."""
 
 
+def _connection_lost(exc: psycopg.OperationalError) -> bool:
+    """A failure of the connection or the server (SQLSTATE class 08, an administrator's shutdown, a
+    server starting up), not of the statement (a serialization failure, a cancelled query)."""
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
+
+
 def redact_url(url: str) -> str:
     """``url`` with any password replaced by ``***`` (URL and ``key=value`` conninfo forms)."""
     url = re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", r"\1***", url)
@@ -164,15 +172,32 @@ class Database:
     rolled back when it raises.
     """
 
-    def __init__(self, pool: ConnectionPool, url: str) -> None:
+    def __init__(self, pool: ConnectionPool, url: str, *, wait_s: float = 10.0) -> None:
         self.pool = pool
         #: The URL without its password (for logs and messages).
         self.url = redact_url(url)
+        #: How long a caller waits for a pooled connection before the database counts as unavailable.
+        self.wait_s = wait_s
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Connection[Any]]:
-        with self.pool.connection() as conn, conn.transaction():
-            yield conn
+        """A pooled connection in one transaction.
+
+        Raises:
+            index.errors.Unavailable: (503 for clients) no connection within ``wait_s``, or the
+                connection broke (server down or restarting); details go to the log, not the client.
+        """
+        try:
+            with self.pool.connection(timeout=self.wait_s) as conn, conn.transaction():
+                yield conn
+        except PoolTimeout:
+            logger.error("no connection to PostgreSQL %s within %.0fs", self.url, self.wait_s)
+            raise Unavailable("the database is unavailable; retry later") from None
+        except psycopg.OperationalError as exc:
+            if not _connection_lost(exc):
+                raise
+            logger.error("PostgreSQL %s: connection lost: %s", self.url, exc)
+            raise Unavailable("the database is unavailable; retry later") from None
 
     def close(self) -> None:
         self.pool.close()
@@ -240,7 +265,7 @@ def connect(
         SCHEMA_VERSION,
         time.monotonic() - started,
     )
-    return Database(pool, database_url)
+    return Database(pool, database_url, wait_s=max(connect_timeout, 2.0))
 
 
 def migrate(conn: psycopg.Connection[Any], what: str, steps: tuple[str, ...] = STEPS) -> int:

@@ -154,3 +154,34 @@ def test_version_2_drops_the_frames_table(pg_url) -> None:
         assert {r[0] for r in conn.execute(tables)} == {
             "schema_version", "libraries", "records", "tasks", "task_errors", "runners",
         }  # fmt: skip
+
+
+def test_a_database_that_goes_down_is_unavailable_503_not_a_30s_hang() -> None:
+    """A server stopped under a running pool: the next transaction is refused with ``Unavailable``
+    (503 for clients) within the pool wait, and the client's message names no host; once the server is
+    back, the pool reconnects by itself."""
+    import time
+
+    from index.errors import Unavailable
+    from tests.pg_server import PgServer, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL's binaries are not installed")
+    server = PgServer(bindir)
+    server.start()
+    try:
+        db = connect(server.url(), connect_timeout=2)
+        with db.transaction() as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        server._run("pg_ctl", "-D", str(server.data), "-m", "immediate", "-w", "stop")
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as info:
+            with db.transaction() as conn:
+                conn.execute("SELECT 1")
+        assert time.monotonic() - started < 20
+        assert info.value.message == "the database is unavailable; retry later"
+        assert str(server.port) not in str(info.value)
+        db.close()
+    finally:
+        server.stop()

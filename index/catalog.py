@@ -26,8 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from index.ann import CONFIGURED_KINDS, DEFAULT_CONFIG, IndexConfig
-from index.calibration import Calibration
+from index.ann import CONFIGURED_KINDS
 from index.clock import iso_time
 from index.durable import fsync_dir
 from index.errors import (
@@ -38,7 +37,6 @@ from index.errors import (
     ModelMismatch,
 )
 from index.schema import SERVICE_VERSION, check_not_newer
-from index.snapshot import read_manifest
 from index.store import LibraryStore
 
 logger = logging.getLogger(__name__)
@@ -103,7 +101,7 @@ class LibraryInfo:
 
 
 class CatalogBase:
-    """What both catalogs share: checking and describing a new library, ``mode_of``. A backend adds
+    """What both catalogs share: checking and describing a new library. A backend adds
     ``_add`` (store a new library atomically) and the reads."""
 
     max_libraries: int
@@ -159,13 +157,6 @@ class CatalogBase:
     def get(self, name: str) -> LibraryInfo:
         raise NotImplementedError
 
-    def mode_of(self, name: str) -> str | None:
-        """The mode of library ``name``, or None when there is no such library (or the name is invalid)."""
-        try:
-            return self.get(name).mode
-        except (LibraryNotFound, InvalidParameter):
-            return None
-
 
 class Catalog(CatalogBase):
     """Creates, lists, describes and deletes libraries under one storage root.
@@ -178,11 +169,9 @@ class Catalog(CatalogBase):
         root: str | os.PathLike[str],
         *,
         max_libraries: int = 1000,
-        index_config: IndexConfig = DEFAULT_CONFIG,
     ) -> None:
         self.root = Path(root)
         self.max_libraries = max_libraries
-        self.index_config = index_config  # its recall target: what `describe` reports the settings for
         self._libraries = self.root / "libraries"
         self._staging = self.root / "staging"
         self._trash = self.root / "trash"
@@ -253,20 +242,6 @@ class Catalog(CatalogBase):
         for d in (self._trash, self._staging):
             for p in d.iterdir():
                 shutil.rmtree(p, ignore_errors=True)
-
-    def describe(self, info: LibraryInfo) -> dict[str, Any]:
-        """The library object of the API (image count read from the store, index kind from the
-        current snapshot's manifest)."""
-        library_dir = self.library_dir(info.name)
-        with LibraryStore(library_dir, readonly=True) as store:
-            count = store.count()
-        manifest = read_manifest(library_dir)
-        calibration = None
-        if manifest is not None and manifest.calibration is not None:
-            cfg = self.index_config
-            calibration = Calibration.from_dict(manifest.calibration).describe(cfg.recall_target, cfg)
-        # Without a snapshot, replicas replay every row into an exact table: that is a flat index.
-        return library_object(info, count, "flat" if manifest is None else manifest.index_kind, calibration)
 
 
 def check_served_model(info: LibraryInfo, served: dict[str, Any]) -> None:

@@ -23,8 +23,8 @@ from tests.cluster.conftest import INSIDE_ENV
 from tests.cluster.harness import RUN_ENV, marked_processes
 
 REPO = Path(__file__).resolve().parents[1]
-#: 6 raylets, Serve, a node failover and the S3 server: ~2-3 min on 2 busy cores.
-SUITE_TIMEOUT_S = 900
+#: 6-8 raylets, Serve, two apps, node failovers, PostgreSQL and the S3 server: ~6 min on 2 busy cores.
+SUITE_TIMEOUT_S = 1500
 
 pytestmark = pytest.mark.cluster
 

@@ -2,7 +2,7 @@
 
 The same interfaces as the SQLite classes (``index.backends``), for cluster mode, where no process may
 depend on a filesystem shared between nodes (DESIGN.md, "Cluster deployment"). Needs the ``cluster``
-extra (psycopg 3 and psycopg_pool). Nothing in ``deployments/`` selects it yet.
+extra (psycopg 3 and psycopg_pool); ``index.storage.ClusterStorage`` selects it when ``database_url`` is set.
 """
 
 from index.pg.catalog import PgCatalog

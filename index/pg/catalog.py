@@ -13,11 +13,10 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict
-from typing import Any
 
 import psycopg
 
-from index.catalog import CatalogBase, LibraryInfo, check_library_name, library_object
+from index.catalog import CatalogBase, LibraryInfo, check_library_name
 from index.errors import LibraryAlreadyExists, LibraryLimitReached, LibraryNotFound
 from index.pg.db import CATALOG_LOCK, Database
 
@@ -105,15 +104,3 @@ class PgCatalog(CatalogBase):
 
     def empty_trash(self) -> None:
         """Nothing to finish: create and delete are single transactions here."""
-
-    def describe(self, info: LibraryInfo) -> dict[str, Any]:
-        """The API's library object.
-
-        The index kind is ``flat``: snapshots are not kept for this backend yet (they go to the object
-        store), so every replica replays the library's rows into an exact table.
-        """
-        with self.db.transaction() as conn:
-            row = conn.execute(
-                "SELECT COUNT(*) FROM records WHERE library_uid = %s AND NOT deleted", (info.uid,)
-            ).fetchone()
-        return library_object(info, 0 if row is None else int(row[0]), "flat")

@@ -105,7 +105,7 @@ def test_create_delete_recreate(writer):
         add(writer, info, 1)
     info2, _ = make(writer)
     assert info2.uid != info.uid
-    assert writer.catalog.describe(info2)["image_count"] == 0
+    assert writer.storage.describe(info2)["image_count"] == 0
 
 
 @pytest.mark.parametrize("bad", ["", "../x", "a/b", "-x", "x" * 65, "é"])
@@ -171,13 +171,13 @@ def test_library_switches_from_flat_to_hnsw_when_it_crosses_the_threshold(tmp_pa
         info, d = make(w)
         add_many(w, info, range(100))
         assert w.snapshot_now("lib").index_kind == "flat"
-        assert w.catalog.describe(info)["index"] == {"kind": "flat", "configured": "auto"}
+        assert w.storage.describe(info, w.config)["index"] == {"kind": "flat", "configured": "auto"}
         reader = LibraryReader(d, model_identity="m/p", config=w.config, background_pickup=False)
         add_many(w, info, range(100, 200))  # now over hnsw_min_rows
         before = [top(reader, s) for s in range(5)]
         manifest = w.snapshot_now("lib")
         assert (manifest.index_kind, manifest.count) == ("hnsw", 200)
-        described = w.catalog.describe(info)["index"]
+        described = w.storage.describe(info, w.config)["index"]
         assert (described["kind"], described["configured"]) == ("hnsw", "auto")
         # what the writer measured on the library's own vectors (index.calibration)
         assert described["search_calibration"]["recall_target"] == w.config.recall_target

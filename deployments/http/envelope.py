@@ -18,11 +18,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from index.errors import Overloaded, ServiceError
+from index.errors import Overloaded, ServiceError, Unavailable
 
 logger = logging.getLogger("ray.serve")
 
@@ -40,6 +40,14 @@ def envelope(
     return JSONResponse({"status": status, "message": message, "data": data}, status_code=http)
 
 
+#: A write whose replica died may or may not have committed; the client cannot tell, so it retries
+#: (adds and tag updates are upserts, deletes are idempotent).
+LOST_REPLICA_MESSAGE = (
+    "a replica serving this request was lost (its node failed or it restarted); the request may or may "
+    "not have taken effect: retry it"
+)
+
+
 def error_response(exc: BaseException) -> JSONResponse:
     """Map any exception to the envelope; unknown ones are logged and answered 500 without details."""
     exc = unwrap(exc)
@@ -48,6 +56,10 @@ def error_response(exc: BaseException) -> JSONResponse:
     if isinstance(exc, BackPressureError):
         err = Overloaded(OVERLOADED_MESSAGE)
         return envelope(status=err.status, message=err.message, http=err.http_status)
+    if isinstance(exc, RayActorError):  # the replica died mid-call (its node was lost, it crashed)
+        logger.warning("a replica died during a request: %r", exc)
+        lost = Unavailable(LOST_REPLICA_MESSAGE)
+        return envelope(status=lost.status, message=lost.message, http=lost.http_status)
     incident = uuid.uuid4().hex[:12]
     logger.error("internal error %s: %r", incident, exc, exc_info=exc)
     return envelope(status="INTERNAL_ERROR", message=f"internal error (incident {incident})", http=500)
@@ -110,7 +122,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _error(_: Request, exc: BaseException) -> JSONResponse:
         return error_response(exc)
 
-    for kind in (ServiceError, RayTaskError, BackPressureError):
+    for kind in (ServiceError, RayTaskError, RayActorError, BackPressureError):
         app.add_exception_handler(kind, _error)
     # Anything else: 500 without details. Starlette runs an Exception handler in its outermost middleware
     # and then re-raises into the server, so the ingress also installs UnhandledErrors innermost, which

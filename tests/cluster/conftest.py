@@ -36,6 +36,12 @@ SERVE_PORT = 8000
 SERVE_URL = f"http://127.0.0.1:{SERVE_PORT}"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules that kill the shared nodes a, b and c (``KILLS_SHARED_NODES = True``) run after all the
+    others, which expect those nodes alive."""
+    items.sort(key=lambda item: bool(getattr(item.module, "KILLS_SHARED_NODES", False)))
+
+
 def wait_for(what: str, probe: Callable[[], Any], deadline_s: float = 180) -> Any:
     """Poll ``probe`` until it returns something truthy (exceptions count as "not yet"); return it."""
     end = time.monotonic() + deadline_s

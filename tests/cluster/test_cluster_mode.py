@@ -7,7 +7,9 @@ node's temp dir (hence the default ``cache_dir``) is its private tmpfs.
 
 The tests share one app and run in file order, each leaving the cluster as the next expects: the API,
 read-your-writes, files, autoscaling and a rolling update first; then the failures: index nodes killed
-(a, then b, with d joining), and the node of the Writer and the Importer killed (c, with e joining).
+(a, then b, with f joining), and the node of the Writer and the Importer killed (c, with g joining).
+The module kills the shared nodes a, b and c, so it runs after every other module of the suite
+(``KILLS_SHARED_NODES``, ordered by tests/cluster/conftest.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from tests.images import image_b64
 from tests.s3_server import S3
 
 pytestmark = pytest.mark.cluster
+#: Read by tests/cluster/conftest.py: this module runs last, since it kills nodes a, b and c.
+KILLS_SHARED_NODES = True
 
 APP = "clustered"
 PREFIX = "/api/v1/operators/image-search"
@@ -388,8 +392,8 @@ def _replicas(deployment: str) -> list[dict[str, Any]]:
 
 def test_index_nodes_killed(cluster: LocalCluster, app: dict[str, Any]) -> None:
     """Two LibraryIndex replicas (a, b): node a is killed during searches, none fails. Then the last
-    replica's node b is killed and a fresh node d joins: the replacement, which copies the snapshot from
-    the object store to d's own disk, answers with the same ids and scores within 60 s."""
+    replica's node b is killed and a fresh node f joins: the replacement, which copies the snapshot from
+    the object store to f's own disk, answers with the same ids and scores within 60 s."""
     api = Api()
     lib = "kill_" + uuid.uuid4().hex[:6]
     api.ok("/library/create", {"library_name": lib, "mode": "general_search"})
@@ -413,24 +417,24 @@ def test_index_nodes_killed(cluster: LocalCluster, app: dict[str, Any]) -> None:
 
     killed_at = time.monotonic()
     cluster.kill_node("b")
-    cluster.add_node("d", {"node_d": 1.0, "index": 1.0})
+    cluster.add_node("f", {"node_f": 1.0, "index": 1.0})
 
     def answered() -> list[tuple[str, float]] | None:
         code, env = api.post("/search/by-text", search)
         return ranked(env["data"]["results"]) if code == 200 else None
 
-    again = wait_for("an answer from the replacement on node d", answered, 60)
+    again = wait_for("an answer from the replacement on node f", answered, 60)
     took = time.monotonic() - killed_at
     assert again == expected
-    assert running_nodes(cluster, "LibraryIndex") == ["d"]
+    assert running_nodes(cluster, "LibraryIndex") == ["f"]
     assert took < 60, took
 
 
 def test_writer_and_importer_node_killed(
     cluster: LocalCluster, app: dict[str, Any], source_server: tuple[Path, str]
 ) -> None:
-    """Node c (Writer and Importer) is killed during concurrent adds and an import task; node e joins.
-    Every acknowledged add is then present and searchable, none twice, and the import finishes on e with
+    """Node c (Writer and Importer) is killed during concurrent adds and an import task; node g joins.
+    Every acknowledged add is then present and searchable, none twice, and the import finishes on g with
     the same records and counters as an uninterrupted run of the same source."""
     api = Api()
     root, base = source_server
@@ -456,7 +460,7 @@ def test_writer_and_importer_node_killed(
 
     lib = "crash_" + uuid.uuid4().hex[:6]
     api.ok("/library/create", {"library_name": lib, "mode": "general_search"})
-    cluster.add_node("e", {"node_e": 1.0, "writer": 1.0})
+    cluster.add_node("g", {"node_g": 1.0, "writer": 1.0})
     task_id = api.ok("/image/tasks/create", {"library_name": lib, "source": f"{base}/big.jsonl"})["task_id"]
     acked: list[int] = []
     counter = iter(range(10_000))
@@ -488,7 +492,7 @@ def test_writer_and_importer_node_killed(
         before_kill = len(acked)
         cluster.kill_node("c")
         wait_for("adds acknowledged again after the Writer moved", lambda: len(acked) > before_kill + 20, 120)
-    assert running_nodes(cluster, "Writer") == ["e"] and running_nodes(cluster, "Importer") == ["e"]
+    assert running_nodes(cluster, "Writer") == ["g"] and running_nodes(cluster, "Importer") == ["g"]
 
     task = finished_task(api, task_id, 180)
     for key in ("state", "total", "succeeded", "failed", "errors"):

@@ -306,7 +306,7 @@ def test_routes_raise_and_the_handlers_answer_without_internal_details():
     """Routes raise instead of catching: service errors keep their status, Ray's wrappers are unwrapped,
     back-pressure is 503 OVERLOADED, and anything else is a 500 whose body names no internal detail;
     nothing escapes the app (the test client would re-raise it)."""
-    from ray.exceptions import RayTaskError
+    from ray.exceptions import ActorDiedError, RayTaskError
     from ray.serve.exceptions import BackPressureError
 
     app = make_app()
@@ -316,6 +316,7 @@ def test_routes_raise_and_the_handlers_answer_without_internal_details():
         "ray-wrapped-bug": RayTaskError("search", f"Traceback: {secret}", RuntimeError(secret)),
         "ray-wrapped-service": RayTaskError("search", f"Traceback: {secret}", LibraryNotFound("shop")),
         "backpressure": BackPressureError(num_queued_requests=9, max_queued_requests=8),
+        "replica-died": ActorDiedError(),
     }
     for name, exc in raising.items():
 
@@ -334,6 +335,7 @@ def test_routes_raise_and_the_handlers_answer_without_internal_details():
         "ray-wrapped-bug": (500, "INTERNAL_ERROR"),
         "ray-wrapped-service": (404, "LIBRARY_NOT_FOUND"),
         "backpressure": (503, "OVERLOADED"),
+        "replica-died": (503, "UNAVAILABLE"),  # a write's replica lost mid-call: retry
     }
     for r in answers.values():
         assert "secret" not in r.text and "Traceback" not in r.text and "/srv" not in r.text

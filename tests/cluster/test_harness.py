@@ -46,7 +46,8 @@ def _handle(app: str) -> serve.handle.DeploymentHandle:
 
 
 def test_nodes_are_alive_with_their_resources_on_loopback_only(cluster: LocalCluster) -> None:
-    expected = set(HEAD_RESOURCES) | {r for res in WORKERS.values() for r in res}
+    declared = {"head": HEAD_RESOURCES, **WORKERS}
+    expected = {f"node_{name}" for name in declared}
     # nodes other tests add (the failover test's d and e) carry other resources
     alive = [n for n in ray.nodes() if n["Alive"] and expected & set(n["Resources"])]
     by_resource = {}
@@ -56,6 +57,8 @@ def test_nodes_are_alive_with_their_resources_on_loopback_only(cluster: LocalClu
         by_resource[custom.pop()] = n
     assert len(alive) == len(by_resource) == 1 + len(WORKERS)
     assert set(by_resource) == expected
+    for name, resources in declared.items():  # each node carries its roles (placement of cluster mode)
+        assert {k: by_resource[f"node_{name}"]["Resources"].get(k) for k in resources} == resources
     assert "node:__internal_head__" in by_resource["node_head"]["Resources"]
     assert {n["NodeManagerAddress"] for n in alive} == {"127.0.0.1"}
     # a private network namespace: loopback is the only interface there is

@@ -104,10 +104,12 @@ class LocalSnapshots:
     """Snapshots under ``<library_dir>/snapshots`` (embedded mode)."""
 
     library_dir: Path
+    #: For logs (default: the directory's name; a shard's directory is only its number).
+    name: str | None = None
 
     @property
     def label(self) -> str:
-        return self.library_dir.name
+        return self.name or self.library_dir.name
 
     def current_name(self) -> str | None:
         return current_name(self.library_dir)

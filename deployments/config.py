@@ -22,6 +22,7 @@ from index.detect.modes import DetectionConfig, ItemDetectorConfig
 from index.ingest.fetch import DEFAULT_OBJECT_STORE_PROTOCOLS, FetchPolicy
 from index.ingest.importer import ImportSettings
 from index.model.imaging import ImageLimits
+from index.shards import MAX_SHARDS
 from index.storage import StorageSettings
 
 #: The pretrained tag used when ``pretrained`` is not given, for the models we document.
@@ -57,6 +58,12 @@ class Limits(BaseModel):
     max_text_chars: int = Field(1000, gt=0, le=1000, description="query_text length")
     max_top_k: int = Field(1000, gt=0, le=1000, description="top_k upper bound")
     max_libraries: int = Field(1000, gt=0, description="libraries per deployment")
+    max_shards: int = Field(
+        16,
+        ge=1,
+        le=MAX_SHARDS,
+        description="shards of one library (each shard is a multiplexed model of a LibraryIndex replica)",
+    )
     max_filter_depth: int = Field(32, gt=0, description="tag_filter nesting levels")
     max_filter_conditions: int = Field(1000, gt=0, description="conditions in one tag_filter")
     max_filter_in_values: int = Field(1000, gt=0, description="values in one in / not in list")

@@ -65,6 +65,7 @@ from index.errors import (
 from index.ingest.fetch import ConnectionPools, FetchError, FetchRefused, check_source, check_uri, fetch_bytes
 from index.model.imaging import ImageDecodeError, ImageTooLarge, decode_base64, decode_image
 from index.model.spec import PreprocessSpec
+from index.shards import gather_shards, merge_results, shard_of
 from index.storage import open_storage
 from index.store import NewRecord
 
@@ -232,8 +233,12 @@ class Ingress:
         if body.library_name in RESERVED_LIBRARY_NAMES:
             raise InvalidParameter(f"library_name {body.library_name!r} is reserved")
         model = await self._model_info()
+        if body.shards > self.limits.max_shards:
+            raise InvalidParameter(
+                f"shards: must be between 1 and {self.limits.max_shards} (limits.max_shards)"
+            )
         data = await self.writer.create_library.remote(
-            body.library_name, body.mode, body.description, model, body.index_kind
+            body.library_name, body.mode, body.description, model, body.index_kind, body.shards
         )
         return envelope(data)
 
@@ -297,7 +302,8 @@ class Ingress:
     @api.post(PREFIX + "/image/get", tags=["images"])
     async def get_image(self, body: GetImage) -> JSONResponse:
         info = await self._library(body.library_name, check_model=False)
-        images = await self._index(info).get_images.remote(body.image_id, body.image_uri, body.return_frame)
+        index = self._index(info, shard_of(body.image_id, info.shards))
+        images = await index.get_images.remote(body.image_id, body.image_uri, body.return_frame)
         if not images:
             raise ImageNotFound(info.name, body.image_id, body.image_uri)
         return envelope({"images": images})
@@ -347,13 +353,13 @@ class Ingress:
         embedded = await self._embed(image, info.mode, query=True)
         results: list[Any] = []
         if embedded.vector is not None:  # None: an item_search query in which no item was found
-            answer = await self._index(info).search.remote(
+            results = await self._search(
+                info,
                 embedded.vector,
                 query_kind="image",
                 vector_kind=embedded.vector_kind,
                 **self._search_kwargs(body, node),
             )
-            results = answer["results"]
         data: dict[str, Any] = {"results": results}
         if info.mode != "general_search":  # documented extension: what the query was embedded as
             data["query_kind"] = embedded.vector_kind
@@ -374,19 +380,27 @@ class Ingress:
                 "text-to-image search."
             )
         vector = await self._encode_texts(body.query_text)
-        answer = await self._index(info).search.remote(
-            vector, query_kind="text", vector_kind="whole", **self._search_kwargs(body, node)
+        results = await self._search(
+            info, vector, query_kind="text", vector_kind="whole", **self._search_kwargs(body, node)
         )
-        return envelope({"results": answer["results"]})
+        return envelope({"results": results})
 
     @api.post(PREFIX + "/search/by-id", tags=["search"])
     async def search_by_id(self, body: SearchById) -> JSONResponse:
         node = self._search_params(body)
         info = await self._library(body.library_name)
-        answer = await self._index(info).search_by_id.remote(
-            body.image_id, body.image_uri, query_kind="image", **self._search_kwargs(body, node)
-        )
-        return envelope({"results": answer["results"]})
+        kwargs = self._search_kwargs(body, node)
+        if info.shards == 1:  # one call: the replica reads the vector and searches with it
+            answer = await self._index(info).search_by_id.remote(
+                body.image_id, body.image_uri, query_kind="image", **kwargs
+            )
+            return envelope({"results": merge_results([answer["results"]], kwargs["top_k"])})
+        # The vector from the id's shard, then every shard searches with it.
+        vector, vector_kind = await self._index(
+            info, shard_of(body.image_id, info.shards)
+        ).stored_vector.remote(body.image_id, body.image_uri)
+        results = await self._search(info, vector, query_kind="image", vector_kind=vector_kind, **kwargs)
+        return envelope({"results": results})
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -417,8 +431,19 @@ class Ingress:
         """The library's descriptor (404 when absent); 409 when it was built with another model."""
         return await self._checked(await self._lookup(name), check_model=check_model)
 
-    def _index(self, info: LibraryInfo) -> GuardedHandle:
-        return self.index.options(multiplexed_model_id=info.key)
+    def _index(self, info: LibraryInfo, shard: int = 0) -> GuardedHandle:
+        return self.index.options(multiplexed_model_id=info.shard_key(shard))
+
+    async def _search(self, info: LibraryInfo, vector: np.ndarray, **kwargs: Any) -> list[dict[str, Any]]:
+        """Search every shard of the library with the same arguments, concurrently, and merge their
+        answers by cosine (``index.shards``). A 1-shard library is one call, as before shards existed;
+        a shard that cannot answer fails a sharded library's request with 503 ``UNAVAILABLE``."""
+        if info.shards == 1:
+            answers = [(await self._index(info).search.remote(vector, **kwargs))["results"]]
+        else:
+            calls = [self._index(info, k).search.remote(vector, **kwargs) for k in range(info.shards)]
+            answers = [a["results"] for a in await gather_shards(calls, library=info.name)]
+        return merge_results(answers, kwargs["top_k"])
 
     def _tags(self, raw: Any) -> dict[str, Any]:
         try:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from index.catalog import MAX_DESCRIPTION_LENGTH
+from index.shards import MAX_SHARDS
 
 
 def LibraryName() -> Any:
@@ -36,6 +37,13 @@ class CreateLibrary(Request):
     description: str | None = Field(None, max_length=MAX_DESCRIPTION_LENGTH)
     index_kind: Literal["auto", "flat", "hnsw", "ivfpq"] = Field(
         "auto", description="ours: the library's index kind; auto picks it by size (docs/API.md)"
+    )
+    shards: int = Field(
+        1,
+        ge=1,
+        le=MAX_SHARDS,
+        description="ours: shards holding the library's records, fixed at creation (docs/API.md); "
+        "at most limits.max_shards",
     )
 
 
@@ -89,7 +97,10 @@ class SearchCommon(Request):
     return_frame: bool = True
     min_score: float | None = Field(None, ge=0.0, le=1.0)
     recall_target: float | None = Field(
-        None, ge=0.5, le=1.0, description="ours: recall@10 to aim for (default: the deployment's; docs/API.md)"
+        None,
+        ge=0.5,
+        le=1.0,
+        description="ours: recall@10 to aim for (default: the deployment's; docs/API.md)",
     )
 
 

@@ -16,14 +16,20 @@ from index.writer import LibraryWriter
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class Writer:
     def __init__(self, storage: StorageSettings, max_libraries: int, index_config: IndexConfig) -> None:
-        self.core = LibraryWriter(
-            open_storage(storage, max_libraries=max_libraries), config=index_config
-        )
+        self.core = LibraryWriter(open_storage(storage, max_libraries=max_libraries), config=index_config)
 
     async def create_library(
-        self, name: str, mode: str, description: str | None, model: dict[str, Any], index_kind: str
+        self,
+        name: str,
+        mode: str,
+        description: str | None,
+        model: dict[str, Any],
+        index_kind: str,
+        shards: int = 1,
     ) -> dict[str, Any]:
-        return await asyncio.to_thread(self.core.create_library, name, mode, description, model, index_kind)
+        return await asyncio.to_thread(
+            self.core.create_library, name, mode, description, model, index_kind, shards
+        )
 
     async def delete_library(self, name: str) -> None:
         await asyncio.to_thread(self.core.delete_library, name)

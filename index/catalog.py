@@ -7,6 +7,8 @@ Layout::
     <root>/libraries/<name>/records.sqlite   source of truth (see index/store.py)
     <root>/libraries/<name>/frames/          stored original image bytes, content-addressed
     <root>/libraries/<name>/snapshots/       rebuildable FAISS/tag cache (see index/snapshot.py)
+    <root>/libraries/<name>/shards/<k>/      a sharded library (shards > 1): records.sqlite, frames/
+                                             and snapshots/ of shard k, instead of the three above
 
 Create and delete are atomic renames, so a crash never leaves a half-made library visible: a library
 is built in ``<root>/staging/`` and renamed into place; a deleted one is renamed into ``<root>/trash/``
@@ -37,6 +39,7 @@ from index.errors import (
     ModelMismatch,
 )
 from index.schema import SERVICE_VERSION, check_not_newer
+from index.shards import MAX_SHARDS
 from index.store import LibraryStore
 
 logger = logging.getLogger(__name__)
@@ -52,6 +55,8 @@ EMBEDDING_OF_MODE = {
 }
 MAX_DESCRIPTION_LENGTH = 1024
 CATALOG_FILE = "catalog.json"
+#: Under a sharded library's directory: one directory per shard (``shard_dirs``).
+SHARDS_DIR = "shards"
 #: The version of the layout above. 0: the same layout from before it carried a version (no
 #: ``catalog.json``); opening one stamps it.
 LAYOUT_VERSION = 1
@@ -93,11 +98,18 @@ class LibraryInfo:
     uid: str
     index_kind: str = "auto"
     face_model_identity: str | None = None
+    #: Fixed at creation (``index.shards``); descriptors written before shards existed load as 1.
+    shards: int = 1
 
     @property
     def key(self) -> str:
         """The multiplexing key: a re-created library never reuses a replica's cached reader."""
         return f"{self.name}:{self.uid}"
+
+    def shard_key(self, shard: int) -> str:
+        """The multiplexing key of one shard: ``name:uid`` for a 1-shard library (as before shards
+        existed), ``name:uid:shard`` otherwise."""
+        return self.key if self.shards == 1 else f"{self.key}:{shard}"
 
 
 class CatalogBase:
@@ -118,11 +130,12 @@ class CatalogBase:
         dim: int,
         index_kind: str = "auto",
         face_model_identity: str | None = None,
+        shards: int = 1,
     ) -> LibraryInfo:
-        """Create an empty library.
+        """Create an empty library of ``shards`` shards (``index.shards``).
 
         Raises:
-            InvalidParameter: (a ValueError) bad name, mode or index kind.
+            InvalidParameter: (a ValueError) bad name, mode, index kind or shard count.
             LibraryAlreadyExists: a library of that name exists.
             LibraryLimitReached: the deployment already holds ``max_libraries`` libraries.
         """
@@ -132,6 +145,10 @@ class CatalogBase:
         if index_kind not in CONFIGURED_KINDS:
             raise InvalidParameter(
                 f"index_kind {index_kind!r} is invalid; expected one of {', '.join(CONFIGURED_KINDS)}"
+            )
+        if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= MAX_SHARDS:
+            raise InvalidParameter(
+                f"shards {shards!r} is invalid; expected an integer from 1 to {MAX_SHARDS}"
             )
         info = LibraryInfo(
             name=name,
@@ -145,9 +162,17 @@ class CatalogBase:
             uid=uuid.uuid4().hex[:12],
             index_kind=index_kind,
             face_model_identity=face_model_identity if mode == "adaptive_search" else None,
+            shards=shards,
         )
         self._add(info)
-        logger.info("created library %s (mode=%s, model=%s, dim=%d)", name, mode, model_identity, dim)
+        logger.info(
+            "created library %s (mode=%s, model=%s, dim=%d, shards=%d)",
+            name,
+            mode,
+            model_identity,
+            dim,
+            shards,
+        )
         return info
 
     def _add(self, info: LibraryInfo) -> None:
@@ -192,8 +217,10 @@ class Catalog(CatalogBase):
             raise LibraryLimitReached(self.max_libraries)
         staging = self._staging / f"{name}-{info.uid}"
         staging.mkdir()
-        _write_json_durably(staging / "library.json", asdict(info))
-        LibraryStore.initialise(staging, dim=info.dim)
+        _write_json_durably(staging / "library.json", descriptor(info))
+        for shard_dir in shard_dirs(staging, info.shards):
+            shard_dir.mkdir(parents=True, exist_ok=True)
+            LibraryStore.initialise(shard_dir, dim=info.dim)
         try:
             os.rename(staging, final)  # atomic; fails if a concurrent create won
         except OSError as exc:
@@ -244,6 +271,23 @@ class Catalog(CatalogBase):
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def descriptor(info: LibraryInfo) -> dict[str, Any]:
+    """What ``library.json`` (or the catalog row) stores: ``shards`` only when above 1, so a 1-shard
+    library's descriptor is byte for byte what a service from before shards wrote and reads."""
+    raw = asdict(info)
+    if info.shards == 1:
+        del raw["shards"]
+    return raw
+
+
+def shard_dirs(library_dir: Path, shards: int) -> list[Path]:
+    """The directory of each shard's store, frames and snapshots: the library's own directory for a
+    1-shard library (the layout from before shards existed), ``shards/<k>/`` under it otherwise."""
+    if shards == 1:
+        return [library_dir]
+    return [library_dir / SHARDS_DIR / str(k) for k in range(shards)]
+
+
 def check_served_model(info: LibraryInfo, served: dict[str, Any]) -> None:
     """Refuse to use a library with a model other than the one it was built with.
 
@@ -285,6 +329,7 @@ def library_object(
         "model": {"name": info.model, "pretrained": info.pretrained, "dim": info.dim},
         "index": index,
         "embedding": EMBEDDING_OF_MODE[info.mode],
+        "shards": info.shards,
     } | ({"face_model": info.face_model_identity} if info.mode == "adaptive_search" else {})
 
 

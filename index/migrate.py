@@ -35,7 +35,7 @@ from typing import Any, cast
 from tqdm import tqdm
 
 from index.blobs import StorageUnavailable
-from index.catalog import Catalog, LibraryInfo
+from index.catalog import Catalog, LibraryInfo, shard_dirs
 from index.errors import ServiceError
 from index.pg import DatabaseUnavailable, PgCatalog
 from index.pg.copy import TargetRow, rows_by_key, set_timestamps
@@ -51,7 +51,8 @@ BATCH_RECORDS = 500
 #: The most frame bytes held in memory at once; a batch with more is written in several upserts.
 BATCH_BYTES = 64 * MiB
 
-#: Called after each batch is committed, with the library's name and its records handled so far.
+#: Called after each batch is committed, with the library's name and its records handled so far (in the
+#: shard being copied, for a sharded library).
 BatchCallback = Callable[[str, int], None]
 
 
@@ -127,22 +128,29 @@ def copy_library(
     batch_bytes: int = BATCH_BYTES,
     progress: Callable[[int], object] = lambda n: None,
     on_batch: BatchCallback | None = None,
+    shard: int = 0,
+    result: LibraryResult | None = None,
 ) -> LibraryResult:
-    """Copy the live records of one library into the target's library of the same uid (which exists).
+    """Copy the live records of one shard of a library into the same shard of the target's library of
+    the same uid (which exists); a 1-shard library has only shard 0.
 
     Args:
-        source: the library's SQLite store.
+        source: the shard's SQLite store.
         storage: the target.
         info: the library.
+        shard: the shard (records keep their shard: the routing is the same function everywhere).
+        result: the library's result so far, added to (a sharded library is copied shard by shard).
         batch_records, batch_bytes: see :data:`BATCH_RECORDS`, :data:`BATCH_BYTES`.
         progress: called with the number of records each batch handled (a tqdm bar's ``update``).
         on_batch: called after each batch is committed (tests use it to interrupt a run).
     """
-    result = LibraryResult(info.name, source.count())
+    if result is None:
+        result = LibraryResult(info.name, 0)
+    result.source_records += source.count()
     # closing(): an interrupted copy ends the source's read transaction at once, not when collected
     # (changes_since is a generator; its annotation says only Iterator)
     rows = cast(Generator[Change, None, None], source.changes_since(0, live_only=True))
-    with closing(storage.library(info).open_store(False)) as target, closing(rows) as changes:
+    with closing(storage.library(info, shard).open_store(False)) as target, closing(rows) as changes:
         done = 0
         for batch in _batches(changes, batch_records):
             records = source.fetch([c.row_id for c in batch])
@@ -163,12 +171,12 @@ def copy_library(
             for chunk in _frame_chunks(source, upserts, batch_bytes, result):
                 target.upsert(chunk)
                 result.written += len(chunk)
-            set_timestamps(storage.db, info.uid, stamps)
+            set_timestamps(storage.db, info.uid, stamps, shard=shard)
             done += len(batch)
             progress(len(batch))
             if on_batch is not None:
                 on_batch(info.name, done)
-        result.target_records = target.count()
+        result.target_records += target.count()
     return result
 
 
@@ -211,8 +219,10 @@ def migrate(
         infos = [i for i in infos if i.name in set(libraries)]
     counts = {}
     for info in infos:
-        with LibraryStore(catalog.library_dir(info.name), readonly=True) as store:
-            counts[info.name] = store.count()
+        counts[info.name] = 0
+        for shard_dir in shard_dirs(catalog.library_dir(info.name), info.shards):
+            with LibraryStore(shard_dir, readonly=True) as store:
+                counts[info.name] += store.count()
 
     storage = ClusterStorage(settings, max_libraries=max_libraries)
     try:
@@ -222,8 +232,9 @@ def migrate(
         for p in plans:
             in_target = 0
             if p.action == "continue":
-                with closing(storage.library(p.info).open_store(True)) as there:
-                    in_target = there.count()
+                for data in storage.shards(p.info):
+                    with closing(data.open_store(True)) as there:
+                        in_target += there.count()
             out(_describe_plan(p, in_target))
         if dry_run:
             out(f"dry run: {len(plans)} libraries, {sum(p.records for p in plans)} records; nothing written")
@@ -232,21 +243,25 @@ def migrate(
         for p in plans:
             if p.action == "create":
                 target.add_existing(p.info)
-            with (
-                LibraryStore(catalog.library_dir(p.info.name), readonly=True) as source,
-                tqdm(
-                    total=p.records, desc=p.info.name, unit="img", disable=not show_progress, file=sys.stderr
-                ) as bar,
-            ):
-                result = copy_library(
-                    source,
-                    storage,
-                    p.info,
-                    batch_records=batch_records,
-                    batch_bytes=batch_bytes,
-                    progress=bar.update,
-                    on_batch=on_batch,
-                )
+            result = LibraryResult(p.info.name, 0)
+            with tqdm(
+                total=p.records, desc=p.info.name, unit="img", disable=not show_progress, file=sys.stderr
+            ) as bar:
+                for shard, shard_dir in enumerate(
+                    shard_dirs(catalog.library_dir(p.info.name), p.info.shards)
+                ):
+                    with LibraryStore(shard_dir, readonly=True) as source:
+                        copy_library(
+                            source,
+                            storage,
+                            p.info,
+                            batch_records=batch_records,
+                            batch_bytes=batch_bytes,
+                            progress=bar.update,
+                            on_batch=on_batch,
+                            shard=shard,
+                            result=result,
+                        )
             out(_describe_result(result))
             results.append(result)
         return results

@@ -25,6 +25,7 @@ import numpy as np
 
 from index.ann import DEFAULT_CONFIG, IndexConfig
 from index.backends import RecordStore
+from index.shards import RANK_KEY
 from index.snapshot import LocalSnapshots, Snapshots
 from index.storage import LibraryData, local_library
 from index.store import StoredRecord
@@ -247,11 +248,17 @@ def result_objects(
     *,
     min_score: float | None,
     return_frame: bool,
+    with_rank: bool = False,
 ) -> list[dict[str, object]]:
-    """The API's result objects for ranked hits (records deleted since the search are skipped)."""
+    """The API's result objects for ranked hits (records deleted since the search are skipped).
+
+    ``with_rank`` adds each hit's raw cosine under ``index.shards.RANK_KEY``: what the merge of a
+    sharded search ranks by (scores are clipped and rounded, so they tie where cosines do not)."""
     records = reader.records(hits.row_ids)
     out: list[dict[str, object]] = []
-    for row_id, score in zip(hits.row_ids.tolist(), scores.tolist(), strict=True):
+    for row_id, score, cosine in zip(
+        hits.row_ids.tolist(), scores.tolist(), hits.cosines.tolist(), strict=True
+    ):
         if min_score is not None and score < min_score:
             break  # scores are sorted descending
         rec = records.get(row_id)
@@ -260,6 +267,8 @@ def result_objects(
         obj = record_object(reader, rec, return_frame=return_frame)
         tags = obj.pop("tags")
         out.append({**obj, "score": round(float(score), 6), "tags": tags})  # the spec's field order
+        if with_rank:
+            out[-1][RANK_KEY] = float(cosine)
     return out
 
 

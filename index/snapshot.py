@@ -75,8 +75,10 @@ class Snapshots(Protocol):
     embedded mode) or ``index.objsnap.ObjectSnapshots`` (an object store, copied into a node-local cache
     before being memory-mapped: cluster mode). The reader and the writer only use this."""
 
-    #: A short name for logs (the library's directory or uid).
-    label: str
+    @property
+    def label(self) -> str:
+        """A short name for logs (the library's directory or uid, and shard)."""
+        ...
 
     def current_name(self) -> str | None:
         """The name of the current snapshot (one small read), or None."""
@@ -104,10 +106,12 @@ class LocalSnapshots:
     """Snapshots under ``<library_dir>/snapshots`` (embedded mode)."""
 
     library_dir: Path
+    #: For logs (default: the directory's name; a shard's directory is only its number).
+    name: str | None = None
 
     @property
     def label(self) -> str:
-        return self.library_dir.name
+        return self.name or self.library_dir.name
 
     def current_name(self) -> str | None:
         return current_name(self.library_dir)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from index.ann import DEFAULT_CONFIG, IndexConfig
 from index.backends import LibraryCatalog, RecordStore, TaskStorage
 from index.calibration import Calibration
-from index.catalog import Catalog, LibraryInfo, library_object
+from index.catalog import Catalog, LibraryInfo, library_object, shard_dirs
 from index.snapshot import LocalSnapshots, Snapshots
 from index.store import LibraryStore
 
@@ -108,22 +108,19 @@ class LibraryData:
     snapshots: Snapshots
 
 
-def local_library(library_dir: str | Path) -> LibraryData:
-    """An embedded library's data, by its directory."""
+def local_library(library_dir: str | Path, label: str | None = None) -> LibraryData:
+    """An embedded library's (or shard's) data, by its directory."""
     path = Path(library_dir)
     return LibraryData(
-        label=path.name,
+        label=label or path.name,
         open_store=lambda readonly: LibraryStore(path, readonly=readonly),
-        snapshots=LocalSnapshots(path),
+        snapshots=LocalSnapshots(path, label),
     )
 
 
-def describe_library(
-    info: LibraryInfo, data: LibraryData, config: IndexConfig = DEFAULT_CONFIG
-) -> dict[str, Any]:
-    """The API's library object: the image count from the store, the index kind and its recall
-    calibration from the current snapshot's manifest (no snapshot: replicas replay every row into an
-    exact table, which is a flat index)."""
+def _shard_state(data: LibraryData, config: IndexConfig) -> tuple[int, str, dict[str, Any] | None]:
+    """One shard's live count, index kind now and recall calibration (no snapshot: replicas replay every
+    row into an exact table, which is a flat index)."""
     store = data.open_store(True)
     try:
         count = store.count()
@@ -133,7 +130,31 @@ def describe_library(
     calibration = None
     if manifest is not None and manifest.calibration is not None:
         calibration = Calibration.from_dict(manifest.calibration).describe(config.recall_target, config)
-    return library_object(info, count, "flat" if manifest is None else manifest.index_kind, calibration)
+    return count, "flat" if manifest is None else manifest.index_kind, calibration
+
+
+def describe_library(
+    info: LibraryInfo, shards: list[LibraryData], config: IndexConfig = DEFAULT_CONFIG
+) -> dict[str, Any]:
+    """The API's library object: the image count from the stores, the index kind and its recall
+    calibration from the current snapshots' manifests.
+
+    A sharded library reports the sum of its shards' counts, the kind they share (``mixed`` when they
+    differ, e.g. one shard crossed ``hnsw_min_rows`` before the others) and each shard's own state under
+    ``index.shards``."""
+    states = [_shard_state(data, config) for data in shards]
+    if len(states) == 1:
+        count, kind, calibration = states[0]
+        return library_object(info, count, kind, calibration)
+    kinds = {kind for _, kind, _ in states}
+    kind = kinds.pop() if len(kinds) == 1 else "mixed"
+    described = library_object(info, sum(c for c, _, _ in states), kind)
+    described["index"]["shards"] = [
+        {"shard": k, "image_count": count, "kind": kind}
+        | ({"search_calibration": calibration} if calibration is not None else {})
+        for k, (count, kind, calibration) in enumerate(states)
+    ]
+    return described
 
 
 class Storage:
@@ -142,8 +163,17 @@ class Storage:
     catalog: LibraryCatalog
     settings: StorageSettings
 
-    def library(self, info: LibraryInfo) -> LibraryData:
+    def library(self, info: LibraryInfo, shard: int = 0) -> LibraryData:
+        """One shard's data (shard 0 of a 1-shard library is the whole library).
+
+        Raises:
+            ValueError: ``shard`` is not one of the library's shards.
+        """
         raise NotImplementedError
+
+    def shards(self, info: LibraryInfo) -> list[LibraryData]:
+        """Every shard's data, in shard order."""
+        return [self.library(info, k) for k in range(info.shards)]
 
     def task_store(self, *, max_errors: int) -> TaskStorage:
         raise NotImplementedError
@@ -153,7 +183,7 @@ class Storage:
         self.catalog.delete(name)
 
     def describe(self, info: LibraryInfo, config: IndexConfig = DEFAULT_CONFIG) -> dict[str, Any]:
-        return describe_library(info, self.library(info), config)
+        return describe_library(info, self.shards(info), config)
 
     def close(self) -> None:
         """Release connections (idempotent)."""
@@ -167,8 +197,10 @@ class EmbeddedStorage(Storage):
         self.root = Path(settings.storage_root)
         self.catalog = self._catalog = Catalog(self.root, max_libraries=max_libraries)
 
-    def library(self, info: LibraryInfo) -> LibraryData:
-        return local_library(self._catalog.library_dir(info.name))
+    def library(self, info: LibraryInfo, shard: int = 0) -> LibraryData:
+        _check_shard(info, shard)
+        path = shard_dirs(self._catalog.library_dir(info.name), info.shards)[shard]
+        return local_library(path, None if info.shards == 1 else f"{info.name}/shard-{shard}")
 
     def task_store(self, *, max_errors: int) -> TaskStorage:
         from index.ingest.tasks import TaskStore
@@ -208,19 +240,26 @@ class ClusterStorage(Storage):
 
         return library_blobs(self.blobs, uid)
 
-    def library(self, info: LibraryInfo) -> LibraryData:
+    def library(self, info: LibraryInfo, shard: int = 0) -> LibraryData:
         from index.objsnap import ObjectSnapshots
         from index.pg import PgLibraryStore
 
-        blobs = self._library_blobs(info.uid)  # PgLibraryStore keeps its frames under frames/ of it
+        _check_shard(info, shard)
+        # PgLibraryStore keeps its frames under frames/ of these blobs, the snapshots are snapshots/:
+        # libraries/<uid>/ for a 1-shard library (as before shards existed), .../shards/<k>/ otherwise.
+        blobs = self._library_blobs(info.uid)
+        cache = self.cache_dir / info.uid
+        if info.shards > 1:
+            blobs = blobs.child(f"shards/{shard}")
+            cache = cache / "shards" / str(shard)
+        label = info.shard_key(shard)
         return LibraryData(
-            label=f"{info.name}:{info.uid}",
-            open_store=lambda readonly: PgLibraryStore(self.db, info.uid, readonly=readonly, frames=blobs),
+            label=label,
+            open_store=lambda readonly: PgLibraryStore(
+                self.db, info.uid, shard, readonly=readonly, frames=blobs
+            ),
             snapshots=ObjectSnapshots(
-                blobs.child("snapshots"),
-                self.cache_dir / info.uid,
-                label=f"{info.name}:{info.uid}",
-                grace_s=self.settings.snapshot_grace_s,
+                blobs.child("snapshots"), cache, label=label, grace_s=self.settings.snapshot_grace_s
             ),
         )
 
@@ -251,6 +290,11 @@ class ClusterStorage(Storage):
 
     def close(self) -> None:
         self.db.close()
+
+
+def _check_shard(info: LibraryInfo, shard: int) -> None:
+    if not 0 <= shard < info.shards:
+        raise ValueError(f"shard {shard} is not a shard of library {info.name!r} (it has {info.shards})")
 
 
 def open_storage(settings: StorageSettings, *, max_libraries: int = 1000) -> Storage:

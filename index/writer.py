@@ -10,6 +10,10 @@ folds those rows into the index (``add``: cheap, the usual case) or rebuilds the
 rows, when the library should change kind (it crossed ``hnsw_min_rows``, its ``index_kind`` asks for
 another) or when more than ``compact_dead_fraction`` of its slots are dead (compaction). Readers pick
 the new snapshot up by themselves (`index.reader`).
+
+A sharded library (``index.shards``) is S such libraries under one name: each record goes to the store of
+its id's shard, and each shard has its own seq and snapshots (so a snapshot, a compaction or a kind switch
+is per shard).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from index.backends import RecordStore
 from index.catalog import LibraryInfo
 from index.errors import LibraryNotFound
 from index.reader import load_table
+from index.shards import shard_of, split_by_shard
 from index.snapshot import Manifest, Snapshots
 from index.storage import ClusterStorage, LibraryData, Storage, StorageSettings, open_storage
 from index.store import NewRecord
@@ -56,9 +61,9 @@ class LibraryWriter:
         if isinstance(storage, ClusterStorage):
             storage.collect_orphans()
         self.config = config
-        #: name -> (uid, the library's data, its write store): one of each per library, so that the
+        #: (name, shard) -> (uid, the shard's data, its write store): one of each per shard, so that the
         #: snapshot pointer an object store caches (index.objsnap) serves every write.
-        self._stores: dict[str, tuple[str, LibraryData, RecordStore]] = {}
+        self._stores: dict[tuple[str, int], tuple[str, LibraryData, RecordStore]] = {}
         self._lock = threading.Lock()
         self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
         self._snapshot_pending: set[str] = set()
@@ -75,11 +80,13 @@ class LibraryWriter:
         description: str | None,
         model: dict[str, Any],
         index_kind: str = "auto",
+        shards: int = 1,
     ) -> dict[str, Any]:
         """Create a library for the model described by ``model`` (the encoder's info).
 
         Args:
             index_kind: ``auto`` (by size, from the config's thresholds), ``flat``, ``hnsw`` or ``ivfpq``.
+            shards: how many shards hold its records (``index.shards``; fixed for the library's life).
         """
         info = self.catalog.create(
             name,
@@ -91,37 +98,52 @@ class LibraryWriter:
             dim=int(model["dim"]),
             face_model_identity=model.get("face_identity"),
             index_kind=index_kind,
+            shards=shards,
         )
         return self.storage.describe(info, self.config)
 
     def delete_library(self, name: str) -> None:
         with self._lock:
-            entry = self._stores.pop(name, None)
-        if entry is not None:
+            entries = [self._stores.pop(key) for key in [k for k in self._stores if k[0] == name]]
+        for entry in entries:
             entry[2].close()
         self.storage.delete_library(name)
 
     # -- images ----------------------------------------------------------------------------------
 
     def add_images(self, name: str, uid: str, records: list[NewRecord]) -> list[bool]:
-        """Upsert records into library ``name`` (whose uid must still be ``uid``)."""
-        info, library, store = self._store(name, uid)
-        created = store.upsert(records)
-        self._maybe_snapshot(info, library, store)
+        """Upsert records into library ``name`` (whose uid must still be ``uid``).
+
+        A sharded library's records are split by shard, one upsert (one seq) per shard touched; each is
+        atomic on its own, so a failure part-way leaves the earlier shards' records written (a retry of
+        the same records is an overwrite, as for any upsert).
+        """
+        info = self._info(name, uid)
+        created = [False] * len(records)
+        for shard, positions in sorted(split_by_shard((r.image_id for r in records), info.shards).items()):
+            library, store = self._store(info, shard)
+            flags = store.upsert([records[i] for i in positions])
+            for i, flag in zip(positions, flags, strict=True):
+                created[i] = flag
+            self._maybe_snapshot(info, shard, library, store)
         return created
 
     def update_tags(
         self, name: str, uid: str, image_id: str, image_uri: str | None, tags: dict[str, Any]
     ) -> int:
-        info, library, store = self._store(name, uid)
+        info = self._info(name, uid)
+        shard = shard_of(image_id, info.shards)
+        library, store = self._store(info, shard)
         n = store.update_tags(image_id, image_uri, tags)
-        self._maybe_snapshot(info, library, store)
+        self._maybe_snapshot(info, shard, library, store)
         return n
 
     def delete_images(self, name: str, uid: str, image_id: str, image_uri: str | None) -> int:
-        info, library, store = self._store(name, uid)
+        info = self._info(name, uid)
+        shard = shard_of(image_id, info.shards)
+        library, store = self._store(info, shard)
         n = store.delete(image_id, image_uri)
-        self._maybe_snapshot(info, library, store)
+        self._maybe_snapshot(info, shard, library, store)
         return n
 
     def close(self) -> None:
@@ -134,21 +156,26 @@ class LibraryWriter:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _store(self, name: str, uid: str) -> tuple[LibraryInfo, LibraryData, RecordStore]:
+    def _info(self, name: str, uid: str) -> LibraryInfo:
         info = self.catalog.get(name)
         if info.uid != uid:  # deleted and re-created since the caller looked it up
             raise LibraryNotFound(name)
+        return info
+
+    def _store(self, info: LibraryInfo, shard: int) -> tuple[LibraryData, RecordStore]:
         with self._lock:
-            entry = self._stores.get(name)
-            if entry is None or entry[0] != uid:
+            entry = self._stores.get((info.name, shard))
+            if entry is None or entry[0] != info.uid:
                 if entry is not None:
                     entry[2].close()
-                library = self.storage.library(info)
-                entry = (uid, library, library.open_store(False))
-                self._stores[name] = entry
-            return info, entry[1], entry[2]
+                library = self.storage.library(info, shard)
+                entry = (info.uid, library, library.open_store(False))
+                self._stores[(info.name, shard)] = entry
+            return entry[1], entry[2]
 
-    def _maybe_snapshot(self, info: LibraryInfo, library: LibraryData, store: RecordStore) -> None:
+    def _maybe_snapshot(
+        self, info: LibraryInfo, shard: int, library: LibraryData, store: RecordStore
+    ) -> None:
         cfg = self.config
         changed = store.count_changed_since(library.snapshots.seq())
         if changed < cfg.snapshot_min_rows:
@@ -157,20 +184,28 @@ class LibraryWriter:
         # snapshot_fraction of a big library is many rows. Only then count the library (a full scan).
         if changed < cfg.snapshot_max_tail_rows and changed < cfg.snapshot_fraction * store.count():
             return
+        key = info.shard_key(shard)
         with self._lock:
-            if info.key in self._snapshot_pending:
+            if key in self._snapshot_pending:
                 return
-            self._snapshot_pending.add(info.key)
-        self._snapshots.submit(self._snapshot, info, library)
+            self._snapshot_pending.add(key)
+        self._snapshots.submit(self._snapshot, info, shard, library)
 
-    def snapshot_now(self, name: str) -> Manifest:
-        """Write a snapshot of library ``name`` synchronously (tests, maintenance, benchmarks).
+    def snapshot_now(self, name: str, shard: int = 0) -> Manifest:
+        """Write a snapshot of one shard of library ``name`` synchronously (tests, maintenance,
+        benchmarks); a 1-shard library has only shard 0.
 
         Raises:
-            LibraryNotFound: no such library. Errors of the snapshot itself propagate too.
+            LibraryNotFound: no such library. ValueError: no such shard. Errors of the snapshot itself
+            propagate too.
         """
         info = self.catalog.get(name)
-        return self._write_snapshot(info, self.storage.library(info))
+        return self._write_snapshot(info, self.storage.library(info, shard))
+
+    def snapshot_all(self, name: str) -> list[Manifest]:
+        """Write a snapshot of every shard of library ``name`` (in shard order), synchronously."""
+        info = self.catalog.get(name)
+        return [self._write_snapshot(info, data) for data in self.storage.shards(info)]
 
     def _write_snapshot(self, info: LibraryInfo, library: LibraryData) -> Manifest:
         with self._snapshot_lock:
@@ -180,18 +215,18 @@ class LibraryWriter:
             finally:
                 store.close()
 
-    def _snapshot(self, info: LibraryInfo, library: LibraryData) -> None:
+    def _snapshot(self, info: LibraryInfo, shard: int, library: LibraryData) -> None:
         try:
             self._write_snapshot(info, library)
         except (FileNotFoundError, LibraryNotFound):
-            logger.info("library %s was deleted before its snapshot was written", info.name)
+            logger.info("library %s was deleted before its snapshot was written", library.label)
         except Exception:
             logger.exception(
-                "snapshot of library %s failed (searches replay from the store meanwhile)", info.name
+                "snapshot of library %s failed (searches replay from the store meanwhile)", library.label
             )
         finally:
             with self._lock:
-                self._snapshot_pending.discard(info.key)
+                self._snapshot_pending.discard(info.shard_key(shard))
 
 
 def refresh_snapshot(

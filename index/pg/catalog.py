@@ -2,7 +2,8 @@
 
 The same interface as ``index.catalog.Catalog`` (``index.backends.LibraryCatalog``). A library's row
 holds its descriptor (``info``, what ``library.json`` holds on disk), its dim and its ``last_seq``, the
-row that every write to the library locks (``index/pg/store.py``). Create and delete are single
+row that every write to the library's shard 0 locks (``index/pg/store.py``); shards 1..S-1 of a sharded
+library lock their rows of ``library_shards``. Create and delete are single
 transactions, so there is no staging or trash to clean up; deleting the row deletes the library's
 records with it (``ON DELETE CASCADE``); its blobs on the object store (frames, snapshots) are the
 caller's to delete once that has committed (:meth:`PgCatalog.delete_library` returns the uid).
@@ -12,11 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 
 import psycopg
 
-from index.catalog import CatalogBase, LibraryInfo, check_library_name
+from index.catalog import CatalogBase, LibraryInfo, check_library_name, descriptor
 from index.errors import LibraryAlreadyExists, LibraryLimitReached, LibraryNotFound
 from index.pg.db import CATALOG_LOCK, Database
 
@@ -47,7 +47,13 @@ class PgCatalog(CatalogBase):
                     raise LibraryLimitReached(self.max_libraries)
                 conn.execute(
                     "INSERT INTO libraries (uid, name, info, dim) VALUES (%s, %s, %s::jsonb, %s)",
-                    (info.uid, info.name, json.dumps(asdict(info)), info.dim),
+                    (info.uid, info.name, json.dumps(descriptor(info)), info.dim),
+                )
+                # The lock row of each shard past the first (shard 0 locks the library's row, as every
+                # library did before shards existed: index/pg/store.py).
+                conn.execute(
+                    "INSERT INTO library_shards (library_uid, shard) SELECT %s, generate_series(1, %s)",
+                    (info.uid, info.shards - 1),
                 )
         except psycopg.errors.UniqueViolation:  # a uid collision: 48 random bits, but say so plainly
             raise LibraryAlreadyExists(info.name) from None

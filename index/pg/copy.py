@@ -63,10 +63,12 @@ def rows_by_key(db: Database, uid: str, keys: Sequence[Key]) -> dict[Key, Target
     }
 
 
-def set_timestamps(db: Database, uid: str, stamps: Sequence[tuple[str, str, float, float]]) -> int:
-    """Set ``created_at`` and ``updated_at`` of live records, given as ``(image_id, image_uri,
-    created_at, updated_at)``. Holds the library's row lock, as every write to it does, so it cannot
-    interleave with an upsert of the same records.
+def set_timestamps(
+    db: Database, uid: str, stamps: Sequence[tuple[str, str, float, float]], *, shard: int = 0
+) -> int:
+    """Set ``created_at`` and ``updated_at`` of live records of one shard, given as ``(image_id,
+    image_uri, created_at, updated_at)``. Holds the shard's row lock, as every write to it does, so it
+    cannot interleave with an upsert of the same records.
 
     Returns:
         How many records were changed.
@@ -76,20 +78,28 @@ def set_timestamps(db: Database, uid: str, stamps: Sequence[tuple[str, str, floa
     if not stamps:
         return 0
     with db.transaction() as conn:
-        if conn.execute("SELECT 1 FROM libraries WHERE uid = %s FOR UPDATE", (uid,)).fetchone() is None:
+        lock = (
+            conn.execute("SELECT 1 FROM libraries WHERE uid = %s FOR UPDATE", (uid,))
+            if shard == 0
+            else conn.execute(
+                "SELECT 1 FROM library_shards WHERE library_uid = %s AND shard = %s FOR UPDATE", (uid, shard)
+            )
+        )
+        if lock.fetchone() is None:
             raise LibraryNotFound(f"uid {uid}")
         cur = conn.execute(
             "UPDATE records AS r SET created_at = s.created_at, updated_at = s.updated_at"
             " FROM unnest(%s::text[], %s::text[], %s::float8[], %s::float8[])"
             " AS s(image_id, image_uri, created_at, updated_at)"
-            " WHERE r.library_uid = %s AND r.image_id = s.image_id AND r.image_uri = s.image_uri"
-            " AND NOT r.deleted",
+            " WHERE r.library_uid = %s AND r.shard = %s AND r.image_id = s.image_id"
+            " AND r.image_uri = s.image_uri AND NOT r.deleted",
             (
                 [s[0] for s in stamps],
                 [s[1] for s in stamps],
                 [float(s[2]) for s in stamps],
                 [float(s[3]) for s in stamps],
                 uid,
+                shard,
             ),
         )
         return cur.rowcount

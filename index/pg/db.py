@@ -107,6 +107,20 @@ CREATE TABLE runners (
     """
 DROP TABLE frames;
 """,
+    # 3: sharded libraries (index.shards). Shard 0 of every library keeps the library's row as its lock
+    # and seq (so existing libraries need no data change); shard k >= 1 locks its row here. Records say
+    # their shard; the catch-up index leads with it.
+    """
+CREATE TABLE library_shards (
+    library_uid TEXT NOT NULL REFERENCES libraries (uid) ON DELETE CASCADE,
+    shard INTEGER NOT NULL CHECK (shard >= 1),
+    last_seq BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (library_uid, shard)
+);
+ALTER TABLE records ADD COLUMN shard INTEGER NOT NULL DEFAULT 0;
+DROP INDEX records_by_seq;
+CREATE INDEX records_by_seq ON records (library_uid, shard, seq);
+""",
 )
 SCHEMA_VERSION = len(STEPS)
 

@@ -1,9 +1,11 @@
 """The records of one library in PostgreSQL: the same interface as ``index.store.LibraryStore``.
 
-Sequence numbers: every mutation runs in one transaction that first locks the library's row in
-``libraries`` (``SELECT ... FOR UPDATE``), stamps every row it touches with ``last_seq + 1`` and stores
-that as the new ``last_seq``. The lock is held until the commit, so two writers (say, an old Writer still
-alive during a failover and its replacement) queue on it: seqs follow commit order, and a transaction
+Sequence numbers are per shard (``index.shards``; a 1-shard library has only shard 0). Every mutation
+runs in one transaction that first locks the shard's row (shard 0: the library's row in ``libraries``, as
+before shards existed; shard k >= 1: its row in ``library_shards``) with ``SELECT ... FOR UPDATE``,
+stamps every row it touches with ``last_seq + 1`` and stores that as the new ``last_seq``. The lock is
+held until the commit, so two writers (say, an old Writer still alive during a failover and its
+replacement) queue on it: seqs follow commit order, and a transaction
 that rolls back takes its number with it, so none is skipped. The database is the fence; nothing
 outside it is needed.
 
@@ -13,9 +15,10 @@ it stamps commit together, a reader that saw ``last_seq = n`` finds every row up
 
 Deletes leave tombstones (``deleted = true``, no vector, a new seq), as in SQLite.
 
-Frames (stored original images) are objects ``frames/<sha256>`` of the library's
-:class:`~index.blobs.BlobStore` (content-addressed, per library). The library's row lock orders them with
-the records:
+Frames (stored original images) are objects ``frames/<sha256>`` of the shard's
+:class:`~index.blobs.BlobStore` (content-addressed, per shard: ``libraries/<uid>/`` for a 1-shard
+library, ``libraries/<uid>/shards/<k>/`` otherwise, so that only one shard's records can name a frame
+object and the shard's row lock alone orders them with the records):
 
 - an upsert uploads its frames *inside* its transaction, after taking the lock and before the records
   that name them are written; a crash or rollback before the commit leaves only unreferenced objects;
@@ -64,26 +67,43 @@ _RECORD_COLS = (
 
 
 class PgLibraryStore:
-    """PostgreSQL access to one library, through the shared pool (thread-safe: each call borrows a
-    connection).
+    """PostgreSQL access to one shard of one library, through the shared pool (thread-safe: each call
+    borrows a connection).
 
     Args:
         db: the pool; the store does not own it.
         uid: the library's uid (``LibraryInfo.uid``): a library deleted and created again is another one.
+        shard: the shard (0 for a 1-shard library).
         readonly: refuse every write (what readers open).
-        frames: the library's blobs (``library_blobs(root, uid)``); frames are ``frames/<sha256>`` in it.
+        frames: the shard's blobs (``index.storage.ClusterStorage.library``); frames are
+            ``frames/<sha256>`` in it.
 
     Raises:
         LibraryNotFound: no library has that uid (it was deleted).
     """
 
-    def __init__(self, db: Database, uid: str, *, readonly: bool = False, frames: BlobStore) -> None:
+    def __init__(
+        self, db: Database, uid: str, shard: int = 0, *, readonly: bool = False, frames: BlobStore
+    ) -> None:
         self.db = db
         self.uid = uid
+        self.shard = shard
         self.readonly = readonly
         self.frames = frames
+        # Shard 0's seq and lock are the library's row (as before shards existed); shard k >= 1 has
+        # its row in library_shards. Both are "the shard's row" below.
+        if shard == 0:
+            self._seq_table, self._seq_where = "libraries", "uid = %s"
+            self._seq_args: tuple[Any, ...] = (uid,)
+        else:
+            self._seq_table, self._seq_where = "library_shards", "library_uid = %s AND shard = %s"
+            self._seq_args = (uid, shard)
+        self._seq_row = f"{self._seq_table} WHERE {self._seq_where}"
         with db.transaction() as conn:
             row = conn.execute("SELECT dim, name FROM libraries WHERE uid = %s", (uid,)).fetchone()
+            shard_row = conn.execute(f"SELECT 1 FROM {self._seq_row}", self._seq_args).fetchone()
+        if row is not None and shard_row is None:
+            raise LibraryNotFound(f"uid {uid} shard {shard}")
         if row is None:
             raise LibraryNotFound(f"uid {uid}")
         self.dim, self.name = int(row[0]), str(row[1])
@@ -119,13 +139,14 @@ class PgLibraryStore:
         now = time.time()
         with self._write() as (conn, seq):
             self._put_frames(conn, uploads)
-            # What each key held before (the library's lock keeps it so until the commit).
+            # What each key held before (the shard's lock keeps it so until the commit).
             live: dict[tuple[str, str], tuple[bool, str | None]] = {
                 (r[0], r[1]): (not r[2], r[3])
                 for r in conn.execute(
                     "SELECT image_id, image_uri, deleted, frame FROM records WHERE library_uid = %s"
+                    " AND shard = %s"
                     " AND (image_id, image_uri) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
-                    (self.uid, [r.image_id for r in records], [r.image_uri for r in records]),
+                    (self.uid, self.shard, [r.image_id for r in records], [r.image_uri for r in records]),
                 )
             }
             created, old_frames = [], []
@@ -138,8 +159,8 @@ class PgLibraryStore:
             with conn.cursor() as cur:
                 cur.executemany(
                     "INSERT INTO records AS r (library_uid, image_id, image_uri, tags, vector, vector_kind,"
-                    " frame, extra, seq, deleted, created_at, updated_at)"
-                    " VALUES (%s, %s, %s, %s::jsonb, %s, %s, %s, %s::jsonb, %s, false, %s, %s)"
+                    " frame, extra, seq, deleted, created_at, updated_at, shard)"
+                    " VALUES (%s, %s, %s, %s::jsonb, %s, %s, %s, %s::jsonb, %s, false, %s, %s, %s)"
                     " ON CONFLICT (library_uid, image_id, image_uri) DO UPDATE SET tags = excluded.tags,"
                     " vector = excluded.vector, vector_kind = excluded.vector_kind, frame = excluded.frame,"
                     " extra = excluded.extra, seq = excluded.seq, deleted = false,"
@@ -158,6 +179,7 @@ class PgLibraryStore:
                             seq,
                             now,
                             now,
+                            self.shard,
                         )
                         for r, blob, frame in zip(records, blobs, frames, strict=True)
                     ],
@@ -171,8 +193,8 @@ class PgLibraryStore:
         with self._write() as (conn, seq):
             cur = conn.execute(
                 "UPDATE records SET tags = %s::jsonb, seq = %s, updated_at = %s"
-                f" WHERE library_uid = %s AND NOT deleted AND {where}",
-                (dump_json(tags), seq, time.time(), self.uid, *args),
+                f" WHERE library_uid = %s AND shard = %s AND NOT deleted AND {where}",
+                (dump_json(tags), seq, time.time(), self.uid, self.shard, *args),
             )
             return cur.rowcount
 
@@ -183,16 +205,16 @@ class PgLibraryStore:
             frames = [
                 r[0]
                 for r in conn.execute(
-                    f"SELECT frame FROM records WHERE library_uid = %s AND NOT deleted AND frame IS NOT NULL"
-                    f" AND {where}",
-                    (self.uid, *args),
+                    "SELECT frame FROM records WHERE library_uid = %s AND shard = %s AND NOT deleted"
+                    f" AND frame IS NOT NULL AND {where}",
+                    (self.uid, self.shard, *args),
                 )
             ]
             cur = conn.execute(
                 "UPDATE records SET deleted = true, vector = NULL, frame = NULL, tags = '{}'::jsonb,"
                 " extra = NULL, seq = %s, updated_at = %s"
-                f" WHERE library_uid = %s AND NOT deleted AND {where}",
-                (seq, time.time(), self.uid, *args),
+                f" WHERE library_uid = %s AND shard = %s AND NOT deleted AND {where}",
+                (seq, time.time(), self.uid, self.shard, *args),
             )
             deleted = cur.rowcount
         self._collect_frames(frames)
@@ -201,17 +223,23 @@ class PgLibraryStore:
     # -- reads -----------------------------------------------------------------------------------
 
     def last_seq(self) -> int:
-        return int(self._one("SELECT last_seq FROM libraries WHERE uid = %s", (self.uid,), missing=True))
+        return int(self._one(f"SELECT last_seq FROM {self._seq_row}", self._seq_args, missing=True))
 
     def count(self) -> int:
         """Number of live records."""
         return int(
-            self._one("SELECT COUNT(*) FROM records WHERE library_uid = %s AND NOT deleted", (self.uid,))
+            self._one(
+                "SELECT COUNT(*) FROM records WHERE library_uid = %s AND shard = %s AND NOT deleted",
+                (self.uid, self.shard),
+            )
         )
 
     def count_changed_since(self, seq: int) -> int:
         return int(
-            self._one("SELECT COUNT(*) FROM records WHERE library_uid = %s AND seq > %s", (self.uid, seq))
+            self._one(
+                "SELECT COUNT(*) FROM records WHERE library_uid = %s AND shard = %s AND seq > %s",
+                (self.uid, self.shard, seq),
+            )
         )
 
     def get(self, image_id: str, image_uri: str | None = None) -> list[StoredRecord]:
@@ -219,9 +247,9 @@ class PgLibraryStore:
         where, args = _match(image_id, image_uri)
         with self.db.transaction() as conn:
             rows = conn.execute(
-                f"SELECT {_RECORD_COLS} FROM records WHERE library_uid = %s AND NOT deleted AND {where}"
-                " ORDER BY row_id",
-                (self.uid, *args),
+                f"SELECT {_RECORD_COLS} FROM records WHERE library_uid = %s AND shard = %s AND NOT deleted"
+                f" AND {where} ORDER BY row_id",
+                (self.uid, self.shard, *args),
             ).fetchall()
         return [stored_record(r) for r in rows]
 
@@ -229,17 +257,18 @@ class PgLibraryStore:
         """Live records by row id (rows deleted meanwhile are simply absent)."""
         with self.db.transaction() as conn:
             rows = conn.execute(
-                f"SELECT {_RECORD_COLS} FROM records WHERE library_uid = %s AND NOT deleted"
+                f"SELECT {_RECORD_COLS} FROM records WHERE library_uid = %s AND shard = %s AND NOT deleted"
                 " AND row_id = ANY(%s)",
-                (self.uid, [int(i) for i in row_ids]),
+                (self.uid, self.shard, [int(i) for i in row_ids]),
             ).fetchall()
         return {rec.row_id: rec for rec in map(stored_record, rows)}
 
     def vector_of(self, row_id: int) -> np.ndarray | None:
         with self.db.transaction() as conn:
             row = conn.execute(
-                "SELECT vector FROM records WHERE library_uid = %s AND row_id = %s AND NOT deleted",
-                (self.uid, row_id),
+                "SELECT vector FROM records WHERE library_uid = %s AND shard = %s AND row_id = %s"
+                " AND NOT deleted",
+                (self.uid, self.shard, row_id),
             ).fetchone()
         return None if row is None else vector_from_blob(row[0])
 
@@ -252,7 +281,7 @@ class PgLibraryStore:
         """
         sql = (
             f"SELECT {CHANGE_COLS.replace('tags', 'tags::text')} FROM records"
-            " WHERE library_uid = %s AND seq > %s"
+            " WHERE library_uid = %s AND shard = %s AND seq > %s"
             + (" AND NOT deleted" if live_only else "")
             + " ORDER BY seq, row_id"
         )
@@ -260,7 +289,7 @@ class PgLibraryStore:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             with conn.cursor(name="changes_since") as cur:
                 cur.itersize = batch
-                cur.execute(sql, (self.uid, seq))
+                cur.execute(sql, (self.uid, self.shard, seq))
                 for row in cur:
                     yield _change(row)
 
@@ -274,17 +303,17 @@ class PgLibraryStore:
 
     @contextmanager
     def _write(self) -> Iterator[tuple[psycopg.Connection[Any], int]]:
-        """One write transaction holding the library's row lock, with the seq it stamps."""
+        """One write transaction holding the shard's row lock, with the seq it stamps."""
         if self.readonly:
             raise PermissionError("this store was opened read-only")
         with self.db.transaction() as conn:
-            row = conn.execute(
-                "SELECT last_seq FROM libraries WHERE uid = %s FOR UPDATE", (self.uid,)
-            ).fetchone()
+            row = conn.execute(f"SELECT last_seq FROM {self._seq_row} FOR UPDATE", self._seq_args).fetchone()
             if row is None:
                 raise LibraryNotFound(self.name)
             seq = int(row[0]) + 1
-            conn.execute("UPDATE libraries SET last_seq = %s WHERE uid = %s", (seq, self.uid))
+            conn.execute(
+                f"UPDATE {self._seq_table} SET last_seq = %s WHERE {self._seq_where}", (seq, *self._seq_args)
+            )
             yield conn, seq
 
     def _put_frames(self, conn: psycopg.Connection[Any], frames: dict[str, bytes]) -> None:
@@ -295,30 +324,27 @@ class PgLibraryStore:
         named = {
             r[0]
             for r in conn.execute(
-                "SELECT DISTINCT frame FROM records WHERE library_uid = %s AND frame = ANY(%s)"
-                " AND NOT deleted",
-                (self.uid, sorted(frames)),
+                "SELECT DISTINCT frame FROM records WHERE library_uid = %s AND shard = %s"
+                " AND frame = ANY(%s) AND NOT deleted",
+                (self.uid, self.shard, sorted(frames)),
             )
         }
         self.frames.put_many({f"{FRAMES_PREFIX}/{f}": data for f, data in frames.items() if f not in named})
 
     def _collect_frames(self, frames: Sequence[str]) -> None:
-        """Delete the objects of ``frames`` that no live record names, under the library's lock (after
+        """Delete the objects of ``frames`` that no live record names, under the shard's lock (after
         the commit that unnamed them: see the module's docstring)."""
         if not frames:
             return
         with self.db.transaction() as conn:
-            if (
-                conn.execute("SELECT 1 FROM libraries WHERE uid = %s FOR UPDATE", (self.uid,)).fetchone()
-                is None
-            ):
+            if conn.execute(f"SELECT 1 FROM {self._seq_row} FOR UPDATE", self._seq_args).fetchone() is None:
                 return  # the library was deleted meanwhile: its blobs go with it
             named = {
                 r[0]
                 for r in conn.execute(
-                    "SELECT DISTINCT frame FROM records WHERE library_uid = %s AND frame = ANY(%s)"
-                    " AND NOT deleted",
-                    (self.uid, sorted(set(frames))),
+                    "SELECT DISTINCT frame FROM records WHERE library_uid = %s AND shard = %s"
+                    " AND frame = ANY(%s) AND NOT deleted",
+                    (self.uid, self.shard, sorted(set(frames))),
                 )
             }
             for frame in sorted(set(frames) - named):

@@ -189,7 +189,7 @@ def test_an_interrupted_run_is_finished_by_the_next(source: Path, settings: Stor
 def test_a_crash_before_the_timestamps_are_set_is_repaired(
     source: Path, settings: StorageSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def lost(*args: object) -> int:
+    def lost(*args: object, **kwargs: object) -> int:
         raise ConnectionError("the database went away")
 
     monkeypatch.setattr(migrate_module, "set_timestamps", lost)
@@ -290,3 +290,40 @@ def test_library_info_is_kept_whole(source: Path, settings: StorageSettings) -> 
         target.close()
     want: LibraryInfo = Catalog(source).get("items")
     assert got == want and got.index_kind == "flat" and got.created_at == want.created_at
+
+
+def test_a_sharded_library_is_copied_shard_by_shard(tmp_path: Path, settings: StorageSettings) -> None:
+    from index.catalog import shard_dirs
+    from index.shards import shard_of
+    from index.writer import LibraryWriter
+
+    root = tmp_path / "sharded"
+    writer = LibraryWriter(root)
+    model = {"model": "tiny-random", "pretrained": "random", "identity": "tiny-random/random", "dim": DIM}
+    writer.create_library("big", "general_search", None, model, shards=3)
+    uid = writer.catalog.get("big").uid
+    rng = np.random.default_rng(3)
+    writer.add_images(
+        "big",
+        uid,
+        [NewRecord(f"b{i}", f"u{i}", unit(rng), tags={"n": i}, frame=rng.bytes(100)) for i in range(40)],
+    )
+    writer.delete_images("big", uid, "b5", None)
+    writer.close()
+    results = migrate(root, settings)
+    assert [(r.name, r.written, r.source_records, r.target_records) for r in results] == [("big", 39, 39, 39)]
+    info = Catalog(root).get("big")
+    target = ClusterStorage(settings)
+    try:
+        assert target.catalog.get("big") == info
+        for k, shard_dir in enumerate(shard_dirs(root / "libraries" / "big", 3)):
+            with (
+                LibraryStore(shard_dir, readonly=True) as src,
+                target.library(info, k).open_store(True) as dst,
+            ):
+                expected, got = dump(src), dump(dst)
+                assert got == expected and expected
+                assert all(shard_of(image_id, 3) == k for image_id, _ in got)
+    finally:
+        target.close()
+    assert [(r.written, r.unchanged) for r in migrate(root, settings)] == [(0, 39)]

@@ -150,10 +150,43 @@ def test_version_2_drops_the_frames_table(pg_url) -> None:
     with psycopg.connect(pg_url) as conn:
         assert migrate(conn, "db", STEPS[:1]) == 0
         assert "frames" in {r[0] for r in conn.execute(tables)}
-        assert migrate(conn, "db") == 1
+        assert migrate(conn, "db", STEPS[:2]) == 1
         assert {r[0] for r in conn.execute(tables)} == {
             "schema_version", "libraries", "records", "tasks", "task_errors", "runners",
         }  # fmt: skip
+
+
+def test_version_3_adds_shards_and_keeps_existing_libraries_as_they_were(pg_url, tmp_path) -> None:
+    """A library written at version 2 is shard 0 of a 1-shard library after step 3: its rows, seq and
+    lock row are untouched, and it reads and writes as before."""
+    import numpy as np
+
+    from index.blobs import BlobStore, library_blobs
+    from index.pg import PgLibraryStore
+    from index.store import NewRecord
+
+    with psycopg.connect(pg_url) as conn:
+        migrate(conn, "db", STEPS[:2])
+        conn.execute(
+            "INSERT INTO libraries (uid, name, info, dim, last_seq) VALUES ('u1', 'old', '{}', 2, 7)"
+        )
+        conn.execute(
+            "INSERT INTO records (library_uid, image_id, image_uri, tags, vector, vector_kind, seq,"
+            " created_at, updated_at) VALUES ('u1', 'a', 'x', '{}', %s, 'whole', 7, 0, 0)",
+            (np.array([1, 0], np.float32).tobytes(),),
+        )
+        conn.commit()
+        assert migrate(conn, "db") == 2
+        assert conn.execute("SELECT shard FROM records").fetchall() == [(0,)]
+        assert conn.execute("SELECT COUNT(*) FROM library_shards").fetchone() == (0,)
+    db = connect(pg_url)
+    try:
+        store = PgLibraryStore(db, "u1", frames=library_blobs(BlobStore.open(f"file://{tmp_path}"), "u1"))
+        assert (store.last_seq(), store.count(), store.get("a")[0].image_uri) == (7, 1, "x")
+        store.upsert([NewRecord("b", "y", np.array([0, 1], np.float32))])
+        assert [c.seq for c in store.changes_since(0)] == [7, 8]
+    finally:
+        db.close()
 
 
 def test_a_database_that_goes_down_is_unavailable_503_not_a_30s_hang() -> None:
@@ -176,9 +209,8 @@ def test_a_database_that_goes_down_is_unavailable_503_not_a_30s_hang() -> None:
             assert conn.execute("SELECT 1").fetchone() == (1,)
         server._run("pg_ctl", "-D", str(server.data), "-m", "immediate", "-w", "stop")
         started = time.monotonic()
-        with pytest.raises(Unavailable) as info:
-            with db.transaction() as conn:
-                conn.execute("SELECT 1")
+        with pytest.raises(Unavailable) as info, db.transaction() as conn:
+            conn.execute("SELECT 1")
         assert time.monotonic() - started < 20
         assert info.value.message == "the database is unavailable; retry later"
         assert str(server.port) not in str(info.value)

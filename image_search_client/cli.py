@@ -451,8 +451,11 @@ def _cmd_health(client: ImageSearchClient, args: argparse.Namespace, out: IO[str
 
 
 def _cmd_library_create(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
-    lib = client.create_library(args.name, args.mode, args.description)
-    print(f"created library {lib.library_name} ({lib.mode}, model {lib.model.name})", file=out)
+    lib = client.create_library(
+        args.name, args.mode, args.description, index_kind=args.index_kind, shards=args.shards
+    )
+    shards = f", {lib.shards} shards" if lib.shards > 1 else ""
+    print(f"created library {lib.library_name} ({lib.mode}, model {lib.model.name}{shards})", file=out)
     return 0
 
 
@@ -579,6 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode", default="general_search", choices=["general_search", "item_search", "adaptive_search"]
     )
     p.add_argument("--description")
+    p.add_argument("--index-kind", choices=["auto", "flat", "hnsw", "ivfpq"], help="default: auto (by size)")
+    p.add_argument("--shards", type=int, help="split the library by image id over this many shards")
     p.set_defaults(func=_cmd_library_create)
     p = lib.add_parser("list", help="list the libraries")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

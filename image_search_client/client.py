@@ -185,6 +185,7 @@ class Library(_Model):
     model: ModelInfo
     index: dict[str, Any] | None = None
     embedding: str | None = None
+    shards: int = 1
 
 
 class DeploymentState(_Model):
@@ -415,12 +416,25 @@ class ImageSearchClient:
     # -- libraries ---------------------------------------------------------------------------------
 
     def create_library(
-        self, library_name: str, mode: Mode = "general_search", description: str | None = None
+        self,
+        library_name: str,
+        mode: Mode = "general_search",
+        description: str | None = None,
+        *,
+        index_kind: str | None = None,
+        shards: int | None = None,
     ) -> Library:
-        """``POST /library/create``. Raises :class:`LibraryAlreadyExistsError` when it exists."""
+        """``POST /library/create``. Raises :class:`LibraryAlreadyExistsError` when it exists.
+
+        ``index_kind`` (auto, flat, hnsw, ivfpq) and ``shards`` (records split by image id over that
+        many shards) are left to the service's defaults when None."""
         body: dict[str, Any] = {"library_name": library_name, "mode": mode}
         if description is not None:
             body["description"] = description
+        if index_kind is not None:
+            body["index_kind"] = index_kind
+        if shards is not None:
+            body["shards"] = shards
         return Library.model_validate(self._post("/library/create", body))
 
     def list_libraries(self) -> list[Library]:

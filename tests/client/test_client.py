@@ -55,6 +55,29 @@ def test_no_key_no_header_and_optional_fields_left_out(scripted):
     assert req["json"] == {"library_name": "lib", "image_id": "a"}  # no "image_uri": null
 
 
+def test_create_library_sends_index_kind_and_shards_only_when_given(scripted):
+    library = {
+        "library_name": "lib",
+        "mode": "general_search",
+        "image_count": 0,
+        "created_at": "2026-12-01T00:00:00Z",
+        "model": {"name": "m", "pretrained": "p", "dim": 8},
+        "shards": 4,
+    }
+    scripted.replies = [ok(library)]
+    client = ImageSearchClient(scripted.url)
+    assert client.create_library("lib", shards=4, index_kind="flat").shards == 4
+    assert client.create_library("lib").shards == 4
+    first, second = scripted.received
+    assert first["json"] == {
+        "library_name": "lib",
+        "mode": "general_search",
+        "index_kind": "flat",
+        "shards": 4,
+    }
+    assert second["json"] == {"library_name": "lib", "mode": "general_search"}
+
+
 def test_images_are_sent_as_base64_from_bytes_or_path(scripted, tmp_path):
     scripted.replies = [ok({"image_id": "a", "image_uri": "u", "created": True})]
     client = ImageSearchClient(scripted.url)

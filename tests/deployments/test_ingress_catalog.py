@@ -1,0 +1,117 @@
+"""The ingress reads a library's catalog entry once per request: in cluster mode every read is a round
+trip to PostgreSQL (issue 13). Checked on the ingress class itself, without Ray: its handles and the
+encoder are stand-ins, the catalog counts its reads."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from deployments.config import AppArgs
+from deployments.ingress import Ingress
+from deployments.schemas import AddImage, SearchById, SearchByImage, SearchByText
+from index.catalog import LibraryInfo
+from index.detect.modes import Embedded, ModePipeline
+from index.errors import LibraryNotFound
+from index.model.spec import resolve_model_spec
+from tests.images import image_b64
+
+MODEL = {"identity": "tiny-random/random-seed-0", "face_identity": None}
+INFO = LibraryInfo(
+    name="lib",
+    mode="general_search",
+    description=None,
+    created_at=0.0,
+    model="tiny-random",
+    pretrained="random",
+    model_identity=MODEL["identity"],
+    dim=8,
+    uid="0123456789ab",
+)
+
+
+class CountingCatalog:
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def get(self, name: str) -> LibraryInfo:
+        self.reads += 1
+        if name != INFO.name:
+            raise LibraryNotFound(name)
+        return INFO
+
+
+class Method:
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    async def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self.answer
+
+
+class Handle:
+    """Every method answers ``answer``; ``options`` (multiplexing) keeps it."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    def options(self, **kwargs: Any) -> Handle:
+        return self
+
+    def __getattr__(self, name: str) -> Method:
+        return Method(self.answer)
+
+
+@pytest.fixture
+def ingress() -> Any:
+    args = AppArgs.model_validate({"model": "tiny-random"})
+
+    class Bare(Ingress.func_or_class):  # type: ignore[misc,name-defined]  # the class under Serve's decorator
+        def __del__(self) -> None:  # Serve's ASGI wrapper shuts its app down here; there is none
+            pass
+
+    obj = Bare.__new__(Bare)
+    obj.args = args
+    obj.limits = args.limits
+    obj.image_limits = args.image_limits()
+    obj.fetch_policy = args.fetch_policy()
+    obj.catalog = CountingCatalog()
+    obj.pipeline = ModePipeline(resolve_model_spec("tiny-random").preprocess, args.detection_config())
+    obj._model = {"identity": MODEL["identity"], "face_identity": None}
+    obj.index = Handle({"results": [], "replica": "r", "applied_seq": 0})
+    obj.writer = Handle([True])
+
+    async def embed(image: Any, mode: str, *, query: bool) -> Embedded:
+        return Embedded(np.ones(8, np.float32) / np.sqrt(8), "whole", None, None)
+
+    async def encode_text(text: str) -> np.ndarray:
+        return np.ones(8, np.float32) / np.sqrt(8)
+
+    obj._embed = embed
+    obj._encode_texts = encode_text
+    return obj
+
+
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        ("search_by_image", SearchByImage(library_name="lib", image_base64=image_b64(1))),
+        ("search_by_text", SearchByText(library_name="lib", query_text="a red shoe")),
+        ("search_by_id", SearchById(library_name="lib", image_id="a")),
+        ("add_image", AddImage(library_name="lib", image_id="a", image_uri="u", image_base64=image_b64(2))),
+    ],
+)
+def test_one_catalog_read_per_request(ingress: Any, route: str, body: Any) -> None:
+    response = asyncio.run(getattr(ingress, route)(body))
+    assert response.status_code == 200
+    assert ingress.catalog.reads == 1
+
+
+def test_a_missing_library_is_still_404_after_the_image_was_checked(ingress: Any) -> None:
+    body = SearchByImage(library_name="nope", image_base64=image_b64(1))
+    with pytest.raises(LibraryNotFound):
+        asyncio.run(ingress.search_by_image(body))
+    assert ingress.catalog.reads == 1

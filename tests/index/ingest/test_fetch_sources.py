@@ -65,17 +65,45 @@ def test_object_store_source_through_fsspec():
         assert f.readline(4) == b'{"b"'  # readline(limit) works on fsspec files too
 
 
-def test_missing_object_store_package_is_a_clear_error():
+def test_missing_object_store_package_is_a_clear_error(monkeypatch):
+    """Without s3fs installed (simulated: the import fails and fsspec has not registered it yet)."""
+    import sys
+
+    from fsspec.registry import _registry
+
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # `import s3fs` raises ImportError
+    monkeypatch.delitem(_registry, "s3", raising=False)
     policy = FetchPolicy(object_store_protocols=("s3",))
-    try:
-        import s3fs  # noqa: F401
-    except ImportError:
-        with pytest.raises(FetchError, match="s3fs"):
-            open_source("s3://bucket/x.jsonl", policy=policy)
-        with pytest.raises(FetchError, match="s3fs"):
-            policy.fetch_image("s3://bucket/x.png", max_bytes=100)
-    else:
-        pytest.skip("s3fs is installed here; its network access cannot be tested offline")
+    with pytest.raises(FetchError, match="s3fs"):
+        open_source("s3://bucket/x.jsonl", policy=policy)
+    with pytest.raises(FetchError, match="s3fs"):
+        policy.fetch_image("s3://bucket/x.png", max_bytes=100)
+
+
+def test_s3_source_and_image_are_read_through_fsspec(s3_server, monkeypatch):
+    """An S3-compatible server (moto, loopback): credentials and endpoint come from the environment,
+    as they do on a deployment's nodes."""
+    import s3fs
+
+    bucket = s3_server.new_bucket()
+    client = s3_server.client()
+    client.put_object(Bucket=bucket, Key="in/x.jsonl", Body=b'{"a": 1}\n')
+    client.put_object(Bucket=bucket, Key="in/x.png", Body=b"\x89PNG-bytes")
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": s3_server.endpoint_url,
+    }.items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # a filesystem made before the environment was set
+    policy = FetchPolicy(object_store_protocols=("s3",))
+    with open_source(f"s3://{bucket}/in/x.jsonl", policy=policy) as f:
+        assert f.read() == b'{"a": 1}\n'
+    assert policy.fetch_image(f"s3://{bucket}/in/x.png", max_bytes=100) == b"\x89PNG-bytes"
+    with pytest.raises(FetchError):
+        open_source(f"s3://{bucket}/in/missing.jsonl", policy=policy)
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_gzip_source_is_decompressed(roots):

@@ -10,6 +10,7 @@ route signatures that Serve's class-based view rewrites.
 """
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -205,10 +206,10 @@ class Ingress:
         each deployment's state, and the model, its device, whether weights are real, library count."""
         ready, deployments, reasons = self.states.report()
         data: dict[str, Any] = {"ready": ready, "deployments": deployments}
-        try:
-            model = await self._model_info()
-        except Unavailable:
-            model = None  # the Encoder is down: reported under "deployments"
+        model = None  # the Encoder is down: reported under "deployments" (and no wait for it here)
+        if self._model is not None or self.encoder.available():
+            with contextlib.suppress(Unavailable):
+                model = await self._model_info()
         if model is not None:
             data |= {
                 "model": model["model"],
@@ -221,7 +222,11 @@ class Ingress:
             if model["random_weights"]:
                 data["warning"] = RANDOM_WEIGHTS_WARNING
         data["storage"] = self.args.storage_settings().describe()
-        data["libraries"] = len(await asyncio.to_thread(self.catalog.names))
+        try:
+            data["libraries"] = len(await asyncio.to_thread(self.catalog.names))
+        except Unavailable as exc:  # cluster mode: the database is down
+            ready = data["ready"] = False
+            reasons.append(f"storage: {exc}")
         if not ready:
             return envelope(data, status=Unavailable.status, message="; ".join(reasons), http=503)
         return envelope(data)

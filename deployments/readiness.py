@@ -206,6 +206,15 @@ class GuardedHandle:
             retries=self._retries,
         )
 
+    def available(self) -> bool:
+        """Whether the latest view shows a running replica (no wait: for /health, which must answer
+        fast whatever is down)."""
+        try:
+            self._states.require(self._name)
+        except Unavailable:
+            return False
+        return True
+
     def __getattr__(self, method: str) -> _GuardedMethod:
         return _GuardedMethod(self, method)
 

@@ -115,3 +115,50 @@ def test_a_missing_library_is_still_404_after_the_image_was_checked(ingress: Any
     with pytest.raises(LibraryNotFound):
         asyncio.run(ingress.search_by_image(body))
     assert ingress.catalog.reads == 1
+
+
+def test_health_answers_503_at_once_when_the_database_and_the_encoder_are_down(ingress: Any) -> None:
+    """/health must answer fast whatever is down (a readiness probe waits a few seconds at most): no
+    wait for the Encoder, and a catalog that cannot be read is a reason, not an error."""
+    import json
+    import time
+
+    from deployments.readiness import DeploymentStates, GuardedHandle
+    from index.errors import Unavailable
+
+    class DownCatalog:
+        def names(self) -> list[str]:
+            raise Unavailable("the database is unavailable; retry later")
+
+    answer = {
+        "applications": {
+            "app": {
+                "deployments": {
+                    name: {"status": "HEALTHY", "target_num_replicas": 1, "replicas": [{"state": "RUNNING"}]}
+                    for name in ("Ingress", "LibraryIndex", "Writer", "Importer")
+                }
+                | {"Encoder": {"status": "UNHEALTHY", "target_num_replicas": 1, "replicas": []}}
+            }
+        }
+    }
+
+    async def controller() -> dict[str, Any]:
+        return answer
+
+    async def probe() -> Any:
+        ingress.states = DeploymentStates("app", controller)
+        await ingress.states.current()
+        ingress.encoder = GuardedHandle(Handle(None), "Encoder", ingress.states, wait_s=30)
+        ingress._model = None
+        ingress.catalog = DownCatalog()
+        return await ingress.health()
+
+    started = time.monotonic()
+    response = asyncio.run(probe())
+    assert time.monotonic() - started < 5
+    body = json.loads(response.body)
+    assert response.status_code == 503 and body["status"] == "UNAVAILABLE"
+    assert "'Encoder' has no running replica" in body["message"]
+    assert "storage: the database is unavailable" in body["message"]
+    assert body["data"]["ready"] is False and "libraries" not in body["data"]
+    assert body["data"]["storage"]["mode"] == "embedded"

@@ -219,3 +219,10 @@ def test_guarded_handle_retries_idempotent_calls_whose_replica_died() -> None:
     with pytest.raises(ActorDiedError):  # writes are not retried: the first call may have committed
         asyncio.run(GuardedHandle(once, "Writer", states).add.remote())
     assert once.calls == 1
+
+
+def test_available_answers_from_the_view_without_waiting() -> None:
+    states = DeploymentStates("app", Controller(details(Index=("HEALTHY", 1, 1), Encoder=("UPDATING", 0, 1))))
+    asyncio.run(states.current())
+    assert GuardedHandle(Handle(), "Index", states, wait_s=30).available() is True
+    assert GuardedHandle(Handle(), "Encoder", states, wait_s=30).available() is False

@@ -331,6 +331,15 @@ def rss_anon() -> int:
     return 0
 
 
+def dir_bytes(path: Path, under: str | None = None) -> int:
+    """Bytes of the files under ``path`` (only those below a directory named ``under``, if given)."""
+    return sum(
+        f.stat().st_size
+        for f in path.rglob("*")
+        if f.is_file() and (under is None or under in f.relative_to(path).parts[:-1])
+    )
+
+
 def resident_index_bytes(base: Any) -> int:
     """Bytes an index keeps in RAM, from its FAISS structures (the float32 vectors of ``flat`` and
     ``hnsw`` are memory-mapped but searched directly, so they count; the raw vectors of ``ivfpq`` are
@@ -360,6 +369,7 @@ class Fanout:
         self.readers = readers
         self.calibration = ScoreCalibration()
         self.critical_ms: list[float] = []
+        self.shard_ms: list[float] = []  # every shard call of every query
         self.scores: list[list[float]] = []
         self.paths: dict[str, int] = {}
 
@@ -373,7 +383,9 @@ class Fanout:
                 answers.append(
                     result_objects(reader, hits, scores, min_score=None, return_frame=False, with_rank=True)
                 )
-                slowest = max(slowest, time.perf_counter() - t)
+                took = time.perf_counter() - t
+                self.shard_ms.append(took * 1e3)
+                slowest = max(slowest, took)
                 self.paths[hits.path] = self.paths.get(hits.path, 0) + 1
             t = time.perf_counter()
             merged = merge_results(answers, K)
@@ -384,7 +396,7 @@ class Fanout:
         return run
 
     def reset(self) -> None:
-        self.critical_ms, self.scores, self.paths = [], [], {}
+        self.critical_ms, self.shard_ms, self.scores, self.paths = [], [], [], {}
 
 
 def open_readers(writer: LibraryWriter, name: str, config: IndexConfig) -> tuple[list[LibraryReader], float]:
@@ -423,6 +435,7 @@ def measure_fanout(
         row = {
             **t,
             "critical_p50_ms": round(float(np.percentile(fanout.critical_ms[1:], 50)), 3),
+            "shard_call_p50_ms": round(float(np.percentile(fanout.shard_ms[len(fanout.readers) :], 50)), 3),
             "recall_at_10": round(recall(found, truths[key]), 4),
             "planner_paths": dict(fanout.paths),
         }
@@ -487,6 +500,11 @@ def sharded_kind(
             "bytes_per_vector": round(sum(m.index_bytes for m in manifests) / len(data), 1),
             "bytes_per_vector_ram": round(sum(resident_index_bytes(b) for b in bases) / len(data), 1),
             "rss_anon_bytes_per_vector": round(lib["rss_anon_delta"] / len(data), 1),
+            # on disk: the record stores (SQLite: vectors, tags, ids) and the snapshots
+            "disk_bytes_per_vector": round(dir_bytes(writer.catalog.library_dir(lib["name"])) / len(data), 1),
+            "snapshot_disk_bytes_per_vector": round(
+                dir_bytes(writer.catalog.library_dir(lib["name"]), "snapshots") / len(data), 1
+            ),
             "calibration": [m.calibration for m in manifests],
         }
     faiss.omp_set_num_threads(search_threads)
@@ -527,6 +545,10 @@ def sharded_kind(
                     "shard_fanout_ratio": round(many["p50_ms"] / max(one["p50_ms"], 1e-9), 3),
                     "critical_p50_ms_sharded": many["critical_p50_ms"],
                     "critical_fanout_ratio": round(many["critical_p50_ms"] / max(one["p50_ms"], 1e-9), 3),
+                    "shard_call_p50_ms_sharded": many["shard_call_p50_ms"],
+                    "straggler_ratio": round(
+                        many["critical_p50_ms"] / max(many["shard_call_p50_ms"], 1e-9), 3
+                    ),
                 }
             )
         comparisons.append({"recall_target": target, "cases": rows})

@@ -8,25 +8,27 @@ The input JSON has two sections: ``measured`` (figures taken from benchmark resu
 machine, each with its source) and ``assumed`` (the target deployment: library size, node size,
 replicas, limits). Formulas (per kind k; N images, R replicas of every shard):
 
-    ram_per_vector[k]  = index_bytes[k] + table_bytes                      (resident, per replica)
-    shard_rows_ram     = shard_ram_fraction * node_ram * usable_fraction / ram_per_vector[k]
-    shard_rows_build   = max_shard_build_h * 3600 / (build_s_per_M[k] / 1e6 * measured_cores / build_cores)
-    S[k]               = ceil(N / min(shard_rows_ram, shard_rows_build))   (at least 1)
-    shard_rows         = N / S
+    ram_per_vector[k]  = index_bytes[k] + table_bytes                (resident, per replica)
+    shard_build_h(r)   = r * build_s_per_M[k] / 1e6 * measured_cores / build_cores
+                         * scale_build[k](r / build_rows[k]) / 3600
+    shard_p50(r)       = p50[k] * scale_latency[k](r / p50_rows[k])
+    S[k]               = the smallest S whose shards (r = N / S rows each) meet every limit:
+                         r * ram_per_vector[k] <= shard_ram_fraction * node_ram * usable_fraction,
+                         shard_build_h(r) <= max_shard_build_hours, shard_p50(r) <= max_shard_p50_ms
     ram_total          = R * N * ram_per_vector[k]
     nodes              = max(R, ceil(ram_total / (node_ram * usable_fraction)),
                              ceil(R * S / max_replicas_per_node))
-    disk_per_node      = R * N * snapshot_bytes[k] / nodes      (each replica's local snapshot cache)
-    disk_primary       = N * record_bytes                          (PostgreSQL rows + object-store snapshots:
-                         + N * snapshot_bytes[k]                    one copy each)
-    build_core_h       = N / 1e6 * build_s_per_M[k] * measured_cores / 3600
-    build_wall_h       = S * shard_build_h      (one writer, one snapshot at a time: what the code does)
-    build_wall_h_par   = ceil(S / builders) * shard_build_h   (if shards were built on `builders` nodes)
-    shard_build_h      = shard_rows / 1e6 * build_s_per_M[k] * measured_cores / build_cores / 3600
-    shard_p50          = p50[k] * scale(shard_rows / p50_rows[k])  (scale: linear, sqrt or log as stated)
-    search_p50         = shard_p50 * straggler(S) + merge_ms + hop_ms
-    straggler(S)       = measured critical/shard-call p50 ratio at S_measured, extended as
-                         1 + (ratio - 1) * log2(S) / log2(S_measured)
+    disk_per_node      = R * N * snapshot_bytes[k] / nodes        (each replica's local snapshot cache)
+    disk_primary       = N * (record_bytes + snapshot_bytes[k])   (PostgreSQL rows, object-store snapshots)
+    build_core_h       = S * shard_build_h(N / S) * build_cores
+    build_wall_h       = S * shard_build_h(N / S)                 (one writer, one snapshot at a time:
+                                                                   what the code does today)
+    build_wall_h_par   = ceil(S / parallel_builders) * shard_build_h(N / S)   (not built: shards built
+                                                                   on several nodes at once)
+    search_p50         = shard_p50(N / S) * straggler(S) + merge_ms + hop_ms
+    straggler(S)       = 1 + (measured_ratio - 1) * log2(S) / log2(S_measured)
+                         (measured_ratio: slowest-of-S shard + merge over one shard call, at S_measured)
+    scale: linear (flat scan), sqrt (IVF: ~sqrt(n) lists), log (HNSW), const
 
 Build-time scaling with cores (``build_cores``/``measured_cores``) and the per-hop latency are
 assumptions, not measurements; so is everything under ``assumed``.
@@ -45,17 +47,22 @@ GIB = 2**30
 
 
 def scale(kind: str, ratio: float) -> float:
-    """How a kind's single-shard latency grows with its rows (``ratio`` = rows / measured rows)."""
+    """How a kind's per-shard cost grows with its rows (``ratio`` = rows / measured rows): ``linear``
+    (a flat scan), ``sqrt`` (IVF: lists ~ sqrt(n), so a search scans and an add assigns against ~sqrt(n)
+    per vector), ``log`` (HNSW: graph depth), ``const``."""
     if kind == "linear":
         return ratio
     if kind == "sqrt":
         return math.sqrt(ratio)
     if kind == "log":
-        return 1.0 + math.log(max(ratio, 1e-9)) / math.log(1e6)  # log(n) / log(n0) at n0 ~ 1M
-    raise ValueError(f"unknown latency scaling {kind!r}")
+        return max(1.0 + math.log(max(ratio, 1e-9)) / math.log(1e6), 0.1)  # log(n) / log(n0), n0 ~ 1M
+    if kind == "const":
+        return 1.0
+    raise ValueError(f"unknown scaling {kind!r}")
 
 
 def plan(inputs: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per index kind: the smallest shard count meeting every per-shard limit, and its cost."""
     m, a = inputs["measured"], inputs["assumed"]
     n = float(a["images"])
     replicas = int(a["replicas"])
@@ -64,12 +71,26 @@ def plan(inputs: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for kind, k in m["kinds"].items():
         ram_pv = k["index_bytes_per_vector"] + m["table_bytes_per_vector"]
-        build_s_per_vector = k["build_s_per_million"] / 1e6 * m["measured_cores"] / a["build_cores"]
-        shard_rows_ram = a["shard_ram_fraction"] * usable / ram_pv
-        shard_rows_build = (
-            a["max_shard_build_hours"] * 3600 / build_s_per_vector if build_s_per_vector else math.inf
-        )
-        shards = max(1, math.ceil(n / min(shard_rows_ram, shard_rows_build)))
+
+        def build_h(shard_rows: float, k: dict[str, Any] = k) -> float:
+            per_vector = k["build_s_per_million"] / 1e6 * m["measured_cores"] / a["build_cores"]
+            return shard_rows * per_vector * scale(k["build_scaling"], shard_rows / k["build_rows"]) / 3600
+
+        def shard_p50(shard_rows: float, k: dict[str, Any] = k) -> float:
+            return k["p50_ms"] * scale(k["latency_scaling"], shard_rows / k["p50_rows"])
+
+        limits = {
+            "ram": lambda r, ram_pv=ram_pv: r * ram_pv <= a["shard_ram_fraction"] * usable,
+            "build time": lambda r: build_h(r) <= a["max_shard_build_hours"],
+            "latency": lambda r: shard_p50(r) <= a["max_shard_p50_ms"],
+        }
+        shards, limited_by = 1, "none"
+        while shards < 100_000:
+            failing = [name for name, ok in limits.items() if not ok(n / shards)]
+            if not failing:
+                break
+            limited_by = failing[0]
+            shards += 1
         shard_rows = n / shards
         ram_total = replicas * n * ram_pv
         nodes = max(
@@ -77,8 +98,6 @@ def plan(inputs: dict[str, Any]) -> list[dict[str, Any]]:
             math.ceil(ram_total / usable),
             math.ceil(replicas * shards / a["max_replicas_per_node"]),
         )
-        shard_build_h = shard_rows * build_s_per_vector / 3600
-        shard_p50 = k["p50_ms"] * scale(k["latency_scaling"], shard_rows / k["p50_rows"])
         straggler = 1.0
         if shards > 1:
             straggler = 1 + (fan["straggler_ratio"] - 1) * math.log2(shards) / math.log2(
@@ -91,7 +110,7 @@ def plan(inputs: dict[str, Any]) -> list[dict[str, Any]]:
                 "shards": shards,
                 "shards_over_limit": shards > a["max_shards"],
                 "shard_rows_m": round(shard_rows / 1e6, 2),
-                "limited_by": "ram" if shard_rows_ram <= shard_rows_build else "build time",
+                "limited_by": limited_by,
                 "replicas": replicas,
                 "ram_total_gib": round(ram_total / GIB, 1),
                 "nodes": nodes,
@@ -100,12 +119,14 @@ def plan(inputs: dict[str, Any]) -> list[dict[str, Any]]:
                 "disk_primary_gib": round(
                     n * (m["record_bytes_per_vector"] + k["snapshot_bytes_per_vector"]) / GIB, 1
                 ),
-                "build_core_hours": round(n / 1e6 * k["build_s_per_million"] * m["measured_cores"] / 3600, 1),
-                "shard_build_h": round(shard_build_h, 2),
-                "build_wall_h_one_writer": round(shards * shard_build_h, 1),
-                "build_wall_h_parallel": round(math.ceil(shards / a["parallel_builders"]) * shard_build_h, 1),
-                "shard_p50_ms": round(shard_p50, 2),
-                "search_p50_ms": round(shard_p50 * straggler + fan["merge_ms"] + a["hop_ms"], 2),
+                "build_core_hours": round(shards * build_h(shard_rows) * a["build_cores"], 1),
+                "shard_build_h": round(build_h(shard_rows), 2),
+                "build_wall_h_one_writer": round(shards * build_h(shard_rows), 1),
+                "build_wall_h_parallel": round(
+                    math.ceil(shards / a["parallel_builders"]) * build_h(shard_rows), 1
+                ),
+                "shard_p50_ms": round(shard_p50(shard_rows), 2),
+                "search_p50_ms": round(shard_p50(shard_rows) * straggler + fan["merge_ms"] + a["hop_ms"], 2),
             }
         )
     return rows

@@ -17,7 +17,7 @@ replicas, limits). Formulas (per kind k; N images, R replicas of every shard):
                          shard_build_h(r) <= max_shard_build_hours, shard_p50(r) <= max_shard_p50_ms
     ram_total          = R * N * ram_per_vector[k]
     nodes              = max(R, ceil(ram_total / (node_ram * usable_fraction)),
-                             ceil(R * S / max_replicas_per_node))
+                             ceil(R * S / shard_readers_per_node))
     disk_per_node      = R * N * snapshot_bytes[k] / nodes        (each replica's local snapshot cache)
     disk_primary       = N * (record_bytes + snapshot_bytes[k])   (PostgreSQL rows, object-store snapshots)
     build_core_h       = S * shard_build_h(N / S) * build_cores
@@ -96,7 +96,7 @@ def plan(inputs: dict[str, Any]) -> list[dict[str, Any]]:
         nodes = max(
             replicas,
             math.ceil(ram_total / usable),
-            math.ceil(replicas * shards / a["max_replicas_per_node"]),
+            math.ceil(replicas * shards / a["shard_readers_per_node"]),
         )
         straggler = 1.0
         if shards > 1:

@@ -25,7 +25,7 @@ replicas, limits). Formulas (per kind k; N images, R replicas of every shard):
                                                                    what the code does today)
     build_wall_h_par   = ceil(S / parallel_builders) * shard_build_h(N / S)   (not built: shards built
                                                                    on several nodes at once)
-    search_p50         = shard_p50(N / S) * straggler(S) + merge_ms + hop_ms
+    search_p50         = shard_p50(N / S) * straggler(S) + merge_ms_per_shard * S + hop_ms
     straggler(S)       = 1 + (measured_ratio - 1) * log2(S) / log2(S_measured)
                          (measured_ratio: slowest-of-S shard + merge over one shard call, at S_measured)
     scale: linear (flat scan), sqrt (IVF: ~sqrt(n) lists), log (HNSW), const
@@ -126,7 +126,9 @@ def plan(inputs: dict[str, Any]) -> list[dict[str, Any]]:
                     math.ceil(shards / a["parallel_builders"]) * build_h(shard_rows), 1
                 ),
                 "shard_p50_ms": round(shard_p50(shard_rows), 2),
-                "search_p50_ms": round(shard_p50(shard_rows) * straggler + fan["merge_ms"] + a["hop_ms"], 2),
+                "search_p50_ms": round(
+                    shard_p50(shard_rows) * straggler + fan["merge_ms_per_shard"] * shards + a["hop_ms"], 2
+                ),
             }
         )
     return rows

@@ -263,6 +263,23 @@ class Phases:
         return out
 
 
+def run_facts(config: IndexConfig, phases: Phases, started: float, **machine: Any) -> dict[str, Any]:
+    """What every result JSON records about its run: the index settings, the phases' seconds, the total
+    time, and the machine (CPUs, load at the end, faiss version, plus ``machine`` entries)."""
+    return {
+        "index_config": {k: v for k, v in config.__dict__.items() if not k.startswith("snapshot")},
+        "phases_s": phases.seconds,
+        "total_s": round(time.perf_counter() - started, 1),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+            "faiss": faiss.__version__,
+            **machine,
+        },
+    }
+
+
 # -- ours ------------------------------------------------------------------------------------------
 
 
@@ -808,16 +825,7 @@ def finish(
     if args.peer == "lancedb":
         truths = all_truths(data, queries, all_cases, phases)
         out["peer"] = lancedb_peer(data, queries, all_cases, truths, workdir, phases, args)
-    out["index_config"] = {k: v for k, v in config.__dict__.items() if not k.startswith("snapshot")}
-    out["phases_s"] = phases.seconds
-    out["total_s"] = round(time.perf_counter() - started, 1)
-    out["machine"] = {
-        "cpus": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
-        "faiss": faiss.__version__,
-        "search_threads": search_threads,
-    }
+    out.update(run_facts(config, phases, started, search_threads=search_threads))
     return out
 
 
@@ -986,16 +994,7 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=1))  # ours, in case the peer fails
         if args.peer == "lancedb":
             result["peer"] = lancedb_peer(data, queries, all_cases, truths, workdir, phases, args)
-        result["index_config"] = {k: v for k, v in config.__dict__.items() if not k.startswith("snapshot")}
-        result["phases_s"] = phases.seconds
-        result["total_s"] = round(time.perf_counter() - started, 1)
-        result["machine"] = {
-            "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
-            "faiss": faiss.__version__,
-            "search_threads": search_threads,
-        }
+        result.update(run_facts(config, phases, started, search_threads=search_threads))
         reader.close()
         writer.close()
     finally:

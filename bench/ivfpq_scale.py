@@ -34,7 +34,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.index_bench import DISTRIBUTIONS, K, Phases, rss_anon, timed, vector_chunks
+from bench.index_bench import DISTRIBUTIONS, K, Phases, rss_anon, run_facts, timed, vector_chunks
 from index.ann import IndexConfig, IvfPqBase, _sample
 from index.calibration import calibrate
 
@@ -217,17 +216,15 @@ def main() -> None:
     result["train_s"] = phases.seconds["train (coarse k-means + PQ)"]
     result["add_s"] = phases.seconds["add (assign + encode)"]
     result["build_s"] = round(result["train_s"] + result["add_s"] + phases.seconds["draw training sample"], 2)
-    result["index_config"] = {k: v for k, v in config.__dict__.items() if not k.startswith("snapshot")}
-    result["phases_s"] = phases.seconds
-    result["total_s"] = round(time.perf_counter() - started, 1)
-    result["machine"] = {
-        "cpus": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
-        "faiss": faiss.__version__,
-        "search_threads": config.search_threads or build_threads,
-        "build_threads": build_threads,
-    }
+    result.update(
+        run_facts(
+            config,
+            phases,
+            started,
+            search_threads=config.search_threads or build_threads,
+            build_threads=build_threads,
+        )
+    )
     args.out.write_text(json.dumps(result, indent=1))
     log.info("wrote %s in %.0fs", args.out, result["total_s"])
 

@@ -173,6 +173,7 @@ class Ingress:
         # Embedded: files under storage_root; cluster mode: a connection pool to PostgreSQL. Each request
         # reads the catalog once (``_lookup``): in cluster mode that is a database round trip.
         self.storage = open_storage(args.storage_settings(), max_libraries=args.limits.max_libraries)
+        self._storage_described = self.storage.settings.describe()  # for /health, without credentials
         self.catalog = self.storage.catalog
         # Detection and cropping are CPU work: they run here, in worker threads, next to decoding.
         self.pipeline = ModePipeline(preprocess, args.detection_config(), face_preprocess=face_preprocess)
@@ -221,7 +222,7 @@ class Ingress:
             }
             if model["random_weights"]:
                 data["warning"] = RANDOM_WEIGHTS_WARNING
-        data["storage"] = self.args.storage_settings().describe()
+        data["storage"] = self._storage_described
         try:
             data["libraries"] = len(await asyncio.to_thread(self.catalog.names))
         except Unavailable as exc:  # cluster mode: the database is down

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -30,6 +30,9 @@ from index.calibration import Calibration
 from index.catalog import Catalog, LibraryInfo, library_object, shard_dirs
 from index.snapshot import LocalSnapshots, Snapshots
 from index.store import LibraryStore
+
+if TYPE_CHECKING:  # imported on use at run time: embedded mode needs neither fsspec backends nor psycopg
+    from index.blobs import BlobStore
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +214,8 @@ class EmbeddedStorage(Storage):
 class ClusterStorage(Storage):
     """PostgreSQL (catalog, records, tasks) + an object store (snapshots, frames) + a node-local cache.
 
-    Opening it checks both ends (``check_storage``'s errors): a replica with a wrong password or a missing
-    bucket fails at once with the reason, instead of serving errors later.
+    Opening it checks both ends (``BlobStore.check``, ``index.pg.connect``): a replica with a wrong
+    password or a missing bucket fails at once with the reason, instead of serving errors later.
     """
 
     def __init__(self, settings: StorageSettings, *, max_libraries: int = 1000) -> None:
@@ -235,7 +238,7 @@ class ClusterStorage(Storage):
         self.catalog = self._catalog = PgCatalog(self.db, max_libraries=max_libraries)
         self.cache_dir = Path(settings.cache_dir or os.path.join(tempfile.gettempdir(), "image-search-cache"))
 
-    def _library_blobs(self, uid: str) -> Any:
+    def _library_blobs(self, uid: str) -> BlobStore:
         from index.blobs import library_blobs
 
         return library_blobs(self.blobs, uid)

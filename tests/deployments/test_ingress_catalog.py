@@ -79,6 +79,7 @@ def ingress() -> Any:
     obj.image_limits = args.image_limits()
     obj.fetch_policy = args.fetch_policy()
     obj.catalog = CountingCatalog()
+    obj._storage_described = args.storage_settings().describe()
     obj.pipeline = ModePipeline(resolve_model_spec("tiny-random").preprocess, args.detection_config())
     obj._model = {"identity": MODEL["identity"], "face_identity": None}
     obj.index = Handle({"results": [], "replica": "r", "applied_seq": 0})

@@ -50,7 +50,11 @@ def test_cluster_suite_passes_in_a_private_network_namespace() -> None:
     if refusal is not None:
         pytest.skip(f"the cluster suite needs network and mount namespaces (root): {refusal}")
     run_id = uuid.uuid4().hex[:12]
-    inner = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "cluster")]
+    # Captured logs at WARNING: at INFO the S3 server's request lines bury a failure's assertion.
+    inner = [
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "log_level=WARNING",
+        str(REPO / "tests" / "cluster"),
+    ]  # fmt: skip
     env = os.environ | {
         INSIDE_ENV: "1",
         RUN_ENV: run_id,
@@ -64,7 +68,9 @@ def test_cluster_suite_passes_in_a_private_network_namespace() -> None:
     out = run.stdout + run.stderr
     summary = [ln for ln in out.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
     print("cluster suite:", summary[-1] if summary else "(no summary)")
-    assert run.returncode == 0, out[-12000:]
+    # the failures' assertion lines first (they survive any truncation), then the end of the output
+    failures = "\n".join(ln for ln in out.splitlines() if ln.startswith("E ") or ln.startswith("FAILED"))
+    assert run.returncode == 0, failures[-6000:] + "\n...\n" + out[-8000:]
     # the fixtures' teardown stopped every node process they started (raylets, workers, agents)
     assert marked_processes(run_id) == []
     assert summary and " passed" in summary[-1] and "skipped" not in summary[-1], out[-4000:]

@@ -2,7 +2,8 @@
 
     HTTP -> Ingress (FastAPI, CPU)
               |-> Encoder       open_clip, merged batches, GPU when present
-              |-> LibraryIndex  read path, multiplexed by library
+              |-> LibraryIndex  read path, multiplexed by library (and shard)
+              |-> LibraryIndex-<library>-<shard>  big shards on replicas of their own (dedicated_shards)
               |-> Writer        single writer: every mutation, snapshots
               '-> Importer      bulk import tasks (one replica) -> Encoder, Writer
 
@@ -80,9 +81,23 @@ def build_app(raw_args: dict[str, Any]) -> Application:
         # fails the deploy here, with the reason, instead of every replica failing to start in turn.
         # (An older schema is migrated here too.)
         open_storage(storage).close()
+    scores = ScoreCalibration(args.text_score_center, args.text_score_scale)
     index = LibraryIndex.options(**opts.get("LibraryIndex", {})).bind(  # type: ignore[attr-defined]
-        storage, ScoreCalibration(args.text_score_center, args.text_score_scale), args.index
+        storage, scores, args.index
     )
+    # Big shards (args.dedicated_shards): a deployment each, which loads its shard before Serve routes
+    # to it. Options: the entry's, then deployment_options under the deployment's name.
+    dedicated = [
+        (
+            entry.library,
+            shard,
+            LibraryIndex.options(  # type: ignore[attr-defined]
+                name=name, **(entry.deployment | opts.get(name, {}))
+            ).bind(storage, scores, args.index, (entry.library, shard)),
+        )
+        for entry in args.dedicated_shards
+        for shard, name in entry.deployment_names().items()
+    ]
     writer = Writer.options(**opts.get("Writer", {})).bind(  # type: ignore[attr-defined]
         storage, args.limits.max_libraries, args.index
     )
@@ -91,5 +106,12 @@ def build_app(raw_args: dict[str, Any]) -> Application:
     )
     ingress = Ingress.options(**opts.get("Ingress", {}))  # type: ignore[attr-defined]
     return ingress.bind(
-        encoder, index, writer, importer, args, spec.preprocess, face_spec.preprocess if face_spec else None
+        encoder,
+        index,
+        writer,
+        importer,
+        args,
+        spec.preprocess,
+        face_spec.preprocess if face_spec else None,
+        dedicated,
     )

@@ -139,6 +139,51 @@ class EncodeBatching(BaseModel):
     )
 
 
+class DedicatedShards(BaseModel):
+    """Shards of one library served by LibraryIndex deployments of their own ("big shards").
+
+    Each listed shard gets a deployment named ``LibraryIndex-<library>-<shard>`` with these ``.options()``
+    (replicas, ``max_replicas_per_node``, ``ray_actor_options`` with ``num_cpus`` and ``memory``), whose
+    replicas load their shard in their constructor: Serve routes no request to a replica before its
+    constructor has returned, so a replica that is added, replaced after a node loss or rolled out by an
+    update answers from a loaded index from its first request on. Every other library and shard is
+    served by the shared, multiplexed ``LibraryIndex``. README, "Dedicated replicas for big shards".
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    library: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    shards: list[int] = Field(
+        min_length=1, description="which shards (0-based; shard 0 of a 1-shard library is the whole library)"
+    )
+    deployment: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Serve .options() of each listed shard's deployment, e.g. {num_replicas: 2, "
+        "max_replicas_per_node: 1, ray_actor_options: {num_cpus: 2, memory: 34359738368}}",
+    )
+
+    @field_validator("shards")
+    @classmethod
+    def _distinct_in_range(cls, shards: list[int]) -> list[int]:
+        for k in shards:
+            if not 0 <= k < MAX_SHARDS:
+                raise ValueError(f"shard {k} is out of range: shards are numbered 0 to {MAX_SHARDS - 1}")
+        if len(set(shards)) != len(shards):
+            raise ValueError("a shard is listed twice")
+        return shards
+
+    @field_validator("deployment")
+    @classmethod
+    def _no_name(cls, options: dict[str, Any]) -> dict[str, Any]:
+        if "name" in options:
+            raise ValueError("name: a dedicated shard's deployment is named LibraryIndex-<library>-<shard>")
+        return options
+
+    def deployment_names(self) -> dict[int, str]:
+        """Each listed shard's deployment name."""
+        return {k: f"LibraryIndex-{self.library}-{k}" for k in self.shards}
+
+
 class AppArgs(BaseModel):
     """Arguments of ``build_app``."""
 
@@ -219,6 +264,11 @@ class AppArgs(BaseModel):
     api_keys_file: str | None = Field(None, description="file with one API key per line (# comments)")
     item_detector: ItemDetectorConfig = Field(default_factory=ItemDetectorConfig)
     face_detector: FaceConfig = Field(default_factory=FaceConfig)
+    dedicated_shards: list[DedicatedShards] = Field(
+        default_factory=list,
+        description="shards served by LibraryIndex deployments of their own, loaded before they are routed "
+        "to (big shards; README: Dedicated replicas for big shards)",
+    )
     deployment_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="per-deployment .options() overrides keyed by deployment name (tests, quick runs); "
@@ -316,6 +366,21 @@ class AppArgs(BaseModel):
         self.allowed_file_roots = [os.path.abspath(p) for p in self.allowed_file_roots]
         if self.api_keys_file is not None:
             self.api_keys_file = os.path.abspath(self.api_keys_file)
+        return self
+
+    @model_validator(mode="after")
+    def _dedicated_once(self) -> AppArgs:
+        seen: set[tuple[str, int]] = set()
+        for i, entry in enumerate(self.dedicated_shards):
+            for k in entry.shards:
+                if k >= self.limits.max_shards:
+                    raise ValueError(
+                        f"dedicated_shards[{i}]: shard {k} of {entry.library!r} cannot exist: libraries have "
+                        f"at most limits.max_shards = {self.limits.max_shards} shards"
+                    )
+                if (entry.library, k) in seen:
+                    raise ValueError(f"dedicated_shards[{i}]: shard {k} of {entry.library!r} is listed twice")
+                seen.add((entry.library, k))
         return self
 
     @model_validator(mode="after")

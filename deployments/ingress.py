@@ -144,6 +144,7 @@ class Ingress:
         args: AppArgs,
         preprocess: PreprocessSpec,
         face_preprocess: PreprocessSpec | None = None,
+        dedicated: list[tuple[str, int, DeploymentHandle]] | None = None,
     ) -> None:
         # Every call to another deployment is refused with 503 UNAVAILABLE while it has no running
         # replica, instead of waiting for one until the proxy times out.
@@ -159,6 +160,12 @@ class Ingress:
         self.writer, self.importer = (
             GuardedHandle(h, h.deployment_name, self.states, wait_s=wait_s) for h in (writer, importer)
         )
+        # Shards with LibraryIndex deployments of their own (AppArgs.dedicated_shards); every other shard
+        # goes to the shared, multiplexed LibraryIndex.
+        self.dedicated = {
+            (library, shard): GuardedHandle(h, h.deployment_name, self.states, wait_s=wait_s, retries=2)
+            for library, shard, h in dedicated or ()
+        }
         self.args = args
         self.fetch_policy = args.fetch_policy()
         # image_uri fetches wait on the network: their own threads (one per request the replica may hold,
@@ -438,7 +445,8 @@ class Ingress:
         return await self._checked(await self._lookup(name), check_model=check_model)
 
     def _index(self, info: LibraryInfo, shard: int = 0) -> GuardedHandle:
-        return self.index.options(multiplexed_model_id=info.shard_key(shard))
+        handle = self.dedicated.get((info.name, shard), self.index)
+        return handle.options(multiplexed_model_id=info.shard_key(shard))
 
     async def _search(self, info: LibraryInfo, vector: np.ndarray, **kwargs: Any) -> list[dict[str, Any]]:
         """Search every shard of the library with the same arguments, concurrently, and merge their

@@ -6,11 +6,18 @@ library that is deleted and created again never reuses a stale reader, and a rep
 library's shards as separate models (each counts towards ``MAX_LIBRARIES_PER_REPLICA``). Routing by id is
 only a preference: any replica may load any shard, and every answer first catches up with the store, so
 all replicas agree. The ingress fans searches out to the shards and merges them (``index.shards``).
+
+A dedicated replica (``dedicated=(library, shard)``, from ``AppArgs.dedicated_shards``) serves one shard
+of one library and nothing else: it loads that shard in its constructor (when the library exists), so
+Serve, which routes no request to a replica whose constructor has not returned, never sends it a search
+it would have to load a big index for first. A library deleted and created again under the same name is
+loaded again on its first request (a new uid).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import faiss
@@ -18,11 +25,14 @@ import numpy as np
 from ray import serve
 
 from index.ann import IndexConfig
+from index.catalog import LibraryInfo
 from index.clock import iso_time
 from index.errors import ImageNotFound, LibraryNotFound
 from index.reader import LibraryReader, record_object, result_objects
 from index.scores import ScoreCalibration
 from index.storage import StorageSettings, open_storage
+
+logger = logging.getLogger("ray.serve")
 
 MAX_LIBRARIES_PER_REPLICA = 8
 
@@ -30,7 +40,11 @@ MAX_LIBRARIES_PER_REPLICA = 8
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
 class LibraryIndex:
     def __init__(
-        self, storage: StorageSettings, calibration: ScoreCalibration, index_config: IndexConfig
+        self,
+        storage: StorageSettings,
+        calibration: ScoreCalibration,
+        index_config: IndexConfig,
+        dedicated: tuple[str, int] | None = None,
     ) -> None:
         self.storage = open_storage(storage)
         self.catalog = self.storage.catalog
@@ -38,22 +52,75 @@ class LibraryIndex:
         self.index_config = index_config
         if index_config.search_threads:
             faiss.omp_set_num_threads(index_config.search_threads)  # this replica's process only
+        self._loads: list[str] = []
+        self.dedicated = dedicated
+        self._own: tuple[str, LibraryReader] | None = None
+        self._own_lock = asyncio.Lock()
+        if dedicated is not None:
+            self._own = self._preload(*dedicated)
+
+    def _preload(self, name: str, shard: int) -> tuple[str, LibraryReader] | None:
+        """The dedicated shard, loaded before the constructor returns (so before Serve routes here)."""
+        try:
+            info = self.catalog.get(name)
+        except LibraryNotFound:
+            logger.warning("dedicated shard %d of %r: no such library yet; loaded on first use", shard, name)
+            return None
+        if shard >= info.shards:
+            logger.warning(
+                "dedicated shard %d of library %r: the library has %d shard(s); this replica serves nothing",
+                shard,
+                name,
+                info.shards,
+            )
+            return None
+        key = info.shard_key(shard)
+        return key, self._open(info, shard, key)
+
+    def _open(self, info: LibraryInfo, shard: int, key: str) -> LibraryReader:
+        reader = LibraryReader(
+            self.storage.library(info, shard), model_identity=info.model_identity, config=self.index_config
+        )
+        self._loads.append(key)
+        return reader
+
+    def _info(self, key: str) -> tuple[LibraryInfo, int]:
+        """The library and shard ``key`` names, as the catalog has them now.
+
+        Raises:
+            LibraryNotFound: no such library, or one of that name created again since (another uid).
+        """
+        name, uid, shard = parse_key(key)
+        info = self.catalog.get(name)
+        if info.uid != uid or shard >= info.shards or info.shard_key(shard) != key:
+            raise LibraryNotFound(name)
+        return info, shard
 
     @serve.multiplexed(max_num_models_per_replica=MAX_LIBRARIES_PER_REPLICA)
     async def reader(self, key: str) -> LibraryReader:
-        name, uid, shard = parse_key(key)
-        info = await asyncio.to_thread(self.catalog.get, name)
-        if info.uid != uid or shard >= info.shards or info.shard_key(shard) != key:
-            raise LibraryNotFound(name)
-        return await asyncio.to_thread(
-            LibraryReader,
-            self.storage.library(info, shard),
-            model_identity=info.model_identity,
-            config=self.index_config,
-        )
+        info, shard = await asyncio.to_thread(self._info, key)
+        return await asyncio.to_thread(self._open, info, shard, key)
 
     async def _reader(self) -> LibraryReader:
-        return await self.reader(serve.get_multiplexed_model_id())
+        key = serve.get_multiplexed_model_id()
+        if self.dedicated is None:
+            return await self.reader(key)
+        own = self._own
+        if own is not None and own[0] == key:
+            return own[1]
+        async with self._own_lock:  # one load at a time; concurrent first requests share it
+            if self._own is None or self._own[0] != key:
+                info, shard = await asyncio.to_thread(self._info, key)
+                if (info.name, shard) != self.dedicated:
+                    # The ingress routes only this shard here; anything else is a wiring bug, not data.
+                    raise RuntimeError(f"replica dedicated to {self.dedicated} was sent {key!r}")
+                self._own = (key, await asyncio.to_thread(self._open, info, shard, key))
+            return self._own[1]
+
+    def loads(self) -> list[str]:
+        """The keys this replica has loaded since it started, in order (a key evicted and loaded again is
+        listed again): which replica holds what, for tests and operators."""
+        return list(self._loads)
 
     async def search(
         self,

@@ -139,3 +139,58 @@ def test_relative_paths_are_the_builders_directory(tmp_path, monkeypatch):
     args = AppArgs.model_validate({"storage_root": "./data", "allowed_file_roots": ["pics"]})
     assert args.storage_root == str(tmp_path / "data")
     assert args.allowed_file_roots == [str(tmp_path / "pics")]
+
+
+def test_dedicated_shards_name_one_deployment_per_shard():
+    args = AppArgs(
+        dedicated_shards=[
+            {"library": "photos", "shards": [0, 3], "deployment": {"max_replicas_per_node": 1}},
+            {"library": "logos", "shards": [0]},
+        ]
+    )
+    assert [e.deployment_names() for e in args.dedicated_shards] == [
+        {0: "LibraryIndex-photos-0", 3: "LibraryIndex-photos-3"},
+        {0: "LibraryIndex-logos-0"},
+    ]
+    # the command line passes it as JSON
+    raw = AppArgs(dedicated_shards='[{"library": "photos", "shards": [2]}]')
+    assert raw.dedicated_shards[0].shards == [2]
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([{"library": "photos", "shards": []}], "shards"),
+        ([{"library": "photos", "shards": [64]}], "shard 64 is out of range"),
+        ([{"library": "photos", "shards": [-1]}], "shard -1 is out of range"),
+        ([{"library": "photos", "shards": [1, 1]}], "listed twice"),
+        ([{"library": "photos", "shards": [1]}, {"library": "photos", "shards": [2, 1]}], "listed twice"),
+        ([{"library": "photos", "shards": [16]}], "limits.max_shards = 16"),
+        ([{"library": "bad name", "shards": [0]}], "library"),
+        ([{"library": "photos", "shards": [0], "deployment": {"name": "x"}}], "is named LibraryIndex-"),
+        ([{"library": "photos", "shards": [0], "replicas": 2}], "replicas"),
+    ],
+)
+def test_bad_dedicated_shards_are_refused_naming_the_field(entries, message):
+    with pytest.raises(ValidationError) as err:
+        AppArgs(dedicated_shards=entries)
+    assert message in str(err.value) and "dedicated_shards" in str(err.value)
+
+
+def test_build_app_binds_a_deployment_per_dedicated_shard(tmp_path):
+    from deployments.app import build_app
+
+    app = build_app(
+        {
+            "model": "tiny-random",
+            "storage_root": str(tmp_path),
+            "dedicated_shards": [{"library": "photos", "shards": [0, 2], "deployment": {"num_replicas": 2}}],
+            "deployment_options": {"LibraryIndex-photos-2": {"num_replicas": 3}},
+        }
+    )
+    (*_, dedicated) = app._bound_deployment.init_args
+    by_shard = {(lib, k): bound._bound_deployment for lib, k, bound in dedicated}
+    assert sorted(by_shard) == [("photos", 0), ("photos", 2)]
+    assert {k: d.name for (_, k), d in by_shard.items()} == {0: "LibraryIndex-photos-0", 2: "LibraryIndex-photos-2"}
+    assert [by_shard["photos", k].num_replicas for k in (0, 2)] == [2, 3]
+    assert [by_shard["photos", k].init_args[-1] for k in (0, 2)] == [("photos", 0), ("photos", 2)]

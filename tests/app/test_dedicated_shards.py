@@ -44,7 +44,9 @@ def _deploy(root: str) -> None:
                 },
             }
         ],
-        deployment_options={d: ZERO_CPU for d in ("Ingress", "Encoder", "LibraryIndex", "Writer", "Importer")},
+        deployment_options={
+            d: ZERO_CPU for d in ("Ingress", "Encoder", "LibraryIndex", "Writer", "Importer")
+        },
     )
 
 

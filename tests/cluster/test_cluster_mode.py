@@ -42,7 +42,10 @@ KILLS_SHARED_NODES = True
 
 APP = "clustered"
 PREFIX = "/api/v1/operators/image-search"
-DEPLOYMENTS = ("Ingress", "Encoder", "LibraryIndex", "Writer", "Importer")
+#: A library whose shard 1 has LibraryIndex replicas of its own (``dedicated_shards``), on the index nodes.
+BIG = "bigshard"
+DEDICATED = f"LibraryIndex-{BIG}-1"
+DEPLOYMENTS = ("Ingress", "Encoder", "LibraryIndex", "Writer", "Importer", DEDICATED)
 
 
 def pinned(resource: str, **extra: Any) -> dict[str, Any]:
@@ -79,6 +82,13 @@ def app_args(pg_url: str, s3: S3, **changes: Any) -> dict[str, Any]:
             "Writer": pinned("writer"),
             "Importer": pinned("writer"),
         },
+        "dedicated_shards": [
+            {
+                "library": BIG,
+                "shards": [1],
+                "deployment": pinned("index", num_replicas=2, max_replicas_per_node=1),
+            }
+        ],
     }
     args.update(changes)
     return args
@@ -199,6 +209,8 @@ def test_health_reports_cluster_storage_and_placement(cluster: LocalCluster, app
     assert data["storage"]["mode"] == "cluster"
     assert "testing" not in json.dumps(data["storage"])  # no credential leaks into /health
     assert running_nodes(cluster, "LibraryIndex") == ["a", "b"]
+    assert running_nodes(cluster, DEDICATED) == ["a", "b"]
+    assert data["deployments"][DEDICATED]["running"] == 2
     assert running_nodes(cluster, "Writer") == ["c"] and running_nodes(cluster, "Importer") == ["c"]
     assert running_nodes(cluster, "Ingress") == ["head"]
 
@@ -391,43 +403,63 @@ def _replicas(deployment: str) -> list[dict[str, Any]]:
 
 
 def test_index_nodes_killed(cluster: LocalCluster, app: dict[str, Any]) -> None:
-    """Two LibraryIndex replicas (a, b): node a is killed during searches, none fails. Then the last
-    replica's node b is killed and a fresh node f joins: the replacement, which copies the snapshot from
-    the object store to f's own disk, answers with the same ids and scores within 60 s."""
+    """Two LibraryIndex replicas (a, b), and two of the dedicated deployment of a 2-shard library's shard
+    1: node a is killed during searches of both libraries, none fails. Then the last replicas' node b is
+    killed and a fresh node f joins: the replacements, which copy the snapshots from the object store to
+    f's own disk (the dedicated one in its constructor), answer with the same ids and scores within 60 s."""
     api = Api()
     lib = "kill_" + uuid.uuid4().hex[:6]
     api.ok("/library/create", {"library_name": lib, "mode": "general_search"})
+    api.ok("/library/create", {"library_name": BIG, "mode": "general_search", "shards": 2})
     for i in range(24):
         add(api, lib, i, tags={"n": i})
-    search = {
-        "library_name": lib,
-        "query_text": "a photo",
-        "top_k": 10,
-        "tag_filter": {"field": "n", "op": ">=", "value": 3},
-    }
-    expected = ranked(api.ok("/search/by-text", search)["results"])
-    assert len(expected) == 10
-    with Load(lambda a: ranked(a.ok("/search/by-text", search)["results"]), threads=2) as load:
+        add(api, BIG, i, tags={"n": i})
+    searches = [
+        {
+            "library_name": name,
+            "query_text": "a photo",
+            "top_k": 10,
+            "tag_filter": {"field": "n", "op": ">=", "value": 3},
+        }
+        for name in (lib, BIG)
+    ]
+    expected = [ranked(api.ok("/search/by-text", s)["results"]) for s in searches]
+    assert [len(e) for e in expected] == [10, 10]
+
+    def both(a: Api) -> list[list[tuple[str, float]]]:
+        return [ranked(a.ok("/search/by-text", s)["results"]) for s in searches]
+
+    with Load(both, threads=2) as load:
         time.sleep(1)
         cluster.kill_node("a")
         time.sleep(8)
     assert load.failures == []
     assert all(r == expected for r in load.results) and len(load.results) > 5
     assert running_nodes(cluster, "LibraryIndex") == ["b"]
+    assert running_nodes(cluster, DEDICATED) == ["b"]
 
     killed_at = time.monotonic()
     cluster.kill_node("b")
     cluster.add_node("f", {"node_f": 1.0, "index": 1.0})
 
-    def answered() -> list[tuple[str, float]] | None:
-        code, env = api.post("/search/by-text", search)
-        return ranked(env["data"]["results"]) if code == 200 else None
+    def answered() -> list[list[tuple[str, float]]] | None:
+        answers = [api.post("/search/by-text", s) for s in searches]
+        if any(code != 200 for code, _ in answers):
+            return None
+        return [ranked(env["data"]["results"]) for _, env in answers]
 
-    again = wait_for("an answer from the replacement on node f", answered, 60)
+    again = wait_for("answers from the replacements on node f", answered, 60)
     took = time.monotonic() - killed_at
     assert again == expected
     assert running_nodes(cluster, "LibraryIndex") == ["f"]
+    assert running_nodes(cluster, DEDICATED) == ["f"]
     assert took < 60, took
+    # The dedicated replica on f loaded shard 1 once, from its own node's copy of the snapshot.
+    (key,) = serve.get_deployment_handle(DEDICATED, APP).loads.remote().result(timeout_s=30)
+    assert key.startswith(f"{BIG}:") and key.endswith(":1")
+    (proc,) = replica_processes(cluster, APP, DEDICATED)
+    cache = Path(f"/proc/{proc.pid}/root{cluster.nodes['f'].data_dir}/image-search-cache")
+    assert list(cache.glob("*/shards/1/**/manifest.json")), "no copy of shard 1's snapshot in f's cache_dir"
 
 
 def test_writer_and_importer_node_killed(

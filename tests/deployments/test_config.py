@@ -191,6 +191,9 @@ def test_build_app_binds_a_deployment_per_dedicated_shard(tmp_path):
     (*_, dedicated) = app._bound_deployment.init_args
     by_shard = {(lib, k): bound._bound_deployment for lib, k, bound in dedicated}
     assert sorted(by_shard) == [("photos", 0), ("photos", 2)]
-    assert {k: d.name for (_, k), d in by_shard.items()} == {0: "LibraryIndex-photos-0", 2: "LibraryIndex-photos-2"}
+    assert {k: d.name for (_, k), d in by_shard.items()} == {
+        0: "LibraryIndex-photos-0",
+        2: "LibraryIndex-photos-2",
+    }
     assert [by_shard["photos", k].num_replicas for k in (0, 2)] == [2, 3]
     assert [by_shard["photos", k].init_args[-1] for k in (0, 2)] == [("photos", 0), ("photos", 2)]

@@ -83,6 +83,7 @@ def ingress() -> Any:
     obj.pipeline = ModePipeline(resolve_model_spec("tiny-random").preprocess, args.detection_config())
     obj._model = {"identity": MODEL["identity"], "face_identity": None}
     obj.index = Handle({"results": [], "replica": "r", "applied_seq": 0})
+    obj.dedicated = {}
     obj.writer = Handle([True])
 
     async def embed(image: Any, mode: str, *, query: bool) -> Embedded:

@@ -5,10 +5,14 @@ it (its constructor loads it; Serve routes to no replica whose constructor is st
 
 from __future__ import annotations
 
+import time
+
 import pytest
+import requests
 from ray import serve
 
-from tests.app.conftest import ZERO_CPU, Client, deploy, wait_ready
+from deployments.app import build_app
+from tests.app.conftest import ZERO_CPU, Client, app_args, deploy, wait_ready
 from tests.images import image_b64
 
 pytestmark = pytest.mark.ray
@@ -100,3 +104,58 @@ def test_a_dedicated_shard_is_served_by_its_own_deployment_loaded_before_use(ser
         assert first == key and second != key and second.endswith(":1")
     finally:
         serve.delete(APP_NAME)
+
+
+def test_a_dedicated_shard_without_a_replica_is_503_for_its_library_only(serve_port, tmp_path):
+    """Its deployment asks for more memory than any node has: never scheduled. Searches of its library
+    wait ``unavailable_wait_s``, then 503 naming the deployment; /health says why; other libraries work."""
+    name, wait_s = "nomem", 2.0
+    args = app_args(
+        str(tmp_path),
+        deployment_options={
+            d: ZERO_CPU for d in ("Ingress", "Encoder", "LibraryIndex", "Writer", "Importer")
+        },
+        dedicated_shards=[
+            {
+                "library": "huge",
+                "shards": [0],
+                "deployment": {"ray_actor_options": {"num_cpus": 0, "memory": 2**40}},  # 1 TiB
+            }
+        ],
+    )
+    args["limits"]["unavailable_wait_s"] = wait_s
+    # serve.run would wait forever for the unschedulable replica; _run without blocking returns at once.
+    serve._run(build_app(args), name=name, route_prefix="/" + name, _blocking=False)
+    base = f"http://127.0.0.1:{serve_port}/{name}"
+    try:
+        end = time.monotonic() + 120
+        while True:  # the ingress answers /health (503) once it and its view of the deployments are up
+            try:
+                r = requests.get(base + "/health", timeout=10)
+                data = r.json().get("data") or {}
+                if data.get("deployments", {}).get("Writer", {}).get("running"):
+                    break
+            except (requests.RequestException, ValueError):
+                pass
+            assert time.monotonic() < end, "the app's ingress never answered /health"
+            time.sleep(0.5)
+        env = r.json()
+        assert r.status_code == 503 and env["data"]["deployments"]["LibraryIndex-huge-0"]["running"] == 0
+        assert "'LibraryIndex-huge-0' has no running replica" in env["message"]
+
+        c = Client(base)
+        for lib in ("huge", "small"):
+            c.ok("/library/create", {"library_name": lib, "mode": "general_search"})
+            c.ok(
+                "/image/add",
+                {"library_name": lib, "image_id": "a", "image_uri": "u", "image_base64": image_b64(1)},
+            )
+        started = time.monotonic()
+        code, env = c.post("/search/by-image", {"library_name": "huge", "image_base64": image_b64(1)})
+        assert (code, env["status"], env["data"]) == (503, "UNAVAILABLE", None), env
+        assert "'LibraryIndex-huge-0' has no running replica" in env["message"]
+        assert time.monotonic() - started >= wait_s
+        code, env = c.post("/search/by-image", {"library_name": "small", "image_base64": image_b64(1)})
+        assert code == 200 and [x["image_id"] for x in env["data"]["results"]] == ["a"]
+    finally:
+        serve.delete(name, _blocking=False)

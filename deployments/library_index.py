@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import Any
 
 import faiss
@@ -35,6 +36,8 @@ from index.storage import StorageSettings, open_storage
 logger = logging.getLogger("ray.serve")
 
 MAX_LIBRARIES_PER_REPLICA = 8
+#: How many of its latest loads a replica remembers (``loads``).
+LOADS_KEPT = 1000
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
@@ -52,7 +55,7 @@ class LibraryIndex:
         self.index_config = index_config
         if index_config.search_threads:
             faiss.omp_set_num_threads(index_config.search_threads)  # this replica's process only
-        self._loads: list[str] = []
+        self._loads: deque[str] = deque(maxlen=LOADS_KEPT)
         self.dedicated = dedicated
         self._own: tuple[str, LibraryReader] | None = None
         self._own_lock = asyncio.Lock()
@@ -118,8 +121,8 @@ class LibraryIndex:
             return self._own[1]
 
     def loads(self) -> list[str]:
-        """The keys this replica has loaded since it started, in order (a key evicted and loaded again is
-        listed again): which replica holds what, for tests and operators."""
+        """The keys this replica has loaded since it started, in order, the latest ``LOADS_KEPT`` (a key
+        evicted and loaded again is listed again): which replica holds what, for tests and operators."""
         return list(self._loads)
 
     async def search(

@@ -120,6 +120,12 @@ def main() -> None:
     parser.add_argument("--calibration-queries", type=int, default=200)
     parser.add_argument("--workdir", type=Path, required=True, help="vectors.npy and index.faiss (kept)")
     parser.add_argument("--reuse", action="store_true", help="reuse vectors.npy of the right shape")
+    parser.add_argument(
+        "--reuse-index",
+        action="store_true",
+        help="search the index.faiss a previous run of the same --n/--data left in --workdir instead of "
+        "building one (to measure search-time settings such as refine_factor; no build figures)",
+    )
     parser.add_argument("--index", type=json.loads, default={}, help="IndexConfig overrides (JSON)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -137,11 +143,21 @@ def main() -> None:
     held_out = next(vector_chunks(args.calibration_queries, args.dim, np.random.default_rng(4), args.data))
     truth = phases.run("ground truth (exact, chunked)", lambda: exact_topk(queries, vectors))
 
-    rss_start = rss_anon()
-    index, shape = build(vectors, config, phases)
-    rss_built = rss_anon()
-    faiss.write_index(index, str(args.workdir / "index.faiss"))
-    del index
+    reused = args.reuse_index and (args.workdir / "index.faiss").exists()
+    rss_start = rss_built = rss_anon()
+    if reused:
+        ivf = faiss.downcast_index(
+            faiss.read_index(str(args.workdir / "index.faiss"), faiss.IO_FLAG_MMAP_IFC)
+        )
+        if ivf.ntotal != args.n:
+            raise SystemExit(f"{args.workdir}/index.faiss holds {ivf.ntotal} vectors, not --n {args.n}")
+        shape = {"nlist": ivf.nlist, "pq_m": ivf.pq.M, "pq_nbits": ivf.pq.nbits, "training_rows": None}
+        del ivf
+    else:
+        index, shape = build(vectors, config, phases)
+        rss_built = rss_anon()
+        faiss.write_index(index, str(args.workdir / "index.faiss"))
+        del index
     before = rss_anon()
     t = time.perf_counter()
     base = IvfPqBase.load(args.workdir)  # codes into memory, vectors.npy memory-mapped
@@ -170,6 +186,7 @@ def main() -> None:
         "rss_anon_growth_during_build_bytes": rss_built - rss_start,
         "raw_vectors_on_disk_bytes": os.path.getsize(args.workdir / "vectors.npy"),
         "load_s": round(load_s, 3),
+        "reused_index": reused,
     }
 
     def search(plan: Any) -> Any:
@@ -213,9 +230,12 @@ def main() -> None:
                 }
             )
     faiss.omp_set_num_threads(build_threads)
-    result["train_s"] = phases.seconds["train (coarse k-means + PQ)"]
-    result["add_s"] = phases.seconds["add (assign + encode)"]
-    result["build_s"] = round(result["train_s"] + result["add_s"] + phases.seconds["draw training sample"], 2)
+    if not reused:
+        result["train_s"] = phases.seconds["train (coarse k-means + PQ)"]
+        result["add_s"] = phases.seconds["add (assign + encode)"]
+        result["build_s"] = round(
+            result["train_s"] + result["add_s"] + phases.seconds["draw training sample"], 2
+        )
     result.update(
         run_facts(
             config,

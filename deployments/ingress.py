@@ -132,7 +132,12 @@ api.add_middleware(RequestLog)
 
 # max_ongoing_requests sits above limits.max_concurrent_requests (64 by default): the ingress sheds load
 # itself with the envelope before Serve's proxy would queue (or answer its own plain-text 503).
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=80)
+# graceful_shutdown_timeout_s: a replica being replaced (rolling update, downscale) finishes the requests
+# it holds; one may wait limits.unavailable_wait_s for another deployment's replica, twice (by-id on a
+# sharded library), so Serve's default 20 s would kill it mid-request (a plain-text 500 from the proxy).
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=80, graceful_shutdown_timeout_s=60
+)
 @serve.ingress(api)
 class Ingress:
     def __init__(

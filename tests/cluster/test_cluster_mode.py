@@ -64,7 +64,8 @@ def app_args(pg_url: str, s3: S3, **changes: Any) -> dict[str, Any]:
         "imports": {"chunk_lines": 8, "chunks_in_flight": 1, "encode_batch_size": 8, "heartbeat_s": 1.0},
         "limits": {"unavailable_wait_s": 60},
         "deployment_options": {
-            "Ingress": pinned("ingress"),
+            # a draining Ingress finishes requests that wait up to unavailable_wait_s (60 s here), twice
+            "Ingress": pinned("ingress", graceful_shutdown_timeout_s=150),
             "Encoder": pinned(
                 "encoder",
                 max_replicas_per_node=1,
@@ -100,7 +101,12 @@ class Api:
 
     def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         r = self.session.post(SERVE_URL + PREFIX + path, json=body, timeout=120)
-        return r.status_code, r.json()
+        try:
+            return r.status_code, r.json()
+        except ValueError:  # not the envelope: say what came instead
+            raise AssertionError(
+                f"{path}: HTTP {r.status_code}, not JSON: {r.text[:300]!r} {dict(r.headers)}"
+            ) from None
 
     def ok(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         code, env = self.post(path, body)

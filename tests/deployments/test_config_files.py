@@ -52,3 +52,18 @@ def test_multilingual_config_differs_only_in_the_model() -> None:
     for app in (main_app, multi_app):
         del app["name"], app["args"]["model"], app["args"]["pretrained"]
     assert multi == main
+
+
+@pytest.mark.parametrize("name", [*FILES, "serve_config.cluster.yaml"])
+def test_a_draining_ingress_outlasts_the_requests_it_holds(name: str) -> None:
+    """A replica being replaced finishes its requests; Serve kills it after graceful_shutdown_timeout_s
+    (default 20 s), answering the client a plain-text 500. A request may wait for other deployments'
+    replicas (limits.unavailable_wait_s, twice for a by-id search of a sharded library) up to the
+    proxy's request timeout: the Ingress must be given at least that long."""
+    from deployments.config import Limits
+    from deployments.ingress import Ingress
+
+    assert Ingress._deployment_config.graceful_shutdown_timeout_s >= 2 * Limits().unavailable_wait_s
+    config = load(name)
+    (ingress,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "Ingress"]
+    assert ingress["graceful_shutdown_timeout_s"] >= config["http_options"]["request_timeout_s"]

@@ -36,9 +36,8 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.index_bench import Data
+from bench.index_bench import Data, ingest
 from index.model.spec import resolve_model_spec
-from index.store import NewRecord
 from index.writer import LibraryWriter
 
 log = logging.getLogger("fanout_bench")
@@ -55,12 +54,7 @@ def write_libraries(root: Path, n: int, shards: int) -> dict[str, int]:
     libraries = {"one": 1, f"s{shards}": shards}
     for name, count in libraries.items():
         writer.create_library(name, "general_search", None, model, index_kind="auto", shards=count)
-        uid = writer.catalog.get(name).uid
-        for start in range(0, n, 5000):
-            rows = range(start, min(n, start + 5000))
-            writer.add_images(
-                name, uid, [NewRecord(f"img{i}", f"u{i}", data.vectors[i], tags=data.tags(i)) for i in rows]
-            )
+        ingest(writer, name, data, 0, n)
         writer.snapshot_all(name)
         log.info("library %s: %d rows in %d shard(s)", name, n, count)
     writer.close()

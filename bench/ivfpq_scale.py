@@ -145,15 +145,8 @@ def main() -> None:
 
     reused = args.reuse_index and (args.workdir / "index.faiss").exists()
     rss_start = rss_built = rss_anon()
-    if reused:
-        ivf = faiss.downcast_index(
-            faiss.read_index(str(args.workdir / "index.faiss"), faiss.IO_FLAG_MMAP_IFC)
-        )
-        if ivf.ntotal != args.n:
-            raise SystemExit(f"{args.workdir}/index.faiss holds {ivf.ntotal} vectors, not --n {args.n}")
-        shape = {"nlist": ivf.nlist, "pq_m": ivf.pq.M, "pq_nbits": ivf.pq.nbits, "training_rows": None}
-        del ivf
-    else:
+    shape: dict[str, Any] = {}  # a reused index's shape is read from it once loaded, below
+    if not reused:
         index, shape = build(vectors, config, phases)
         rss_built = rss_anon()
         faiss.write_index(index, str(args.workdir / "index.faiss"))
@@ -164,6 +157,10 @@ def main() -> None:
     load_s = time.perf_counter() - t
     loaded = rss_anon() - before
     ivf = faiss.downcast_index(base.index)
+    if reused:
+        if ivf.ntotal != args.n:
+            raise SystemExit(f"{args.workdir}/index.faiss holds {ivf.ntotal} vectors, not --n {args.n}")
+        shape = {"nlist": ivf.nlist, "pq_m": ivf.pq.M, "pq_nbits": ivf.pq.nbits, "training_rows": None}
     structures = {
         "codes_and_ids": base.nbytes(),
         "coarse_centroids": ivf.nlist * ivf.d * 4,

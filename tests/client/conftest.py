@@ -77,6 +77,16 @@ def scripted() -> Iterator[Script]:
     server.server_close()
 
 
+#: A library object as the service answers it (``POST /library/create``, ``GET /library/{name}``).
+LIBRARY = {
+    "library_name": "lib",
+    "mode": "general_search",
+    "image_count": 0,
+    "created_at": "2026-01-01T00:00:00Z",
+    "model": {"name": "tiny-random", "pretrained": "random", "dim": 64},
+}
+
+
 def ok(data: Any) -> Reply:
     return Reply(200, {"status": "SUCCESS", "message": None, "data": data})
 

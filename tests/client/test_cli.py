@@ -10,15 +10,7 @@ import pytest
 
 from image_search_client import cli
 from image_search_client.client import PREFIX
-from tests.client.conftest import err, ok
-
-LIBRARY = {
-    "library_name": "lib",
-    "mode": "general_search",
-    "image_count": 0,
-    "created_at": "2026-01-01T00:00:00Z",
-    "model": {"name": "tiny-random", "pretrained": "random", "dim": 64},
-}
+from tests.client.conftest import LIBRARY, err, ok
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from image_search_client import (
     TaskNotFoundError,
 )
 from image_search_client.client import PREFIX
-from tests.client.conftest import Reply, err, ok
+from tests.client.conftest import LIBRARY, Reply, err, ok
 
 RESULT = {"image_id": "a", "image_uri": "u", "image_base64": None, "score": 0.5, "tags": {"k": 1}}
 
@@ -56,15 +56,7 @@ def test_no_key_no_header_and_optional_fields_left_out(scripted):
 
 
 def test_create_library_sends_index_kind_and_shards_only_when_given(scripted):
-    library = {
-        "library_name": "lib",
-        "mode": "general_search",
-        "image_count": 0,
-        "created_at": "2026-12-01T00:00:00Z",
-        "model": {"name": "m", "pretrained": "p", "dim": 8},
-        "shards": 4,
-    }
-    scripted.replies = [ok(library)]
+    scripted.replies = [ok(LIBRARY | {"shards": 4})]
     client = ImageSearchClient(scripted.url)
     assert client.create_library("lib", shards=4, index_kind="flat").shards == 4
     assert client.create_library("lib").shards == 4

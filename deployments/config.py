@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, field_validator, model_validator
 
+from deployments.schemas import LibraryName
 from filters import FilterLimits, TagLimits
 from index.ann import IndexConfig
 from index.detect.faces import FaceConfig
@@ -152,7 +153,7 @@ class DedicatedShards(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    library: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    library: str = LibraryName()
     shards: list[int] = Field(
         min_length=1, description="which shards (0-based; shard 0 of a 1-shard library is the whole library)"
     )

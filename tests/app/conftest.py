@@ -135,6 +135,22 @@ def wait_ready(base: str, deadline_s: float = 120.0) -> None:
     raise TimeoutError(f"app at {base} not ready after {deadline_s}s: {serve.status()}")
 
 
+def wait_health_view(base: str, running: str, deadline_s: float = 120.0) -> requests.Response:
+    """The first ``/health`` answer (200 or 503) of an app that may never be ready, once its ingress is up
+    and its view of the deployments shows ``running`` with a running replica."""
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            r = requests.get(base + "/health", timeout=10)
+            data = r.json().get("data") or {}
+            if data.get("deployments", {}).get(running, {}).get("running"):
+                return r
+        except (requests.RequestException, ValueError):
+            pass
+        assert time.monotonic() < end, f"the ingress at {base} never answered /health with {running} running"
+        time.sleep(0.5)
+
+
 def deploy(storage_root: str, name: str = APP, route_prefix: str = "/", **overrides: Any) -> str:
     serve.run(build_app(app_args(storage_root, **overrides)), name=name, route_prefix=route_prefix)
     return name

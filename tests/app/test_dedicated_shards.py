@@ -8,11 +8,10 @@ from __future__ import annotations
 import time
 
 import pytest
-import requests
 from ray import serve
 
 from deployments.app import build_app
-from tests.app.conftest import ZERO_CPU, Client, app_args, deploy, wait_ready
+from tests.app.conftest import ZERO_CPU, Client, app_args, deploy, wait_health_view, wait_ready
 from tests.images import image_b64
 
 pytestmark = pytest.mark.ray
@@ -128,17 +127,7 @@ def test_a_dedicated_shard_without_a_replica_is_503_for_its_library_only(serve_p
     serve._run(build_app(args), name=name, route_prefix="/" + name, _blocking=False)
     base = f"http://127.0.0.1:{serve_port}/{name}"
     try:
-        end = time.monotonic() + 120
-        while True:  # the ingress answers /health (503) once it and its view of the deployments are up
-            try:
-                r = requests.get(base + "/health", timeout=10)
-                data = r.json().get("data") or {}
-                if data.get("deployments", {}).get("Writer", {}).get("running"):
-                    break
-            except (requests.RequestException, ValueError):
-                pass
-            assert time.monotonic() < end, "the app's ingress never answered /health"
-            time.sleep(0.5)
+        r = wait_health_view(base, "Writer")
         env = r.json()
         assert r.status_code == 503 and env["data"]["deployments"]["LibraryIndex-huge-0"]["running"] == 0
         assert "'LibraryIndex-huge-0' has no running replica" in env["message"]

@@ -11,7 +11,7 @@ import requests
 from ray import serve
 
 from deployments.app import build_app
-from tests.app.conftest import Client, app_args, import_dir
+from tests.app.conftest import Client, app_args, import_dir, wait_health_view
 
 NAME = "unready"
 #: Far below Serve's wait for a replica (the proxy's request timeout): it tells a refusal from a hang on
@@ -36,20 +36,7 @@ def unready_app(serve_port, tmp_path):
         _blocking=False,
     )
     base = f"http://127.0.0.1:{serve_port}/{NAME}"
-    end = time.monotonic() + 120
-    while True:  # the ingress answers /health (with 503) once it and the controller's view are up
-        try:
-            r = requests.get(base + "/health", timeout=10)
-            if (
-                r.headers.get("content-type", "").startswith("application/json")
-                and "deployments" in (r.json().get("data") or {})
-                and r.json()["data"]["deployments"].get("Encoder", {}).get("running")
-            ):
-                break
-        except requests.RequestException:
-            pass
-        assert time.monotonic() < end, "the ingress of the unready app never answered /health"
-        time.sleep(0.5)
+    wait_health_view(base, "Encoder")  # the ingress answers /health (503) with the controller's view
     yield base, tmp_path
     serve.delete(NAME, _blocking=False)
 

@@ -135,15 +135,15 @@ def wait_ready(base: str, deadline_s: float = 120.0) -> None:
     raise TimeoutError(f"app at {base} not ready after {deadline_s}s: {serve.status()}")
 
 
-def wait_health_view(base: str, running: str, deadline_s: float = 120.0) -> requests.Response:
+def wait_health_view(base: str, *running: str, deadline_s: float = 120.0) -> requests.Response:
     """The first ``/health`` answer (200 or 503) of an app that may never be ready, once its ingress is up
-    and its view of the deployments shows ``running`` with a running replica."""
+    and its view of the deployments shows each of ``running`` with a running replica."""
     end = time.monotonic() + deadline_s
     while True:
         try:
             r = requests.get(base + "/health", timeout=10)
-            data = r.json().get("data") or {}
-            if data.get("deployments", {}).get(running, {}).get("running"):
+            states = (r.json().get("data") or {}).get("deployments", {})
+            if all(states.get(name, {}).get("running") for name in running):
                 return r
         except (requests.RequestException, ValueError):
             pass

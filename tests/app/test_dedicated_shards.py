@@ -127,7 +127,8 @@ def test_a_dedicated_shard_without_a_replica_is_503_for_its_library_only(serve_p
     serve._run(build_app(args), name=name, route_prefix="/" + name, _blocking=False)
     base = f"http://127.0.0.1:{serve_port}/{name}"
     try:
-        r = wait_health_view(base, "Writer")
+        # every deployment but the unschedulable one (library/create needs the Encoder and the Writer)
+        r = wait_health_view(base, "Ingress", "Encoder", "LibraryIndex", "Writer", "Importer")
         env = r.json()
         assert r.status_code == 503 and env["data"]["deployments"]["LibraryIndex-huge-0"]["running"] == 0
         assert "'LibraryIndex-huge-0' has no running replica" in env["message"]

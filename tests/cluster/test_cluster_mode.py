@@ -439,6 +439,8 @@ def test_index_nodes_killed(cluster: LocalCluster, app: dict[str, Any]) -> None:
         time.sleep(1)
         cluster.kill_node("a")
         time.sleep(8)
+        # each result is two searches: on a slow machine 9 s may hold only a few
+        wait_for("searches of both libraries after the kill", lambda: len(load.results) > 5, 60)
     assert load.failures == []
     assert all(r == expected for r in load.results) and len(load.results) > 5
     assert running_nodes(cluster, "LibraryIndex") == ["b"]

@@ -48,7 +48,7 @@ from index_bench import MODEL, Data
 
 from filters import parse_filter
 from index.ann import IndexConfig
-from index.reader import LibraryReader
+from index.query.reader import LibraryReader
 from index.storage import Storage, StorageSettings, open_storage
 from index.store import NewRecord
 from index.writer import LibraryWriter

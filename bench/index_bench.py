@@ -33,7 +33,7 @@ the same rows written through ``LibraryWriter`` twice, as a 1-shard and as an S-
 routed by ``index.shards.shard_of``), snapshots built per shard (``snapshot_all``), one
 ``LibraryReader`` per shard; each case searched on both, side by side, the way the service answers:
 every shard's top-k as result objects (records read from its store) merged by cosine with
-``index.shards.merge_results`` (a 1-shard library goes through the same path). The fan-out is
+``index.query.merge.merge_results`` (a 1-shard library goes through the same path). The fan-out is
 **sequential** here (one process, shard after shard); the service fans out concurrently across
 LibraryIndex replicas, so each query also records ``critical_p50_ms``, the slowest shard plus the merge.
 Per kind: ``identical_top10`` (fraction of queries whose merged ids equal the unsharded library's; 1.0
@@ -73,9 +73,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from filters import parse_filter
 from index.ann import IndexConfig
-from index.reader import LibraryReader, result_objects
+from index.query.merge import merge_results
+from index.query.reader import LibraryReader, result_objects
 from index.scores import ScoreCalibration
-from index.shards import merge_results
 from index.snapshot import read_manifest
 from index.store import LibraryStore, NewRecord
 from index.writer import LibraryWriter
@@ -376,7 +376,7 @@ def resident_index_bytes(base: Any) -> int:
 class Fanout:
     """A library's shards searched as the service does: each shard's reader answers its top-k (catch-up,
     planner, FAISS, records read from its store: ``LibraryIndex._search``), the answers are merged by
-    cosine with ``index.shards.merge_results`` (as the ingress does, also for a 1-shard library).
+    cosine with ``index.query.merge.merge_results`` (as the ingress does, also for a 1-shard library).
 
     The shards are searched one after another, in this one process; the service fans out concurrently
     to LibraryIndex replicas. ``critical_ms`` records, per query, the slowest shard plus the merge: the

@@ -5,7 +5,8 @@ The multiplexed id is ``"<library_name>:<uid>"`` for a 1-shard library (``Librar
 library that is deleted and created again never reuses a stale reader, and a replica holds a sharded
 library's shards as separate models (each counts towards ``MAX_LIBRARIES_PER_REPLICA``). Routing by id is
 only a preference: any replica may load any shard, and every answer first catches up with the store, so
-all replicas agree. The ingress fans searches out to the shards and merges them (``index.shards``).
+all replicas agree. The ingress fans searches out to the shards and merges them (``index.query``: the
+plan; ``deployments/searchers.py``: these methods as its per-shard searcher).
 
 A dedicated replica (``dedicated=(library, shard)``, from ``AppArgs.dedicated_shards``) serves one shard
 of one library and nothing else: it loads that shard in its constructor (when the library exists), so
@@ -28,8 +29,10 @@ from ray import serve
 from index.ann import IndexConfig
 from index.catalog import LibraryInfo
 from index.clock import iso_time
-from index.errors import ImageNotFound, LibraryNotFound
-from index.reader import LibraryReader, record_object, result_objects
+from index.errors import LibraryNotFound
+from index.query.plan import QueryVector, ShardRequest
+from index.query.reader import LibraryReader, record_object
+from index.query.shard import read_stored_vector, search_reader
 from index.scores import ScoreCalibration
 from index.storage import StorageSettings, open_storage
 
@@ -140,18 +143,9 @@ class LibraryIndex:
         """``{"results": [...], "replica": id, "applied_seq": n}``: the replica and the sequence it had
         caught up to travel with the answer, for logs and for the read-your-writes tests."""
         reader = await self._reader()
-        results = await asyncio.to_thread(
-            self._search,
-            reader,
-            vector,
-            query_kind,
-            top_k,
-            node,
-            vector_kind,
-            min_score,
-            return_frame,
-            recall_target,
-        )
+        query = QueryVector(vector, vector_kind, query_kind)
+        request = ShardRequest(top_k, node, min_score, return_frame, recall_target)
+        results = await asyncio.to_thread(search_reader, reader, self.calibration, query, request)
         return {
             "results": results,
             "replica": serve.get_replica_context().replica_id.unique_id,
@@ -167,11 +161,7 @@ class LibraryIndex:
         """
         reader = await self._reader()
         library = serve.get_multiplexed_model_id().partition(":")[0]
-        records = await asyncio.to_thread(reader.get, image_id, image_uri)
-        vector = await asyncio.to_thread(reader.vector_of, records[0].row_id) if records else None
-        if vector is None:
-            raise ImageNotFound(library, image_id, image_uri)
-        return vector, records[0].vector_kind
+        return await asyncio.to_thread(read_stored_vector, reader, library, image_id, image_uri)
 
     async def search_by_id(self, image_id: str, image_uri: str | None, **kwargs: Any) -> dict[str, Any]:
         """Search with the vector of a stored record (its first uri when image_uri is None): one call
@@ -197,24 +187,6 @@ class LibraryIndex:
             ]
 
         return await asyncio.to_thread(read)
-
-    def _search(
-        self,
-        reader: LibraryReader,
-        vector: np.ndarray,
-        query_kind: str,
-        top_k: int,
-        node: object,
-        vector_kind: str | None,
-        min_score: float | None,
-        return_frame: bool,
-        recall_target: float | None,
-    ) -> list[dict[str, Any]]:
-        hits = reader.search(vector, top_k, node, vector_kind, recall_target)
-        scores = self.calibration.for_query(query_kind, hits.cosines)
-        return result_objects(
-            reader, hits, scores, min_score=min_score, return_frame=return_frame, with_rank=True
-        )
 
 
 def parse_key(key: str) -> tuple[str, str, int]:

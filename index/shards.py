@@ -1,41 +1,22 @@
-"""Sharded libraries: which shard holds an image id, and how the answers of every shard become one.
+"""Sharded libraries: which shard holds an image id.
 
 A library of S shards keeps each record in shard ``shard_of(image_id, S)``: a stable hash of the id's
 UTF-8 bytes (BLAKE2b, 8 bytes, big-endian, mod S), never Python's ``hash`` (salted per process), so the
 mapping is the same in every process, on every node and after every restart; all uris of an id land in
 the same shard, so a get, an update or a delete touches one shard only.
 
-A search goes to every shard with the same query, filter, ``top_k``, ``min_score`` and ``recall_target``;
-each answers its own top-k, and :func:`merge_results` keeps the best ``top_k`` of their union, ranked by
-the raw cosine each shard sends along (:data:`RANK_KEY`; scores are clipped at 0 and rounded, so they tie
-where cosines do not). With exact indexes that is exactly the unsharded answer: any record of the global
-top-k is in its own shard's top-k. Equal cosines are ordered by ``image_id`` then ``image_uri``, so the
-merged order does not depend on which shard answered first.
-
-A shard that cannot answer fails the whole request (:func:`gather_shards` raises ``Unavailable``):
-a partial answer would silently miss records.
+How a search asks every shard and merges their answers: ``index.query`` (the plan, ``index.query.plan``;
+the exact merge, ``index.query.merge``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import logging
-from collections.abc import Awaitable, Iterable, Sequence
-from typing import Any, TypeVar
-
-from index.errors import ServiceError, Unavailable
-
-logger = logging.getLogger(__name__)
+from collections.abc import Iterable
 
 #: The most shards any library may have (``shards`` of ``POST /library/create``); a deployment may
 #: allow fewer (``limits.max_shards``).
 MAX_SHARDS = 64
-
-T = TypeVar("T")
-
-#: The key of a shard's result object that carries the hit's cosine (removed by :func:`merge_results`).
-RANK_KEY = "cosine"
 
 
 def shard_of(image_id: str, shards: int) -> int:
@@ -58,44 +39,3 @@ def split_by_shard(image_ids: Iterable[str], shards: int) -> dict[int, list[int]
     for i, image_id in enumerate(image_ids):
         out.setdefault(shard_of(image_id, shards), []).append(i)
     return out
-
-
-def result_order(result: dict[str, Any]) -> tuple[float, str, str]:
-    """Sort key of a shard's result object: highest cosine first, ties by image_id then image_uri."""
-    return (-float(result[RANK_KEY]), str(result["image_id"]), str(result["image_uri"]))
-
-
-def merge_results(answers: Sequence[Sequence[dict[str, Any]]], top_k: int) -> list[dict[str, Any]]:
-    """The best ``top_k`` result objects of all shards' answers (each already cut at ``min_score``, each
-    carrying :data:`RANK_KEY`), without that key: the API's result objects."""
-    merged = sorted((r for answer in answers for r in answer), key=result_order)[:top_k]
-    return [{k: v for k, v in r.items() if k != RANK_KEY} for r in merged]
-
-
-async def gather_shards(calls: Sequence[Awaitable[T]], *, library: str) -> list[T]:
-    """Await one call per shard concurrently and return their answers in shard order.
-
-    Raises:
-        ServiceError: the first shard (in shard order) that raised one (a 404 or 400 is the same on
-            every shard; ``Unavailable`` when the shard's storage is down).
-        Unavailable: a shard failed otherwise (its replica died, its data could not be loaded): the
-            request fails rather than answer without that shard's records.
-    """
-    answers = await asyncio.gather(*calls, return_exceptions=True)
-    for answer in answers:
-        if isinstance(answer, ServiceError):
-            raise answer
-    for shard, answer in enumerate(answers):
-        if isinstance(answer, BaseException):
-            logger.error(
-                "library %s: shard %d of %d failed: %s: %s",
-                library,
-                shard,
-                len(answers),
-                type(answer).__name__,
-                answer,
-            )
-            raise Unavailable(
-                f"library {library!r}: shard {shard} of {len(answers)} cannot answer; retry later"
-            ) from None
-    return list(answers)  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ write: each snapshot loads the previous one (into memory) plus the rows committe
 folds those rows into the index (``add``: cheap, the usual case) or rebuilds the index from the live
 rows, when the library should change kind (it crossed ``hnsw_min_rows``, its ``index_kind`` asks for
 another) or when more than ``compact_dead_fraction`` of its slots are dead (compaction). Readers pick
-the new snapshot up by themselves (`index.reader`).
+the new snapshot up by themselves (`index.query.reader`).
 
 A sharded library (``index.shards``) is S such libraries under one name: each record goes to the store of
 its id's shard, and each shard has its own seq and snapshots (so a snapshot, a compaction or a kind switch
@@ -28,7 +28,7 @@ from index.ann import DEFAULT_CONFIG, IndexConfig, choose_kind
 from index.backends import RecordStore
 from index.catalog import LibraryInfo
 from index.errors import LibraryNotFound
-from index.reader import load_table
+from index.query.reader import load_table
 from index.shards import shard_of, split_by_shard
 from index.snapshot import Manifest, Snapshots
 from index.storage import ClusterStorage, LibraryData, Storage, StorageSettings, open_storage

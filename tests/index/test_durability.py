@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from index.reader import LibraryReader
+from index.query.reader import LibraryReader
 from index.writer import LibraryWriter
 
 WRITER = textwrap.dedent(

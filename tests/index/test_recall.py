@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from filters import parse_filter
 from index.ann import HnswBase, IndexConfig, Plan, _ivf_search, _IvfLists
 from index.calibration import Bucket, Calibration, Step, calibrate
-from index.reader import LibraryReader
+from index.query.reader import LibraryReader
 from index.snapshot import read_manifest
 from index.store import Change, NewRecord
 from index.table import VectorTable

@@ -1,10 +1,9 @@
-"""Sharded libraries without Ray: routing by image id, a writer that routes by shard, per-shard readers,
-and the ingress's merge (``index.shards``) giving exactly the answer of one unsharded library holding the
-same records, in embedded and in cluster mode."""
+"""Sharded libraries without Ray: routing by image id (``index.shards``), a writer that routes by shard,
+per-shard seqs, snapshots and layout, in embedded and in cluster mode. A sharded search answering as an
+unsharded one: tests/index/query/test_plan.py."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -12,14 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from filters import parse_filter
 from index.ann import IndexConfig
-from index.catalog import Catalog, LibraryInfo
-from index.errors import ImageNotFound, InvalidParameter, Unavailable
-from index.reader import LibraryReader, result_objects
-from index.scores import ScoreCalibration
-from index.shards import MAX_SHARDS, RANK_KEY, gather_shards, merge_results, shard_of, split_by_shard
-from index.storage import Storage, StorageSettings, open_storage
+from index.catalog import Catalog
+from index.errors import InvalidParameter
+from index.shards import MAX_SHARDS, shard_of, split_by_shard
+from index.storage import StorageSettings, open_storage
 from index.store import NewRecord
 from index.writer import LibraryWriter
 
@@ -27,7 +23,6 @@ MODEL = {"model": "m", "pretrained": "p", "identity": "m/p", "dim": 16}
 #: Snapshots after a few rows, so that shards answer from a snapshot plus a tail; flat throughout
 #: (hnsw_min_rows above the library), so every search is exact.
 CONFIG = IndexConfig(snapshot_min_rows=8, snapshot_max_tail_rows=8, hnsw_min_rows=100_000)
-N = 240
 
 
 # -- routing -------------------------------------------------------------------------------------
@@ -59,51 +54,6 @@ def test_routing_spreads_ids_and_groups_positions() -> None:
         shard_of("a", 0)
 
 
-# -- merge and fan-out ---------------------------------------------------------------------------
-
-
-def _hit(image_id: str, cosine: float, uri: str = "u") -> dict[str, Any]:
-    return {"image_id": image_id, "image_uri": uri, "score": max(cosine, 0.0), "tags": {}, RANK_KEY: cosine}
-
-
-def test_merge_ranks_by_cosine_and_breaks_ties_by_id_then_uri() -> None:
-    answers = [
-        [_hit("c", 0.9), _hit("x", -0.1)],
-        [_hit("b", 0.9, "u2"), _hit("b", 0.9, "u1"), _hit("y", -0.05)],
-        [],
-    ]
-    merged = merge_results(answers, 5)
-    assert [(r["image_id"], r["image_uri"]) for r in merged] == [
-        ("b", "u1"),
-        ("b", "u2"),
-        ("c", "u"),
-        ("y", "u"),  # both score 0; the cosine still ranks them
-        ("x", "u"),
-    ]
-    assert all(RANK_KEY not in r for r in merged)
-    assert len(merge_results(answers, 2)) == 2
-
-
-def test_a_shard_that_fails_fails_the_request_with_503() -> None:
-    async def ok(k: int) -> list[int]:
-        return [k]
-
-    async def broken() -> list[int]:
-        raise RuntimeError("replica lost its node")
-
-    assert asyncio.run(gather_shards([ok(0), ok(1)], library="lib")) == [[0], [1]]
-    with pytest.raises(Unavailable, match=r"library 'lib': shard 1 of 3 cannot answer") as err:
-        asyncio.run(gather_shards([ok(0), broken(), ok(2)], library="lib"))
-    assert err.value.http_status == 503
-
-    async def not_found() -> list[int]:
-        raise ImageNotFound("lib", "x")
-
-    # a service error of a shard is the request's answer (the same on every shard)
-    with pytest.raises(ImageNotFound):
-        asyncio.run(gather_shards([broken(), not_found()], library="lib"))
-
-
 # -- sharded library == unsharded library --------------------------------------------------------
 
 
@@ -121,108 +71,6 @@ def settings(request: Any, tmp_path: Path) -> StorageSettings:
 def _vectors(n: int, seed: int = 0) -> np.ndarray:
     v = np.random.default_rng(seed).standard_normal((n, 16)).astype(np.float32)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
-def _fill(writer: LibraryWriter, name: str, vecs: np.ndarray) -> None:
-    """The same history for every library: adds in batches (two uris for some ids), snapshots midway,
-    tag updates and deletes after it (so shards answer from snapshot + tail)."""
-    uid = writer.catalog.get(name).uid
-    for start in range(0, N, 40):
-        batch = [
-            NewRecord(f"img{j}", f"u{j}", vecs[j], tags={"n": j, "even": j % 2 == 0, "k": j % 7})
-            for j in range(start, start + 40)
-        ]
-        if start == 0:  # a second uri of a few ids: same id, so same shard
-            batch += [
-                NewRecord(f"img{j}", f"v{j}", vecs[N + j], tags={"n": j, "even": False}) for j in range(5)
-            ]
-        created = writer.add_images(name, uid, batch)
-        assert created == [True] * len(batch)
-        if start == 120:
-            writer.snapshot_all(name)
-    assert writer.add_images(name, uid, [NewRecord("img3", "u3", vecs[3], tags={"n": 3})]) == [False]
-    for j in range(0, N, 9):
-        assert writer.update_tags(name, uid, f"img{j}", None, {"n": j, "even": j % 3 == 0}) >= 1
-    for j in range(1, N, 11):
-        assert writer.delete_images(name, uid, f"img{j}", None) >= 1
-
-
-def _readers(storage: Storage, info: LibraryInfo) -> list[LibraryReader]:
-    return [
-        LibraryReader(data, model_identity="m/p", config=CONFIG, background_pickup=False)
-        for data in storage.shards(info)
-    ]
-
-
-def _search(
-    readers: list[LibraryReader], query: np.ndarray, k: int, node: object, query_kind: str
-) -> list[dict[str, Any]]:
-    """What LibraryIndex._search answers per shard, merged as the ingress merges."""
-    calibration = ScoreCalibration()
-    answers = []
-    for reader in readers:
-        hits = reader.search(query, k, node)
-        scores = calibration.for_query(query_kind, hits.cosines)
-        answers.append(
-            result_objects(reader, hits, scores, min_score=None, return_frame=False, with_rank=True)
-        )
-    return merge_results(answers, k)
-
-
-def test_a_sharded_library_answers_as_an_unsharded_one(settings: StorageSettings) -> None:
-    vecs = _vectors(N + 5)
-    writer = LibraryWriter(open_storage(settings), config=CONFIG)
-    writer.create_library("one", "general_search", None, MODEL)
-    described = writer.create_library("four", "general_search", None, MODEL, shards=4)
-    assert described["shards"] == 4 and described["image_count"] == 0
-    _fill(writer, "one", vecs)
-    _fill(writer, "four", vecs)
-
-    storage = open_storage(settings)  # "another replica": its own storage object
-    one, four = storage.catalog.get("one"), storage.catalog.get("four")
-    assert (one.shards, four.shards) == (1, 4)
-    flat, sharded = _readers(storage, one), _readers(storage, four)
-    assert sharded[0].snapshot is not None  # answered from a snapshot plus a tail
-    # each record is in its id's shard, and only there
-    for k, reader in enumerate(sharded):
-        ids = {r.image_id for r in reader.records(np.arange(1, 10_000)).values()}
-        assert ids and all(shard_of(i, 4) == k for i in ids)
-    assert sum(r.live_count for r in sharded) == flat[0].live_count
-
-    queries = _vectors(12, seed=1)
-    filters = [
-        None,
-        parse_filter({"field": "even", "op": "=", "value": True}),
-        parse_filter([{"field": "k", "op": "in", "value": [1, 3]}, {"field": "n", "op": "<", "value": 200}]),
-    ]
-    for node in filters:
-        for query_kind in ("image", "text"):
-            for k in (1, 10, 60):
-                for q in queries:
-                    expected = _search(flat, q, k, node, query_kind)
-                    got = _search(sharded, q, k, node, query_kind)
-                    assert [(r["image_id"], r["image_uri"]) for r in got] == [
-                        (r["image_id"], r["image_uri"]) for r in expected
-                    ]
-                    assert [r["score"] for r in got] == [r["score"] for r in expected]
-                    assert [r["tags"] for r in got] == [r["tags"] for r in expected]
-
-    # by id: the vector from the id's shard is the stored one
-    rec = sharded[shard_of("img4", 4)].get("img4", "u4")[0]
-    assert np.array_equal(sharded[shard_of("img4", 4)].vector_of(rec.row_id), vecs[4])
-    assert sharded[(shard_of("img4", 4) + 1) % 4].get("img4", None) == []
-
-    described = storage.describe(four, CONFIG)
-    assert described["image_count"] == storage.describe(one, CONFIG)["image_count"]
-    assert described["shards"] == 4 and [s["shard"] for s in described["index"]["shards"]] == [0, 1, 2, 3]
-    assert described["index"]["kind"] == "flat"
-    assert "shards" not in storage.describe(one, CONFIG)["index"]
-
-    for reader in flat + sharded:
-        reader.close()
-    writer.delete_library("four")
-    storage.close()
-    writer.close()
 
 
 def test_sharded_seqs_are_per_shard_and_snapshots_per_shard(settings: StorageSettings) -> None:

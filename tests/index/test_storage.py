@@ -12,7 +12,7 @@ import pytest
 
 from index.ann import IndexConfig
 from index.errors import LibraryNotFound
-from index.reader import LibraryReader
+from index.query.reader import LibraryReader
 from index.storage import ClusterStorage, EmbeddedStorage, StorageSettings, open_storage
 from index.store import NewRecord
 from index.writer import LibraryWriter

@@ -135,7 +135,7 @@ def test_the_vector_table_loads_and_catches_up_from_postgresql(two_writers, tmp_
     """The read path's table code takes a PgLibraryStore as it takes a LibraryStore (no snapshot yet:
     a full replay, then an incremental catch-up of new rows and a tombstone)."""
     from filters import parse_filter
-    from index.reader import load_table
+    from index.query.reader import load_table
 
     writer, reader_store = two_writers
     writer.upsert([rec(f"i{i}", tags={"n": i}) for i in range(6)])

@@ -8,7 +8,7 @@ import pytest
 from filters import parse_filter
 from index.ann import IndexConfig
 from index.errors import LibraryAlreadyExists, LibraryNotFound
-from index.reader import LibraryReader
+from index.query.reader import LibraryReader
 from index.snapshot import load_snapshot, snapshot_seq
 from index.store import NewRecord
 from index.writer import LibraryWriter
@@ -129,7 +129,7 @@ def test_library_limit(tmp_path):
 def test_commit_during_load_is_not_skipped(writer, monkeypatch):
     """A write committed while a table is being loaded must still reach the table (regression: the
     loader used to read last_seq after replaying, claiming a seq whose row it never saw)."""
-    from index import reader as reader_mod
+    from index.query import reader as reader_mod
     from index.store import LibraryStore
 
     info, d = make(writer)

@@ -25,7 +25,7 @@ import numpy as np
 
 from index.ann import DEFAULT_CONFIG, IndexConfig
 from index.backends import RecordStore
-from index.shards import RANK_KEY
+from index.query.merge import RANK_KEY
 from index.snapshot import LocalSnapshots, Snapshots
 from index.storage import LibraryData, local_library
 from index.store import StoredRecord
@@ -252,7 +252,7 @@ def result_objects(
 ) -> list[dict[str, object]]:
     """The API's result objects for ranked hits (records deleted since the search are skipped).
 
-    ``with_rank`` adds each hit's raw cosine under ``index.shards.RANK_KEY``: what the merge of a
+    ``with_rank`` adds each hit's raw cosine under ``index.query.merge.RANK_KEY``: what the merge of a
     sharded search ranks by (scores are clipped and rounded, so they tie where cosines do not)."""
     records = reader.records(hits.row_ids)
     out: list[dict[str, object]] = []

@@ -1,20 +1,24 @@
 """The ingress reads a library's catalog entry once per request: in cluster mode every read is a round
-trip to PostgreSQL (issue 13). Checked on the ingress class itself, without Ray: its handles and the
-encoder are stand-ins, the catalog counts its reads."""
+trip to PostgreSQL (issue 13). Checked on the routes and the replica's state (``deployments.routes``),
+without Ray: the handles and the encoder are stand-ins, the catalog counts its reads."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import numpy as np
 import pytest
 
 from deployments.config import AppArgs
-from deployments.ingress import Ingress
+from deployments.readiness import DeploymentStates
+from deployments.routes import images, operations, search
+from deployments.routes.replica import Replica
 from deployments.schemas import AddImage, SearchById, SearchByImage, SearchByText
+from deployments.searchers import IndexHandles
 from index.catalog import LibraryInfo
-from index.detect.modes import Embedded, ModePipeline
+from index.detect.modes import Embedded
 from index.errors import LibraryNotFound
 from index.model.spec import resolve_model_spec
 from tests.images import image_b64
@@ -65,26 +69,25 @@ class Handle:
         return Method(self.answer)
 
 
+async def _no_controller() -> dict[str, Any]:
+    return {"applications": {}}
+
+
 @pytest.fixture
-def ingress() -> Any:
-    args = AppArgs.model_validate({"model": "tiny-random"})
-
-    class Bare(Ingress.func_or_class):  # type: ignore[misc,name-defined]  # the class under Serve's decorator
-        def __del__(self) -> None:  # Serve's ASGI wrapper shuts its app down here; there is none
-            pass
-
-    obj = Bare.__new__(Bare)
-    obj.args = args
-    obj.limits = args.limits
-    obj.image_limits = args.image_limits()
-    obj.fetch_policy = args.fetch_policy()
-    obj.catalog = CountingCatalog()
-    obj._storage_described = args.storage_settings().describe()
-    obj.pipeline = ModePipeline(resolve_model_spec("tiny-random").preprocess, args.detection_config())
-    obj._model = {"identity": MODEL["identity"], "face_identity": None}
-    obj.index = Handle({"results": [], "replica": "r", "applied_seq": 0})
-    obj.dedicated = {}
-    obj.writer = Handle([True])
+def ingress(tmp_path: Any) -> Any:
+    """A replica's state built by its real constructor, with stand-in handles and encoder."""
+    args = AppArgs.model_validate({"model": "tiny-random", "storage_root": str(tmp_path)})
+    obj = Replica(
+        encoder=Handle(None),  # type: ignore[arg-type]
+        index=IndexHandles(Handle({"results": [], "replica": "r", "applied_seq": 0}), {}),  # type: ignore[arg-type]
+        writer=Handle([True]),  # type: ignore[arg-type]
+        importer=Handle(None),  # type: ignore[arg-type]
+        states=DeploymentStates("app", _no_controller),
+        args=args,
+        preprocess=resolve_model_spec("tiny-random").preprocess,
+    )
+    obj.catalog = CountingCatalog()  # type: ignore[assignment]
+    obj.model = {"identity": MODEL["identity"], "face_identity": None}
 
     async def embed(image: Any, mode: str, *, query: bool) -> Embedded:
         return Embedded(np.ones(8, np.float32) / np.sqrt(8), "whole", None, None)
@@ -92,9 +95,17 @@ def ingress() -> Any:
     async def encode_text(text: str) -> np.ndarray:
         return np.ones(8, np.float32) / np.sqrt(8)
 
-    obj._embed = embed
-    obj._encode_texts = encode_text
+    obj.embed = embed  # type: ignore[method-assign]
+    obj.encode_text = encode_text  # type: ignore[method-assign]
     return obj
+
+
+ROUTES: dict[str, Callable[[Any, Replica], Coroutine[Any, Any, Any]]] = {
+    "search_by_image": search.search_by_image,
+    "search_by_text": search.search_by_text,
+    "search_by_id": search.search_by_id,
+    "add_image": images.add_image,
+}
 
 
 @pytest.mark.parametrize(
@@ -107,7 +118,7 @@ def ingress() -> Any:
     ],
 )
 def test_one_catalog_read_per_request(ingress: Any, route: str, body: Any) -> None:
-    response = asyncio.run(getattr(ingress, route)(body))
+    response = asyncio.run(ROUTES[route](body, ingress))
     assert response.status_code == 200
     assert ingress.catalog.reads == 1
 
@@ -115,7 +126,7 @@ def test_one_catalog_read_per_request(ingress: Any, route: str, body: Any) -> No
 def test_a_missing_library_is_still_404_after_the_image_was_checked(ingress: Any) -> None:
     body = SearchByImage(library_name="nope", image_base64=image_b64(1))
     with pytest.raises(LibraryNotFound):
-        asyncio.run(ingress.search_by_image(body))
+        asyncio.run(search.search_by_image(body, ingress))
     assert ingress.catalog.reads == 1
 
 
@@ -151,9 +162,9 @@ def test_health_answers_503_at_once_when_the_database_and_the_encoder_are_down(i
         ingress.states = DeploymentStates("app", controller)
         await ingress.states.current()
         ingress.encoder = GuardedHandle(Handle(None), "Encoder", ingress.states, wait_s=30)
-        ingress._model = None
+        ingress.model = None
         ingress.catalog = DownCatalog()
-        return await ingress.health()
+        return await operations.health(ingress)
 
     started = time.monotonic()
     response = asyncio.run(probe())

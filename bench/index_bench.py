@@ -375,8 +375,9 @@ def resident_index_bytes(base: Any) -> int:
 
 class Fanout:
     """A library's shards searched as the service does: each shard's reader answers its top-k (catch-up,
-    planner, FAISS, records read from its store: ``LibraryIndex._search``), the answers are merged by
-    cosine with ``index.query.merge.merge_results`` (as the ingress does, also for a 1-shard library).
+    planner, FAISS, records read from its store: ``index.query.shard.search_reader``), the answers are
+    merged by cosine with ``index.query.merge.merge_results`` (as the ingress does, also for a 1-shard
+    library).
 
     The shards are searched one after another, in this one process; the service fans out concurrently
     to LibraryIndex replicas. ``critical_ms`` records, per query, the slowest shard plus the merge: the

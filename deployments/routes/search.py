@@ -12,10 +12,9 @@ from fastapi.responses import JSONResponse
 
 from deployments.config import Limits
 from deployments.http import envelope
-from deployments.routes.replica import PREFIX, Replica, ReplicaDep
+from deployments.routes.replica import PREFIX, ReplicaDep
 from deployments.schemas import SearchById, SearchByImage, SearchByText, SearchCommon
 from filters import FilterError, parse_filter
-from index.catalog import LibraryInfo
 from index.errors import InvalidParameter, ModeNotSupported
 from index.query import QueryVector, Result, SearchPlan, ShardRequest, run_plan
 
@@ -42,11 +41,6 @@ def shard_request(body: SearchCommon, limits: Limits) -> ShardRequest:
     )
 
 
-async def run(replica: Replica, info: LibraryInfo, plan: SearchPlan) -> list[Result]:
-    """``plan`` against the library's shards (503 when one of several cannot answer)."""
-    return await run_plan(plan, replica.index.searcher(info))
-
-
 @router.post("/search/by-image")
 async def search_by_image(body: SearchByImage, replica: ReplicaDep) -> JSONResponse:
     request = shard_request(body, replica.limits)
@@ -58,7 +52,8 @@ async def search_by_image(body: SearchByImage, replica: ReplicaDep) -> JSONRespo
     results: list[Result] = []
     if embedded.vector is not None:  # None: an item_search query in which no item was found
         query = QueryVector(embedded.vector, embedded.vector_kind, "image")
-        results = await run(replica, info, SearchPlan.with_vector(info.name, info.shards, query, request))
+        plan = SearchPlan.with_vector(info.name, info.shards, query, request)
+        results = await run_plan(plan, replica.index.searcher(info))
     data: dict[str, Any] = {"results": results}
     if info.mode != "general_search":  # documented extension: what the query was embedded as
         data["query_kind"] = embedded.vector_kind
@@ -79,8 +74,8 @@ async def search_by_text(body: SearchByText, replica: ReplicaDep) -> JSONRespons
             f"Image library {info.name!r} is in {info.mode} mode and does not support text-to-image search."
         )
     query = QueryVector(await replica.encode_text(body.query_text), "whole", "text")
-    results = await run(replica, info, SearchPlan.with_vector(info.name, info.shards, query, request))
-    return envelope({"results": results})
+    plan = SearchPlan.with_vector(info.name, info.shards, query, request)
+    return envelope({"results": await run_plan(plan, replica.index.searcher(info))})
 
 
 @router.post("/search/by-id")
@@ -89,4 +84,4 @@ async def search_by_id(body: SearchById, replica: ReplicaDep) -> JSONResponse:
     info = await replica.library(body.library_name)
     # The vector from the id's shard, then every shard searches with it (one call for a 1-shard library).
     plan = SearchPlan.by_id(info.name, info.shards, body.image_id, body.image_uri, request)
-    return envelope({"results": await run(replica, info, plan)})
+    return envelope({"results": await run_plan(plan, replica.index.searcher(info))})

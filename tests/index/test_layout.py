@@ -40,3 +40,13 @@ def test_ingest_exports_load_on_first_use() -> None:
     assert set(index.ingest.__all__) <= set(dir(index.ingest)) | set(index.ingest._EXPORTS)
     with pytest.raises(AttributeError):
         index.ingest.no_such_name  # noqa: B018
+
+
+def test_the_query_layer_imports_without_ray() -> None:
+    """index.query is plain Python: the ingress adapts Serve handles to it, not the other way round."""
+    edge = "('ray', 'fastapi', 'deployments')"
+    code = f"import sys, index.query; print(sorted(m for m in {edge} if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]"

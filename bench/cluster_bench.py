@@ -1,5 +1,5 @@
 """Cluster mode against embedded mode, side by side in one run: the same library written and searched
-through the real storage layer (``index.storage``), with PostgreSQL and an object store started here.
+through the real storage layer (``index.storage.backends``), with PostgreSQL and an object store started here.
 
     python bench/cluster_bench.py --n 100000 --out cluster.json
     python bench/cluster_bench.py --n 100000 --cold-n 1000000 --object-store s3 --out cluster.json
@@ -47,10 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from index_bench import MODEL, Data
 
 from filters import parse_filter
-from index.ann import IndexConfig
 from index.reader import LibraryReader
-from index.storage import Storage, StorageSettings, open_storage
-from index.store import NewRecord
+from index.search.ann import IndexConfig
+from index.storage.backends import Storage, StorageSettings, open_storage
+from index.storage.embedded.store import NewRecord
 from index.writer import LibraryWriter
 from tests.pg_server import PgServer, find_bindir
 

@@ -30,7 +30,7 @@ What it does, in order (every phase is timed and logged):
 
 ``--shards S`` (S > 1), for each index kind of ``--kinds`` (``auto``, ``flat``, ``hnsw``, ``ivfpq``):
 the same rows written through ``LibraryWriter`` twice, as a 1-shard and as an S-shard library (records
-routed by ``index.shards.shard_of``), snapshots built per shard (``snapshot_all``), one
+routed by ``index.search.sharding.shard_of``), snapshots built per shard (``snapshot_all``), one
 ``LibraryReader`` per shard; each case searched on both, side by side, the way the service answers:
 every shard's top-k as result objects (records read from its store) merged by cosine with
 ``index.shards.merge_results`` (a 1-shard library goes through the same path). The fan-out is
@@ -72,12 +72,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from filters import parse_filter
-from index.ann import IndexConfig
 from index.reader import LibraryReader, result_objects
-from index.scores import ScoreCalibration
+from index.search.ann import IndexConfig
+from index.search.scores import ScoreCalibration
 from index.shards import merge_results
-from index.snapshot import read_manifest
-from index.store import LibraryStore, NewRecord
+from index.storage.embedded.snapshot import read_manifest
+from index.storage.embedded.store import LibraryStore, NewRecord
 from index.writer import LibraryWriter
 
 log = logging.getLogger("index_bench")

@@ -9,7 +9,8 @@
 
 ``serve run deployments.app:build_app model=tiny-random storage_root=./data`` (offline demo) or
 ``serve run serve_config.yaml`` / ``serve deploy serve_config.yaml`` (production: real weights), or
-``serve deploy serve_config.cluster.yaml`` (cluster mode: PostgreSQL + object store, ``index.storage``).
+``serve deploy serve_config.cluster.yaml`` (cluster mode: PostgreSQL + object store,
+``index.storage.backends``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from deployments.library_index import LibraryIndex
 from deployments.writer import Writer
 from index.detect.faces import cascade_path
 from index.model.spec import resolve_model_spec
-from index.scores import ScoreCalibration
-from index.storage import open_storage
+from index.search.scores import ScoreCalibration
+from index.storage.backends import open_storage
 
 logger = logging.getLogger("ray.serve")
 

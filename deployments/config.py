@@ -17,14 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, field_validato
 
 from deployments.schemas import LibraryName
 from filters import FilterLimits, TagLimits
-from index.ann import IndexConfig
 from index.detect.faces import FaceConfig
 from index.detect.modes import DetectionConfig, ItemDetectorConfig
 from index.ingest.fetch import DEFAULT_OBJECT_STORE_PROTOCOLS, FetchPolicy
 from index.ingest.importer import ImportSettings
 from index.model.imaging import ImageLimits
-from index.shards import MAX_SHARDS
-from index.storage import StorageSettings
+from index.search.ann import IndexConfig
+from index.search.sharding import MAX_SHARDS
+from index.storage.backends import StorageSettings
 
 #: The pretrained tag used when ``pretrained`` is not given, for the models we document.
 DEFAULT_PRETRAINED = {
@@ -97,7 +97,7 @@ class Limits(BaseModel):
         return upper
 
     def storage_settings(self) -> StorageSettings:
-        """Where the data lives (``index.storage.open_storage`` opens it in each replica)."""
+        """Where the data lives (``index.storage.backends.open_storage`` opens it in each replica)."""
         return StorageSettings(**{name: getattr(self, name) for name in StorageSettings.model_fields})
 
     def image_limits(self) -> ImageLimits:
@@ -209,7 +209,8 @@ class AppArgs(BaseModel):
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     seed: int = Field(0, description="seed of random-weight models (identical across replicas)")
-    # Storage (index.storage): embedded under storage_root, or cluster mode (PostgreSQL + object store).
+    # Storage (index.storage.backends): embedded under storage_root, or cluster mode (PostgreSQL + object
+    # store).
     storage_root: str = _STORAGE["storage_root"]
     database_url: str | None = _STORAGE["database_url"]
     database_password_file: str | None = _STORAGE["database_password_file"]
@@ -295,7 +296,7 @@ class AppArgs(BaseModel):
         return frozenset(keys)
 
     def storage_settings(self) -> StorageSettings:
-        """Where the data lives (``index.storage.open_storage`` opens it in each replica)."""
+        """Where the data lives (``index.storage.backends.open_storage`` opens it in each replica)."""
         return StorageSettings(**{name: getattr(self, name) for name in StorageSettings.model_fields})
 
     def image_limits(self) -> ImageLimits:

@@ -17,8 +17,8 @@ from deployments.config import AppArgs
 from deployments.http import unwrap
 from index.ingest.importer import ImportRunner
 from index.model.spec import PreprocessSpec
-from index.storage import open_storage
-from index.store import NewRecord
+from index.storage.backends import open_storage
+from index.storage.embedded.store import NewRecord
 
 logger = logging.getLogger("ray.serve")
 

@@ -52,7 +52,6 @@ from deployments.schemas import (
     UpdateTags,
 )
 from filters import FilterError, TagError, parse_filter, validate_tags
-from index.catalog import LibraryInfo, check_served_model
 from index.detect.modes import Embedded, ModePipeline
 from index.errors import (
     ImageNotFound,
@@ -66,9 +65,11 @@ from index.errors import (
 from index.ingest.fetch import ConnectionPools, FetchError, FetchRefused, check_source, check_uri, fetch_bytes
 from index.model.imaging import ImageDecodeError, ImageTooLarge, decode_base64, decode_image
 from index.model.spec import PreprocessSpec
-from index.shards import gather_shards, merge_results, shard_of
-from index.storage import open_storage
-from index.store import NewRecord
+from index.search.sharding import shard_of
+from index.shards import gather_shards, merge_results
+from index.storage.backends import open_storage
+from index.storage.embedded.catalog import LibraryInfo, check_served_model
+from index.storage.embedded.store import NewRecord
 
 logger = logging.getLogger("ray.serve")
 

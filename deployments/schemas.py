@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from index.catalog import MAX_DESCRIPTION_LENGTH
-from index.shards import MAX_SHARDS
+from index.search.sharding import MAX_SHARDS
+from index.storage.embedded.catalog import MAX_DESCRIPTION_LENGTH
 
 
 def LibraryName() -> Any:

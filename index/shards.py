@@ -1,9 +1,5 @@
-"""Sharded libraries: which shard holds an image id, and how the answers of every shard become one.
-
-A library of S shards keeps each record in shard ``shard_of(image_id, S)``: a stable hash of the id's
-UTF-8 bytes (BLAKE2b, 8 bytes, big-endian, mod S), never Python's ``hash`` (salted per process), so the
-mapping is the same in every process, on every node and after every restart; all uris of an id land in
-the same shard, so a get, an update or a delete touches one shard only.
+"""Sharded libraries: how the answers of every shard become one. Which shard holds an image id is
+index/search/sharding.py.
 
 A search goes to every shard with the same query, filter, ``top_k``, ``min_score`` and ``recall_target``;
 each answers its own top-k, and :func:`merge_results` keeps the best ``top_k`` of their union, ranked by
@@ -19,45 +15,18 @@ a partial answer would silently miss records.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 from index.errors import ServiceError, Unavailable
 
 logger = logging.getLogger(__name__)
 
-#: The most shards any library may have (``shards`` of ``POST /library/create``); a deployment may
-#: allow fewer (``limits.max_shards``).
-MAX_SHARDS = 64
-
 T = TypeVar("T")
 
 #: The key of a shard's result object that carries the hit's cosine (removed by :func:`merge_results`).
 RANK_KEY = "cosine"
-
-
-def shard_of(image_id: str, shards: int) -> int:
-    """The shard (0..shards-1) that holds every record of ``image_id``.
-
-    Raises:
-        ValueError: ``shards`` is not a positive integer.
-    """
-    if shards < 1:
-        raise ValueError(f"shards must be at least 1, got {shards}")
-    if shards == 1:
-        return 0
-    digest = hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % shards
-
-
-def split_by_shard(image_ids: Iterable[str], shards: int) -> dict[int, list[int]]:
-    """Positions of ``image_ids`` grouped by shard (positions ascending within each shard)."""
-    out: dict[int, list[int]] = {}
-    for i, image_id in enumerate(image_ids):
-        out.setdefault(shard_of(image_id, shards), []).append(i)
-    return out
 
 
 def result_order(result: dict[str, Any]) -> tuple[float, str, str]:

@@ -24,15 +24,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from index.ann import DEFAULT_CONFIG, IndexConfig, choose_kind
-from index.backends import RecordStore
-from index.catalog import LibraryInfo
 from index.errors import LibraryNotFound
 from index.reader import load_table
-from index.shards import shard_of, split_by_shard
-from index.snapshot import Manifest, Snapshots
-from index.storage import ClusterStorage, LibraryData, Storage, StorageSettings, open_storage
-from index.store import NewRecord
+from index.search.ann import DEFAULT_CONFIG, IndexConfig, choose_kind
+from index.search.sharding import shard_of, split_by_shard
+from index.storage.backends import ClusterStorage, LibraryData, Storage, StorageSettings, open_storage
+from index.storage.embedded.catalog import LibraryInfo
+from index.storage.embedded.snapshot import Manifest, Snapshots
+from index.storage.embedded.store import NewRecord
+from index.storage.interfaces import RecordStore
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class LibraryWriter:
     """Mutations of libraries. Thread-safe; each library's store serialises its own transactions.
 
     Args:
-        storage: where the data lives (``index.storage``), or an embedded storage root.
+        storage: where the data lives (``index.storage.backends``), or an embedded storage root.
         max_libraries: the most libraries this deployment holds (when ``storage`` is a root).
         config: index kinds, thresholds and the snapshot policy (``snapshot_*`` fields).
     """
@@ -62,7 +62,7 @@ class LibraryWriter:
             storage.collect_orphans()
         self.config = config
         #: (name, shard) -> (uid, the shard's data, its write store): one of each per shard, so that the
-        #: snapshot pointer an object store caches (index.objsnap) serves every write.
+        #: snapshot pointer an object store caches (index.storage.cluster.objsnap) serves every write.
         self._stores: dict[tuple[str, int], tuple[str, LibraryData, RecordStore]] = {}
         self._lock = threading.Lock()
         self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")

@@ -21,7 +21,6 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from filters import TagLimits
-from index.backends import LibraryCatalog, TaskStorage
 from index.errors import InvalidParameter, LibraryNotFound, Overloaded
 from index.ingest.fetch import (
     ConnectionPools,
@@ -32,14 +31,6 @@ from index.ingest.fetch import (
     open_source,
 )
 from index.ingest.lines import LineReader, parse_line
-from index.ingest.tasks import (
-    FAILED,
-    PARTIALLY_SUCCEEDED,
-    SUCCEEDED,
-    LineError,
-    LostOwnership,
-    Task,
-)
 from index.model.imaging import (
     ImageDecodeError,
     ImageLimits,
@@ -48,7 +39,16 @@ from index.model.imaging import (
     prepare_for_model,
 )
 from index.model.spec import PreprocessSpec
-from index.store import NewRecord
+from index.storage.embedded.store import NewRecord
+from index.storage.interfaces import LibraryCatalog, TaskStorage
+from index.storage.tasks import (
+    FAILED,
+    PARTIALLY_SUCCEEDED,
+    SUCCEEDED,
+    LineError,
+    LostOwnership,
+    Task,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import IO, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from filters import TagError, TagLimits, validate_tags
-from index.ingest.tasks import LineError
 from index.model.imaging import decode_base64
+from index.storage.tasks import LineError
 
 
 class ImportLine(BaseModel):

@@ -94,7 +94,7 @@ class IndexConfig:
     snapshot_fraction: float = Field(0.1, ge=0.0)
     snapshot_max_tail_rows: int = Field(10_000, ge=1)
     #: Recall@10 searches aim for (per request: ``recall_target``). The writer measures recall on the
-    #: library's own vectors when it builds a snapshot (`index.calibration`) and records the settings
+    #: library's own vectors when it builds a snapshot (`index.search.calibration`) and records the settings
     #: that reach each target; 1.0 means exact search. See README "Recall target".
     recall_target: float = Field(0.95, ge=0.5, le=1.0)
     #: Held-out library vectors used as calibration queries (0: no calibration, the defaults above).

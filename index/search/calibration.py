@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from index.ann import EXACT, EXACT_ROW_COST, AnnBase, IndexConfig, Plan
+from index.search.ann import EXACT, EXACT_ROW_COST, AnnBase, IndexConfig, Plan
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ UNFILTERED_FROM = 0.9
 
 @dataclass(frozen=True)
 class Step:
-    method: str  # "hnsw" or "ivf" (`index.ann.Plan`)
+    method: str  # "hnsw" or "ivf" (`index.search.ann.Plan`)
     value: int  # efSearch, or passing candidates scored
     recall: float  # measured recall@10
 

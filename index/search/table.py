@@ -5,7 +5,7 @@ A *slot* is a position in the table; a *row id* is the record's key in SQLite. A
 update kills the record's old slot and appends a new one, a delete kills the slot: every search ANDs
 the live bitmap in, so FAISS indexes never need ``remove_ids`` (HNSW has none).
 
-Slots ``[0, base_count)`` are the *base*: an index of some kind (`index.ann`) loaded from a snapshot or
+Slots ``[0, base_count)`` are the *base*: an index of some kind (`index.search.ann`) loaded from a snapshot or
 built by the writer. Slots from ``base_count`` on are the *tail*: rows applied since that snapshot, kept
 as plain float32 vectors and always searched exactly. The tail is what gives read-your-writes without
 touching the base: a reader appends new rows to it in microseconds, and the writer's next snapshot folds
@@ -19,7 +19,7 @@ The query planner (`VectorTable.search`, DESIGN.md "Filtered search"):
 2. m = 0: no results. m <= ``max(exact_max_candidates, exact_max_fraction * slots)``: exact search over
    just those rows (their vectors are gathered in chunks).
 3. Otherwise the plan (`VectorTable.plan`): the cheapest setting the base's calibration measured to
-   reach the recall target at this selectivity (`index.calibration`; the config's fixed efforts when
+   reach the recall target at this selectivity (`index.search.calibration`; the config's fixed efforts when
    the base was not calibrated). No setting reaches it, a target of 1.0, or fewer passing rows than
    the plan's expected work (`AnnBase.cost`, ``exact_by_cost``): exact search over the passing rows.
 4. Else the base index searches with an ``IDSelectorBitmap`` of the passing base slots (none when
@@ -41,9 +41,9 @@ import faiss
 import numpy as np
 
 from filters import TagColumns, evaluate
-from index.ann import DEFAULT_CONFIG, EXACT, EXACT_ROW_COST, AnnBase, IndexConfig, Plan, build_base
-from index.calibration import Calibration, calibrate, holdout, sample
-from index.store import VECTOR_KINDS, Change
+from index.search.ann import DEFAULT_CONFIG, EXACT, EXACT_ROW_COST, AnnBase, IndexConfig, Plan, build_base
+from index.search.calibration import Calibration, calibrate, holdout, sample
+from index.search.changes import VECTOR_KINDS, Change
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,8 @@ class VectorTable:
         self.applied_seq = 0
         self._kinds_seen: set[int] = set()
         self._dead_in_base = 0
-        #: Recall ladders measured on this base (`index.calibration`); None: the config's fixed efforts.
+        #: Recall ladders measured on this base (`index.search.calibration`); None: the config's fixed
+        #: efforts.
         self.calibration: Calibration | None = None
 
     # -- building --------------------------------------------------------------------------------
@@ -273,7 +274,7 @@ class VectorTable:
 
         This is compaction and the change of index kind in one: dead slots are dropped and the index
         is built over the live vectors. This table is left unchanged. An approximate base is
-        calibrated (`index.calibration`) with ``calibration_queries`` live rows held out of the index
+        calibrated (`index.search.calibration`) with ``calibration_queries`` live rows held out of the index
         while it is measured; they are added right after, as its last slots.
         """
         keep = np.flatnonzero(self.live)

@@ -2,11 +2,13 @@
 catalog, a library's records and snapshots, and the import tasks.
 
 - **Embedded** (``storage_root``, the default): SQLite databases and files under one directory of one
-  machine (``index.catalog.Catalog``, ``index.store.LibraryStore``, ``index.snapshot.LocalSnapshots``).
+  machine (``index.storage.embedded.catalog.Catalog``, ``index.storage.embedded.store.LibraryStore``,
+  ``index.storage.embedded.snapshot.LocalSnapshots``).
 - **Cluster** (``database_url`` + ``object_store_url``): PostgreSQL holds the catalog, the records and
-  the tasks (``index.pg``); an object store holds snapshots and stored frames (``index.blobs``,
-  ``index.objsnap``); each replica copies the snapshots it loads into its node's ``cache_dir``. No
-  process reads a path another node writes, so any replica can restart on any node.
+  the tasks (``index.storage.cluster.pg``); an object store holds snapshots and stored frames
+  (``index.storage.cluster.blobs``, ``index.storage.cluster.objsnap``); each replica copies the snapshots it
+  loads into its node's ``cache_dir``. No process reads a path another node writes, so any replica can restart
+  on any node.
 
 Every replica opens its own ``Storage`` from the same ``StorageSettings`` (they travel with the
 deployment's arguments); nothing here is shared between processes but the database and the bucket.
@@ -24,15 +26,15 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from index.ann import DEFAULT_CONFIG, IndexConfig
-from index.backends import LibraryCatalog, RecordStore, TaskStorage
-from index.calibration import Calibration
-from index.catalog import Catalog, LibraryInfo, library_object, shard_dirs
-from index.snapshot import LocalSnapshots, Snapshots
-from index.store import LibraryStore
+from index.search.ann import DEFAULT_CONFIG, IndexConfig
+from index.search.calibration import Calibration
+from index.storage.embedded.catalog import Catalog, LibraryInfo, library_object, shard_dirs
+from index.storage.embedded.snapshot import LocalSnapshots, Snapshots
+from index.storage.embedded.store import LibraryStore
+from index.storage.interfaces import LibraryCatalog, RecordStore, TaskStorage
 
 if TYPE_CHECKING:  # imported on use at run time: embedded mode needs neither fsspec backends nor psycopg
-    from index.blobs import BlobStore
+    from index.storage.cluster.blobs import BlobStore
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ class StorageSettings(BaseModel):
         """What /health reports: the mode and where the data lives, without credentials."""
         if not self.cluster:
             return {"mode": "embedded", "storage_root": self.storage_root}
-        from index.pg.db import redact_url
+        from index.storage.cluster.pg.db import redact_url
 
         assert self.database_url is not None and self.object_store_url is not None
         return {
@@ -206,7 +208,7 @@ class EmbeddedStorage(Storage):
         return local_library(path, None if info.shards == 1 else f"{info.name}/shard-{shard}")
 
     def task_store(self, *, max_errors: int) -> TaskStorage:
-        from index.ingest.tasks import TaskStore
+        from index.storage.embedded.tasks import TaskStore
 
         return TaskStore(self.root, max_errors=max_errors)
 
@@ -214,13 +216,13 @@ class EmbeddedStorage(Storage):
 class ClusterStorage(Storage):
     """PostgreSQL (catalog, records, tasks) + an object store (snapshots, frames) + a node-local cache.
 
-    Opening it checks both ends (``BlobStore.check``, ``index.pg.connect``): a replica with a wrong
-    password or a missing bucket fails at once with the reason, instead of serving errors later.
+    Opening it checks both ends (``BlobStore.check``, ``index.storage.cluster.pg.connect``): a replica with a
+    wrong password or a missing bucket fails at once with the reason, instead of serving errors later.
     """
 
     def __init__(self, settings: StorageSettings, *, max_libraries: int = 1000) -> None:
-        from index.blobs import BlobStore
-        from index.pg import PgCatalog, connect, read_password
+        from index.storage.cluster.blobs import BlobStore
+        from index.storage.cluster.pg import PgCatalog, connect, read_password
 
         assert settings.database_url is not None and settings.object_store_url is not None
         self.settings = settings
@@ -239,13 +241,13 @@ class ClusterStorage(Storage):
         self.cache_dir = Path(settings.cache_dir or os.path.join(tempfile.gettempdir(), "image-search-cache"))
 
     def _library_blobs(self, uid: str) -> BlobStore:
-        from index.blobs import library_blobs
+        from index.storage.cluster.blobs import library_blobs
 
         return library_blobs(self.blobs, uid)
 
     def library(self, info: LibraryInfo, shard: int = 0) -> LibraryData:
-        from index.objsnap import ObjectSnapshots
-        from index.pg import PgLibraryStore
+        from index.storage.cluster.objsnap import ObjectSnapshots
+        from index.storage.cluster.pg import PgLibraryStore
 
         _check_shard(info, shard)
         # PgLibraryStore keeps its frames under frames/ of these blobs, the snapshots are snapshots/:
@@ -267,7 +269,7 @@ class ClusterStorage(Storage):
         )
 
     def task_store(self, *, max_errors: int) -> TaskStorage:
-        from index.pg import PgTaskStore
+        from index.storage.cluster.pg import PgTaskStore
 
         return PgTaskStore(self.db, max_errors=max_errors)
 
@@ -304,8 +306,9 @@ def open_storage(settings: StorageSettings, *, max_libraries: int = 1000) -> Sto
     """The storage the settings describe (``ClusterStorage`` when ``database_url`` is set).
 
     Raises:
-        index.pg.DatabaseUnavailable, index.blobs.StorageUnavailable, index.schema.SchemaTooNew,
-        ValueError: cluster storage that cannot be used, with the reason (credentials never shown).
+        index.storage.cluster.pg.DatabaseUnavailable, index.storage.cluster.blobs.StorageUnavailable,
+        index.storage.schema.SchemaTooNew, ValueError: cluster storage that cannot be used, with the reason
+        (credentials never shown).
     """
     if settings.cluster:
         return ClusterStorage(settings, max_libraries=max_libraries)

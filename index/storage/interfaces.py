@@ -1,11 +1,11 @@
 """The interfaces both storage backends implement, so that callers can take either.
 
-SQLite (``index.catalog.Catalog``, ``index.store.LibraryStore``, ``index.ingest.tasks.TaskStore``):
-one machine, files under the storage root. PostgreSQL (``index.pg``: ``PgCatalog``, ``PgLibraryStore``,
+SQLite (``index.storage.embedded``: ``Catalog``, ``LibraryStore``, ``TaskStore``): one machine, files
+under the storage root. PostgreSQL (``index.storage.cluster.pg``: ``PgCatalog``, ``PgLibraryStore``,
 ``PgTaskStore``): one database for a cluster. The rules they share: every mutation of a library stamps
 the rows it touches with the library's next sequence number, gap-free in commit order; deletes leave
 tombstones carrying their seq; ``changes_since(seq)`` streams rows in seq order from one consistent
-state; schemas carry a version (``index.schema``).
+state; schemas carry a version (``index.storage.schema``).
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from index.catalog import LibraryInfo
-from index.ingest.tasks import LineError, Task
-from index.store import Change, NewRecord, StoredRecord
+from index.search.changes import Change
+from index.storage.embedded.catalog import LibraryInfo
+from index.storage.embedded.store import NewRecord, StoredRecord
+from index.storage.tasks import LineError, Task
 
 
 @runtime_checkable

@@ -34,14 +34,15 @@ from typing import Any, cast
 
 from tqdm import tqdm
 
-from index.blobs import StorageUnavailable
-from index.catalog import Catalog, LibraryInfo, shard_dirs
 from index.errors import ServiceError
-from index.pg import DatabaseUnavailable, PgCatalog
-from index.pg.copy import TargetRow, rows_by_key, set_timestamps
-from index.schema import SchemaTooNew
-from index.storage import ClusterStorage, StorageSettings
-from index.store import Change, LibraryStore, NewRecord, StoredRecord
+from index.search.changes import Change
+from index.storage.backends import ClusterStorage, StorageSettings
+from index.storage.cluster.blobs import StorageUnavailable
+from index.storage.cluster.pg import DatabaseUnavailable, PgCatalog
+from index.storage.cluster.pg.copy import TargetRow, rows_by_key, set_timestamps
+from index.storage.embedded.catalog import Catalog, LibraryInfo, shard_dirs
+from index.storage.embedded.store import LibraryStore, NewRecord, StoredRecord
+from index.storage.schema import SchemaTooNew
 
 logger = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 Each store carries the version of its schema: a SQLite database in ``PRAGMA user_version`` (0, the
 default, is the schema from before versions existed), a PostgreSQL database in its ``schema_version``
-table (see ``index/pg/db.py``), the catalog's directory layout in ``<root>/catalog.json``. Every
-migration step also records which release of the service applied it (the ``schema_history`` table of a
+table (see ``index/storage/cluster/pg/db.py``), the catalog's directory layout in ``<root>/catalog.json``.
+Every migration step also records which release of the service applied it (the ``schema_history`` table of a
 SQLite database, the ``service`` column of ``schema_version``), so that an older release refusing a
 newer store can say which release it needs.
 
@@ -37,7 +37,7 @@ class SchemaTooNew(RuntimeError):
     """A store was written by a newer release of the service; this one must not touch it.
 
     Args:
-        what: the store and where it is (never a password: see ``index.pg.db.redact_url``).
+        what: the store and where it is (never a password: see ``index.storage.cluster.pg.db.redact_url``).
         found: the store's schema version.
         supported: the newest version this release knows.
         written_by: the release that migrated the store to ``found``, when the store says.

@@ -13,10 +13,10 @@ import pytest
 from deployments.config import AppArgs
 from deployments.ingress import Ingress
 from deployments.schemas import AddImage, SearchById, SearchByImage, SearchByText
-from index.catalog import LibraryInfo
 from index.detect.modes import Embedded, ModePipeline
 from index.errors import LibraryNotFound
 from index.model.spec import resolve_model_spec
+from index.storage.embedded.catalog import LibraryInfo
 from tests.images import image_b64
 
 MODEL = {"identity": "tiny-random/random-seed-0", "face_identity": None}

@@ -1,4 +1,4 @@
-"""Sharded libraries without Ray: routing by image id, a writer that routes by shard, per-shard readers,
+"""Sharded libraries without Ray: a writer that routes by shard, per-shard readers,
 and the ingress's merge (``index.shards``) giving exactly the answer of one unsharded library holding the
 same records, in embedded and in cluster mode."""
 
@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 
 from filters import parse_filter
-from index.ann import IndexConfig
-from index.catalog import Catalog, LibraryInfo
 from index.errors import ImageNotFound, InvalidParameter, Unavailable
 from index.reader import LibraryReader, result_objects
-from index.scores import ScoreCalibration
-from index.shards import MAX_SHARDS, RANK_KEY, gather_shards, merge_results, shard_of, split_by_shard
-from index.storage import Storage, StorageSettings, open_storage
-from index.store import NewRecord
+from index.search.ann import IndexConfig
+from index.search.scores import ScoreCalibration
+from index.search.sharding import MAX_SHARDS, shard_of
+from index.shards import RANK_KEY, gather_shards, merge_results
+from index.storage.backends import Storage, StorageSettings, open_storage
+from index.storage.embedded.catalog import Catalog, LibraryInfo
+from index.storage.embedded.store import NewRecord
 from index.writer import LibraryWriter
 
 MODEL = {"model": "m", "pretrained": "p", "identity": "m/p", "dim": 16}
@@ -28,35 +29,6 @@ MODEL = {"model": "m", "pretrained": "p", "identity": "m/p", "dim": 16}
 #: (hnsw_min_rows above the library), so every search is exact.
 CONFIG = IndexConfig(snapshot_min_rows=8, snapshot_max_tail_rows=8, hnsw_min_rows=100_000)
 N = 240
-
-
-# -- routing -------------------------------------------------------------------------------------
-
-
-def test_routing_is_a_fixed_function_of_the_id() -> None:
-    """The mapping must never change (records written by one release are looked up by the next): these
-    values were computed once and are kept literally."""
-    ids = ["a", "b", "img-0001", "img-0002", "photo/42.jpg", "ünïcødé", ""]
-    assert [shard_of(i, 4) for i in ids] == EXPECTED_4
-    assert [shard_of(i, 3) for i in ids] == EXPECTED_3
-    assert [shard_of(i, 1) for i in ids] == [0] * len(ids)
-    assert shard_of("img-0001", 64) == EXPECTED_64
-
-
-EXPECTED_4 = [3, 1, 3, 3, 2, 1, 0]
-EXPECTED_3 = [2, 2, 0, 0, 1, 2, 0]
-EXPECTED_64 = 55
-
-
-def test_routing_spreads_ids_and_groups_positions() -> None:
-    ids = [f"id{i}" for i in range(4000)]
-    counts = np.bincount([shard_of(i, 4) for i in ids], minlength=4)
-    assert counts.min() > 900  # about 1,000 each
-    groups = split_by_shard(ids[:50], 4)
-    assert sorted(p for positions in groups.values() for p in positions) == list(range(50))
-    assert all(shard_of(ids[p], 4) == k for k, positions in groups.items() for p in positions)
-    with pytest.raises(ValueError, match="shards must be at least 1"):
-        shard_of("a", 0)
 
 
 # -- merge and fan-out ---------------------------------------------------------------------------

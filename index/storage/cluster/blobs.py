@@ -7,9 +7,9 @@ for tests.
 
 Atomicity: a PUT on an object store replaces an object whole, and ``file://`` writes go to a temporary
 name in the same directory, are fsynced and then renamed, so a reader sees either the old object or the
-new one, never a part. The layouts built on this (`index.objsnap`, `index.pg.store`) never overwrite a
-published object except small pointers (a snapshot directory's ``CURRENT``); everything else is written
-once under a new name.
+new one, never a part. The layouts built on this (`index.storage.cluster.objsnap`,
+`index.storage.cluster.pg.store`) never overwrite a published object except small pointers (a snapshot
+directory's ``CURRENT``); everything else is written once under a new name.
 
 Listings are not cached (``use_listings_cache=False`` unless the caller says otherwise): another node's
 writes must be visible at once. On S3, bounded timeouts and retries are set unless the caller gives

@@ -1,10 +1,10 @@
 """Snapshots on an object store (cluster mode), copied into a node-local cache before being mapped.
 
-Layout under one library's snapshot prefix (a :class:`~index.blobs.BlobStore`)::
+Layout under one library's snapshot prefix (a :class:`~index.storage.cluster.blobs.BlobStore`)::
 
     CURRENT                       the current snapshot's name (the only object ever overwritten)
     <name>/STARTED                {"started_at": t}: written first, dates an upload that never finished
-    <name>/index.faiss, ...       the files of `index.snapshot.write_snapshot_files`
+    <name>/index.faiss, ...       the files of `index.storage.embedded.snapshot.write_snapshot_files`
     <name>/manifest.json          written last: a snapshot without it is incomplete and never loaded
 
 Names are ``<applied_seq:012d>-<8 hex>`` as in embedded mode. Publishing is: every file, then the
@@ -13,8 +13,8 @@ manifest, then ``CURRENT``; a writer that dies midway leaves an unreferenced, in
 Loading copies the current snapshot into ``cache_dir/<name>/`` (downloaded into a temporary directory,
 then renamed: a crashed or concurrent download never leaves a partial directory under the final name;
 several replicas on one node share ``cache_dir`` and reuse each other's copies), then memory-maps the
-copy as `index.snapshot.LocalSnapshots` does. Memory-mapping a file on the object store itself, or on a
-shared filesystem, is what DESIGN.md rules out.
+copy as `index.storage.embedded.snapshot.LocalSnapshots` does. Memory-mapping a file on the object store
+itself, or on a shared filesystem, is what DESIGN.md rules out.
 
 Garbage collection runs after each publish. A snapshot is deleted when it is not among the newest
 ``KEEP`` (by applied seq, then write time), is not the one ``CURRENT`` names, and the snapshot after it
@@ -36,9 +36,10 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from index.ann import DEFAULT_CONFIG, IndexConfig
-from index.blobs import BlobStore
-from index.snapshot import (
+from index.search.ann import DEFAULT_CONFIG, IndexConfig
+from index.search.table import VectorTable
+from index.storage.cluster.blobs import BlobStore
+from index.storage.embedded.snapshot import (
     KEEP,
     MANIFEST,
     Manifest,
@@ -51,7 +52,6 @@ from index.snapshot import (
     usable,
     write_snapshot_files,
 )
-from index.table import VectorTable
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ _TMP = ".tmp-"  # cache_dir entries being written or downloaded
 
 
 class ObjectSnapshots:
-    """One library's snapshots on an object store; implements `index.snapshot.Snapshots`.
+    """One library's snapshots on an object store; implements `index.storage.embedded.snapshot.Snapshots`.
 
     Args:
         blobs: rooted at the library's snapshot prefix (e.g. ``.../libraries/<uid>/snapshots``).

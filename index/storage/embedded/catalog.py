@@ -2,11 +2,11 @@
 
 Layout::
 
-    <root>/catalog.json                      the layout's schema version (see index/schema.py)
+    <root>/catalog.json                      the layout's schema version (see index/storage/schema.py)
     <root>/libraries/<name>/library.json     immutable after create (written before the rename)
-    <root>/libraries/<name>/records.sqlite   source of truth (see index/store.py)
+    <root>/libraries/<name>/records.sqlite   source of truth (see store.py here)
     <root>/libraries/<name>/frames/          stored original image bytes, content-addressed
-    <root>/libraries/<name>/snapshots/       rebuildable FAISS/tag cache (see index/snapshot.py)
+    <root>/libraries/<name>/snapshots/       rebuildable FAISS/tag cache (see snapshot.py here)
     <root>/libraries/<name>/shards/<k>/      a sharded library (shards > 1): records.sqlite, frames/
                                              and snapshots/ of shard k, instead of the three above
 
@@ -28,9 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from index.ann import CONFIGURED_KINDS
 from index.clock import iso_time
-from index.durable import fsync_dir
 from index.errors import (
     InvalidParameter,
     LibraryAlreadyExists,
@@ -38,9 +36,11 @@ from index.errors import (
     LibraryNotFound,
     ModelMismatch,
 )
-from index.schema import SERVICE_VERSION, check_not_newer
-from index.shards import MAX_SHARDS
-from index.store import LibraryStore
+from index.search.ann import CONFIGURED_KINDS
+from index.search.sharding import MAX_SHARDS
+from index.storage.embedded.durable import fsync_dir
+from index.storage.embedded.store import LibraryStore
+from index.storage.schema import SERVICE_VERSION, check_not_newer
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A snapshot is a directory ``snapshots/<applied_seq>-<uid>/`` holding, as of ``applied_seq``:
 
-- ``index.faiss``: the base index of the table's kind (`index.ann`), the raw vectors included for
+- ``index.faiss``: the base index of the table's kind (`index.search.ann`), the raw vectors included for
   ``flat``/``hnsw`` (in FAISS's flat storage), plus ``vectors.npy`` for ``ivfpq`` (raw vectors for the
   refine and for exact search);
 - ``row_ids.npy``, ``kinds.npy``, ``live.npy``: per slot; dead slots stay (HNSW cannot remove a vector)
@@ -10,7 +10,7 @@ A snapshot is a directory ``snapshots/<applied_seq>-<uid>/`` holding, as of ``ap
 - ``tags.pkl``: the pickled `TagColumns`, i.e. its numpy arrays and string dictionaries as they are in
   memory: loading them rebuilds nothing (1M rows load in a fraction of a second, against seconds for
   re-parsing the tags);
-- ``manifest.json``, written last; it also records the index's recall calibration (`index.calibration`:
+- ``manifest.json``, written last; it also records the index's recall calibration (`index.search.calibration`:
   the search settings measured to reach each recall target on this library's own vectors).
 
 The file ``snapshots/CURRENT`` names the newest complete snapshot and is replaced atomically (temp name,
@@ -37,10 +37,10 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from index.ann import BASES, DEFAULT_CONFIG, IndexConfig
-from index.calibration import Calibration
-from index.durable import fsync_dir
-from index.table import VectorTable
+from index.search.ann import BASES, DEFAULT_CONFIG, IndexConfig
+from index.search.calibration import Calibration
+from index.search.table import VectorTable
+from index.storage.embedded.durable import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -62,18 +62,18 @@ class Manifest:
     count: int  # slots, live and dead
     live: int = 0
     index_bytes: int = 0  # resident bytes of the index structure (reporting)
-    #: Recall ladders measured on this index (`index.calibration.Calibration.to_dict`); None: none.
+    #: Recall ladders measured on this index (`index.search.calibration.Calibration.to_dict`); None: none.
     calibration: dict | None = None
     #: When the snapshot was written (Unix time; 0: before it was recorded). Object stores collect a
-    #: snapshot a grace period after the next one was written (`index.objsnap`).
+    #: snapshot a grace period after the next one was written (`index.storage.cluster.objsnap`).
     written_at: float = 0.0
 
 
 @runtime_checkable
 class Snapshots(Protocol):
     """Where one library's snapshots live: ``LocalSnapshots`` (a directory of the storage root, the
-    embedded mode) or ``index.objsnap.ObjectSnapshots`` (an object store, copied into a node-local cache
-    before being memory-mapped: cluster mode). The reader and the writer only use this."""
+    embedded mode) or ``index.storage.cluster.objsnap.ObjectSnapshots`` (an object store, copied into a
+    node-local cache before being memory-mapped: cluster mode). The reader and the writer only use this."""
 
     @property
     def label(self) -> str:

@@ -9,8 +9,8 @@ Frames (original image bytes) are content-addressed files under ``frames/``, wri
 the row that names them commits; a frame no live row names any more is unlinked after the commit. A
 crash between those two steps leaves an unreferenced file, never a row without its frame.
 
-The schema carries its version in ``PRAGMA user_version`` (``SCHEMA``; the rule is in index/schema.py):
-every open migrates an older database and refuses a newer one.
+The schema carries its version in ``PRAGMA user_version`` (``SCHEMA``; the rule is in
+index/storage/schema.py): every open migrates an older database and refuses a newer one.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from index.durable import fsync_dir
-from index.schema import SQLITE_HISTORY, SqliteSchema, open_sqlite_schema
+from index.search.changes import VECTOR_KINDS, Change
+from index.storage.embedded.durable import fsync_dir
+from index.storage.schema import SQLITE_HISTORY, SqliteSchema, open_sqlite_schema
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ DB_NAME = "records.sqlite"
 FRAMES_DIR = "frames"
 #: Threads writing (and fsyncing) the frames of one multi-record upsert.
 FRAME_WRITERS = 8
-VECTOR_KINDS = ("whole", "item", "face")
 
 #: Version 1 is the schema from before versions existed (0) plus the migration history.
 SCHEMA = SqliteSchema(
@@ -98,18 +98,6 @@ class StoredRecord:
     extra: dict[str, Any] | None
     created_at: float
     updated_at: float
-
-
-@dataclass(frozen=True)
-class Change:
-    """A row as the change feed sends it to readers; ``vector`` is None for tombstones."""
-
-    row_id: int
-    seq: int
-    deleted: bool
-    vector: np.ndarray | None
-    vector_kind: str
-    tags: dict[str, Any]
 
 
 class LibraryStore:

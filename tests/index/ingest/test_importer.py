@@ -14,14 +14,14 @@ import pydantic
 import pytest
 
 from filters import TagLimits
-from index.catalog import Catalog
 from index.errors import InvalidParameter, LibraryNotFound, Overloaded, TaskNotFound
 from index.ingest.fetch import FetchPolicy
 from index.ingest.importer import ImportRunner, ImportSettings
 from index.ingest.lines import LineReader, parse_line
-from index.ingest.tasks import TaskStore
 from index.model.imaging import ImageLimits
-from index.store import LibraryStore
+from index.storage.embedded.catalog import Catalog
+from index.storage.embedded.store import LibraryStore
+from index.storage.embedded.tasks import TaskStore
 from index.writer import LibraryWriter
 from tests.images import image_b64
 from tests.loopback import closed_port_url, loopback_server

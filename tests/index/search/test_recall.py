@@ -14,12 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from filters import parse_filter
-from index.ann import HnswBase, IndexConfig, Plan, _ivf_search, _IvfLists
-from index.calibration import Bucket, Calibration, Step, calibrate
 from index.reader import LibraryReader
-from index.snapshot import read_manifest
-from index.store import Change, NewRecord
-from index.table import VectorTable
+from index.search.ann import HnswBase, IndexConfig, Plan, _ivf_search, _IvfLists
+from index.search.calibration import Bucket, Calibration, Step, calibrate
+from index.search.changes import Change
+from index.search.table import VectorTable
+from index.storage.embedded.snapshot import read_manifest
+from index.storage.embedded.store import NewRecord
 from index.writer import LibraryWriter
 
 DIM = 16

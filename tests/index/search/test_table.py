@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from filters import TagError, parse_filter
-from index.ann import IndexConfig
-from index.store import Change
-from index.table import VectorTable
+from index.search.ann import IndexConfig
+from index.search.changes import Change
+from index.search.table import VectorTable
 
 DIM = 16
 N = 3000
@@ -281,7 +281,7 @@ def test_empty_and_k_larger_than_candidates():
 
 def test_absorbing_into_a_memory_mapped_base_is_refused(tmp_path, data):
     """FAISS aborts the process when a memory-mapped index grows: the table refuses first."""
-    from index.ann import FlatBase
+    from index.search.ann import FlatBase
 
     x, tags, _ = data
     t = table_of(x[:100], tags[:100], "flat", DEFAULT)
@@ -296,7 +296,7 @@ def test_absorbing_into_a_memory_mapped_base_is_refused(tmp_path, data):
 
 
 def test_hnsw_effort_rises_as_selectivity_falls():
-    from index.ann import HnswBase
+    from index.search.ann import HnswBase
 
     ef = HnswBase.ef_for
     config = IndexConfig(hnsw_ef_search=64, hnsw_ef_search_max=768)

@@ -1,4 +1,4 @@
-"""index.storage end to end, without Ray: a writer and a reader that share nothing but the storage
+"""index.storage.backends end to end, without Ray: a writer and a reader that share nothing but the storage
 settings (as two replicas on two nodes do), in embedded mode and in cluster mode (PostgreSQL + an object
 store, file:// and S3)."""
 
@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from index.ann import IndexConfig
 from index.errors import LibraryNotFound
 from index.reader import LibraryReader
-from index.storage import ClusterStorage, EmbeddedStorage, StorageSettings, open_storage
-from index.store import NewRecord
+from index.search.ann import IndexConfig
+from index.storage.backends import ClusterStorage, EmbeddedStorage, StorageSettings, open_storage
+from index.storage.embedded.store import NewRecord
 from index.writer import LibraryWriter
 
 MODEL = {"model": "m", "pretrained": "p", "identity": "m/p", "dim": 16}
@@ -156,7 +156,7 @@ def test_prune_keeps_a_young_temporary_snapshot_and_removes_an_abandoned_one(tmp
     import os
     import time
 
-    from index.snapshot import ABANDONED_TMP_S, _prune
+    from index.storage.embedded.snapshot import ABANDONED_TMP_S, _prune
 
     root = tmp_path / "snapshots"
     young, old = root / ".tmp-000000000002-aaaa", root / ".tmp-000000000001-bbbb"

@@ -1,5 +1,5 @@
-"""index.migrate: an embedded store copied into cluster storage (the real PostgreSQL fixture and an object
-store: a file:// directory, and S3 on a moto server) holds the same libraries and records, field for
+"""index.storage.migrate: an embedded store copied into cluster storage (the real PostgreSQL fixture and an
+object store: a file:// directory, and S3 on a moto server) holds the same libraries and records, field for
 field and vector bit for bit; re-running writes nothing; an interrupted run is finished by the next."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from index import migrate as migrate_module
-from index.catalog import Catalog, LibraryInfo
-from index.migrate import MigrationRefused, main, migrate
-from index.storage import ClusterStorage, StorageSettings
-from index.store import LibraryStore, NewRecord
+from index.storage.backends import ClusterStorage, StorageSettings
+from index.storage.embedded.catalog import Catalog, LibraryInfo
+from index.storage.embedded.store import LibraryStore, NewRecord
+from index.storage.migrate import MigrationRefused, main, migrate
 
 DIM = 8
 MODEL = {"model": "tiny-random", "pretrained": "random", "model_identity": "tiny-random/random", "dim": DIM}
@@ -293,8 +293,8 @@ def test_library_info_is_kept_whole(source: Path, settings: StorageSettings) -> 
 
 
 def test_a_sharded_library_is_copied_shard_by_shard(tmp_path: Path, settings: StorageSettings) -> None:
-    from index.catalog import shard_dirs
-    from index.shards import shard_of
+    from index.search.sharding import shard_of
+    from index.storage.embedded.catalog import shard_dirs
     from index.writer import LibraryWriter
 
     root = tmp_path / "sharded"

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from index import store as store_module
-from index.catalog import CATALOG_FILE, LAYOUT_VERSION, Catalog
-from index.ingest import tasks as tasks_module
-from index.ingest.tasks import TaskStore
-from index.schema import SERVICE_VERSION, SchemaTooNew, SqliteSchema, open_sqlite_schema
-from index.store import LibraryStore, NewRecord
+from index.storage.embedded import tasks as tasks_module
+from index.storage.embedded.catalog import CATALOG_FILE, LAYOUT_VERSION, Catalog
+from index.storage.embedded.store import LibraryStore, NewRecord
+from index.storage.embedded.tasks import TaskStore
+from index.storage.schema import SERVICE_VERSION, SchemaTooNew, SqliteSchema, open_sqlite_schema
 
 # The schemas exactly as they were before versions existed (version 0): no schema_history table.
 V0_STORE = """

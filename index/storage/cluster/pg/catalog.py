@@ -1,12 +1,13 @@
 """The library catalog in PostgreSQL: the ``libraries`` table, one row per library.
 
-The same interface as ``index.catalog.Catalog`` (``index.backends.LibraryCatalog``). A library's row
-holds its descriptor (``info``, what ``library.json`` holds on disk), its dim and its ``last_seq``, the
-row that every write to the library's shard 0 locks (``index/pg/store.py``); shards 1..S-1 of a sharded
-library lock their rows of ``library_shards``. Create and delete are single
-transactions, so there is no staging or trash to clean up; deleting the row deletes the library's
-records with it (``ON DELETE CASCADE``); its blobs on the object store (frames, snapshots) are the
-caller's to delete once that has committed (:meth:`PgCatalog.delete_library` returns the uid).
+The same interface as ``index.storage.embedded.catalog.Catalog``
+(``index.storage.interfaces.LibraryCatalog``). A library's row holds its descriptor (``info``, what
+``library.json`` holds on disk), its dim and its ``last_seq``, the row that every write to the library's shard
+0 locks (``index/storage/cluster/pg/store.py``); shards 1..S-1 of a sharded library lock their rows of
+``library_shards``. Create and delete are single transactions, so there is no staging or trash to clean up;
+deleting the row deletes the library's records with it (``ON DELETE CASCADE``); its blobs on the object store
+(frames, snapshots) are the caller's to delete once that has committed (:meth:`PgCatalog.delete_library`
+returns the uid).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import logging
 
 import psycopg
 
-from index.catalog import CatalogBase, LibraryInfo, check_library_name, descriptor
 from index.errors import LibraryAlreadyExists, LibraryLimitReached, LibraryNotFound
-from index.pg.db import CATALOG_LOCK, Database
+from index.storage.cluster.pg.db import CATALOG_LOCK, Database
+from index.storage.embedded.catalog import CatalogBase, LibraryInfo, check_library_name, descriptor
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class PgCatalog(CatalogBase):
     """Creates, lists, describes and deletes libraries in one PostgreSQL database.
 
     Args:
-        db: the pool (``index.pg.db.connect``); the catalog does not own it.
+        db: the pool (``index.storage.cluster.pg.db.connect``); the catalog does not own it.
         max_libraries: the most libraries this deployment holds.
     """
 
@@ -50,7 +51,7 @@ class PgCatalog(CatalogBase):
                     (info.uid, info.name, json.dumps(descriptor(info)), info.dim),
                 )
                 # The lock row of each shard past the first (shard 0 locks the library's row, as every
-                # library did before shards existed: index/pg/store.py).
+                # library did before shards existed: index/storage/cluster/pg/store.py).
                 conn.execute(
                     "INSERT INTO library_shards (library_uid, shard) SELECT %s, generate_series(1, %s)",
                     (info.uid, info.shards - 1),
@@ -60,7 +61,7 @@ class PgCatalog(CatalogBase):
 
     def add_existing(self, info: LibraryInfo) -> None:
         """Add a library that already exists elsewhere, keeping its descriptor as it is (uid,
-        created_at, model, index kind): what ``index.migrate`` copies from an embedded store.
+        created_at, model, index kind): what ``index.storage.migrate`` copies from an embedded store.
 
         Raises:
             LibraryAlreadyExists: a library of that name (or with that uid) exists here.
@@ -94,8 +95,8 @@ class PgCatalog(CatalogBase):
 
     def delete_library(self, name: str) -> str:
         """Delete a library with every record and return its uid, whose blobs the caller then deletes
-        (``index.blobs.library_blobs(root, uid).delete_prefix("")``): the uid of the row this deleted,
-        not of a library looked up before, which may have been replaced meanwhile.
+        (``index.storage.cluster.blobs.library_blobs(root, uid).delete_prefix("")``): the uid of the row this
+        deleted, not of a library looked up before, which may have been replaced meanwhile.
 
         Raises:
             LibraryNotFound: no library has that name.

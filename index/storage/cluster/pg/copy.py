@@ -1,11 +1,13 @@
-"""What copying libraries into PostgreSQL (``index.migrate``) needs beyond the record store's interface.
+"""What copying libraries into PostgreSQL (``index.storage.migrate``) needs beyond the record store's
+interface.
 
 A copy must be resumable and a finished copy re-run must write nothing, so before writing a batch the
 copier reads what the target already holds for the batch's keys, all at once (:func:`rows_by_key`;
 ``PgLibraryStore.get`` would cost one round trip per record). And a copied record keeps the times it
 was created and last changed in its first store: ``PgLibraryStore.upsert`` stamps "now", so the copier
 sets the original times afterwards (:func:`set_timestamps`). The times are not part of the change feed
-(``index.store.Change``), so setting them takes no sequence number and readers have nothing to replay.
+(``index.search.changes.Change``), so setting them takes no sequence number and readers have nothing
+to replay.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from index.errors import LibraryNotFound
-from index.pg.db import Database
+from index.storage.cluster.pg.db import Database
 
 #: (image_id, image_uri): what identifies a record in its library.
 Key = tuple[str, str]

@@ -1,5 +1,5 @@
 """The PostgreSQL connection pool and schema: one database holds the catalog, every library's records
-and the import tasks (frames and snapshots are blobs on the object store: `index.blobs`).
+and the import tasks (frames and snapshots are blobs on the object store: `index.storage.cluster.blobs`).
 
 :func:`connect` checks the server first with one plain connection, so a bad configuration fails at
 start with the server's own reason (refused, unknown host, wrong password, missing database) within
@@ -28,7 +28,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from index.errors import Unavailable
-from index.schema import SERVICE_VERSION, check_not_newer
+from index.storage.schema import SERVICE_VERSION, check_not_newer
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,8 @@ CREATE TABLE runners (
     heartbeat_at DOUBLE PRECISION NOT NULL
 );
 """,
-    # 2: frames moved to the object store (index.pg.store); no deployment ever stored one in the table
+    # 2: frames moved to the object store (index.storage.cluster.pg.store); no deployment ever stored one in
+    # the table
     """
 DROP TABLE frames;
 """,

@@ -1,4 +1,5 @@
-"""The records of one library in PostgreSQL: the same interface as ``index.store.LibraryStore``.
+"""The records of one library in PostgreSQL: the same interface as
+``index.storage.embedded.store.LibraryStore``.
 
 Sequence numbers are per shard (``index.shards``; a 1-shard library has only shard 0). Every mutation
 runs in one transaction that first locks the shard's row (shard 0: the library's row in ``libraries``, as
@@ -16,8 +17,8 @@ it stamps commit together, a reader that saw ``last_seq = n`` finds every row up
 Deletes leave tombstones (``deleted = true``, no vector, a new seq), as in SQLite.
 
 Frames (stored original images) are objects ``frames/<sha256>`` of the shard's
-:class:`~index.blobs.BlobStore` (content-addressed, per shard: ``libraries/<uid>/`` for a 1-shard
-library, ``libraries/<uid>/shards/<k>/`` otherwise, so that only one shard's records can name a frame
+:class:`~index.storage.cluster.blobs.BlobStore` (content-addressed, per shard: ``libraries/<uid>/`` for a
+1-shard library, ``libraries/<uid>/shards/<k>/`` otherwise, so that only one shard's records can name a frame
 object and the shard's row lock alone orders them with the records):
 
 - an upsert uploads its frames *inside* its transaction, after taking the lock and before the records
@@ -29,7 +30,7 @@ object and the shard's row lock alone orders them with the records):
   between the two leaves unreferenced objects, never a record without its frame.
 
 Deleting a library deletes its row (and records) in PostgreSQL; its blobs are the caller's to delete
-afterwards (``library_blobs(root, uid).delete_prefix("")``, `index.blobs`).
+afterwards (``library_blobs(root, uid).delete_prefix("")``, `index.storage.cluster.blobs`).
 """
 
 from __future__ import annotations
@@ -44,12 +45,12 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from index.blobs import BlobStore
 from index.errors import LibraryNotFound
-from index.pg.db import Database
-from index.store import (
+from index.search.changes import Change
+from index.storage.cluster.blobs import BlobStore
+from index.storage.cluster.pg.db import Database
+from index.storage.embedded.store import (
     CHANGE_COLS,
-    Change,
     NewRecord,
     StoredRecord,
     dump_json,
@@ -57,7 +58,7 @@ from index.store import (
     vector_blobs,
     vector_from_blob,
 )
-from index.store import change_from_row as _change
+from index.storage.embedded.store import change_from_row as _change
 
 FRAMES_PREFIX = "frames"
 _FRAME_NAME = re.compile(r"^[0-9a-f]{64}$")
@@ -75,7 +76,7 @@ class PgLibraryStore:
         uid: the library's uid (``LibraryInfo.uid``): a library deleted and created again is another one.
         shard: the shard (0 for a 1-shard library).
         readonly: refuse every write (what readers open).
-        frames: the shard's blobs (``index.storage.ClusterStorage.library``); frames are
+        frames: the shard's blobs (``index.storage.backends.ClusterStorage.library``); frames are
             ``frames/<sha256>`` in it.
 
     Raises:

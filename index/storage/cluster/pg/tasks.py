@@ -1,4 +1,4 @@
-"""Import tasks in PostgreSQL: the same interface and semantics as ``index.ingest.tasks.TaskStore``.
+"""Import tasks in PostgreSQL: the same interface and semantics as ``index.storage.embedded.tasks.TaskStore``.
 
 Where the SQLite store relies on its one-writer lock (``BEGIN IMMEDIATE``), this one locks rows: every
 owner check reads the task's row ``FOR UPDATE``, so a take-over (``claim``, which updates those rows)
@@ -17,7 +17,8 @@ from typing import Any
 import psycopg
 
 from index.errors import TaskNotFound
-from index.ingest.tasks import (
+from index.storage.cluster.pg.db import CLAIM_LOCK, Database
+from index.storage.tasks import (
     PENDING,
     RUNNING,
     TASK_COLS,
@@ -29,7 +30,6 @@ from index.ingest.tasks import (
     task_from_row,
     task_object,
 )
-from index.pg.db import CLAIM_LOCK, Database
 
 _HEARTBEAT = (
     "INSERT INTO runners (owner, heartbeat_at) VALUES (%s, %s)"

@@ -1,4 +1,5 @@
-"""index.blobs: one BlobStore API over file:// and S3 (moto), and clear errors when a store is unusable."""
+"""index.storage.cluster.blobs: one BlobStore API over file:// and S3 (moto), and clear errors when a store is
+unusable."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from index.blobs import S3_CONFIG, BlobStore, StorageUnavailable, library_blobs
+from index.storage.cluster.blobs import S3_CONFIG, BlobStore, StorageUnavailable, library_blobs
 
 
 def test_objects_round_trip(blob_root, tmp_path):

@@ -1,5 +1,6 @@
-"""index.objsnap: snapshots on an object store (file:// and S3 through moto) load into a node-local cache
-and search exactly as embedded-mode snapshots do; publication order, pointer, shared cache and GC."""
+"""index.storage.cluster.objsnap: snapshots on an object store (file:// and S3 through moto) load into a
+node-local cache and search exactly as embedded-mode snapshots do; publication order, pointer, shared cache
+and GC."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import json
 import numpy as np
 import pytest
 
-import index.objsnap as objsnap
-from index.objsnap import ObjectSnapshots
-from index.snapshot import LocalSnapshots, Snapshots, parse_manifest
-from index.store import Change
-from index.table import VectorTable
+import index.storage.cluster.objsnap as objsnap
+from index.search.changes import Change
+from index.search.table import VectorTable
+from index.storage.cluster.objsnap import ObjectSnapshots
+from index.storage.embedded.snapshot import LocalSnapshots, Snapshots, parse_manifest
 
 DIM = 8
 MODEL = "m/p"

@@ -17,8 +17,8 @@ from index.writer import LibraryWriter
 WRITER = textwrap.dedent(
     """
     import sys, numpy as np
-    from index.store import NewRecord
-    from index.ann import IndexConfig
+    from index.storage.embedded.store import NewRecord
+    from index.search.ann import IndexConfig
     from index.writer import LibraryWriter
     w = LibraryWriter(sys.argv[1], config=IndexConfig(snapshot_min_rows=50, snapshot_fraction=0.0))
     info = w.catalog.get("lib")

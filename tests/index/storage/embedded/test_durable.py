@@ -1,4 +1,4 @@
-"""index.durable: the directory fsync that makes renames and new files durable."""
+"""index.storage.embedded.durable: the directory fsync that makes renames and new files durable."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from index.durable import fsync_dir
+from index.storage.embedded.durable import fsync_dir
 
 
 def test_fsync_dir_flushes_the_directory_and_closes_it(

@@ -1,11 +1,12 @@
-"""index.pg.catalog: creates racing from two pools (two Writers) keep names unique and the limit true."""
+"""index.storage.cluster.pg.catalog: creates racing from two pools (two Writers) keep names unique and the
+limit true."""
 
 from __future__ import annotations
 
 import threading
 
 from index.errors import LibraryAlreadyExists, LibraryLimitReached
-from index.pg import PgCatalog, connect
+from index.storage.cluster.pg import PgCatalog, connect
 
 
 def race(catalogs: list[PgCatalog], names: list[str]) -> list[str]:

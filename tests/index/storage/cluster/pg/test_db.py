@@ -1,5 +1,5 @@
-"""index.pg.db: clear errors at start (unreachable, wrong password, missing database, newer schema),
-migrations, and URLs that never show their password."""
+"""index.storage.cluster.pg.db: clear errors at start (unreachable, wrong password, missing database, newer
+schema), migrations, and URLs that never show their password."""
 
 from __future__ import annotations
 
@@ -9,8 +9,15 @@ import threading
 import psycopg
 import pytest
 
-from index.pg.db import STEPS, DatabaseUnavailable, connect, migrate, read_password, redact_url
-from index.schema import SERVICE_VERSION, SchemaTooNew
+from index.storage.cluster.pg.db import (
+    STEPS,
+    DatabaseUnavailable,
+    connect,
+    migrate,
+    read_password,
+    redact_url,
+)
+from index.storage.schema import SERVICE_VERSION, SchemaTooNew
 from tests.pg_server import free_port
 
 
@@ -145,7 +152,8 @@ def test_migration_applies_the_missing_steps_in_one_transaction(pg_url) -> None:
 
 
 def test_version_2_drops_the_frames_table(pg_url) -> None:
-    """Frames moved to the object store (index.pg.store): a version-1 database loses its table."""
+    """Frames moved to the object store (index.storage.cluster.pg.store): a version-1 database loses its
+    table."""
     tables = "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
     with psycopg.connect(pg_url) as conn:
         assert migrate(conn, "db", STEPS[:1]) == 0
@@ -161,9 +169,9 @@ def test_version_3_adds_shards_and_keeps_existing_libraries_as_they_were(pg_url,
     lock row are untouched, and it reads and writes as before."""
     import numpy as np
 
-    from index.blobs import BlobStore, library_blobs
-    from index.pg import PgLibraryStore
-    from index.store import NewRecord
+    from index.storage.cluster.blobs import BlobStore, library_blobs
+    from index.storage.cluster.pg import PgLibraryStore
+    from index.storage.embedded.store import NewRecord
 
     with psycopg.connect(pg_url) as conn:
         migrate(conn, "db", STEPS[:2])

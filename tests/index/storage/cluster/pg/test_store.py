@@ -1,4 +1,5 @@
-"""index.pg.store: seqs stay gap-free in commit order with two writers alive, readers see one state.
+"""index.storage.cluster.pg.store: seqs stay gap-free in commit order with two writers alive, readers see one
+state.
 
 Each writer has its own pool (its own connections), as two Writer replicas would during a failover.
 """
@@ -12,10 +13,10 @@ from contextlib import nullcontext
 import numpy as np
 import pytest
 
-from index.blobs import BlobStore, library_blobs
 from index.errors import LibraryNotFound
-from index.pg import PgCatalog, PgLibraryStore, connect
-from index.store import NewRecord
+from index.storage.cluster.blobs import BlobStore, library_blobs
+from index.storage.cluster.pg import PgCatalog, PgLibraryStore, connect
+from index.storage.embedded.store import NewRecord
 
 DIM = 8
 

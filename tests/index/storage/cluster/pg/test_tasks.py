@@ -1,4 +1,5 @@
-"""index.pg.tasks: a take-over waits for a chunk commit in flight, and the loser stops at its next one."""
+"""index.storage.cluster.pg.tasks: a take-over waits for a chunk commit in flight, and the loser stops at its
+next one."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import threading
 
 import pytest
 
-from index.ingest.tasks import LineError, LostOwnership
-from index.pg import PgTaskStore, connect
-from index.pg.tasks import _check_owner
+from index.storage.cluster.pg import PgTaskStore, connect
+from index.storage.cluster.pg.tasks import _check_owner
+from index.storage.tasks import LineError, LostOwnership
 
 
 def test_a_claim_waits_for_the_chunk_commit_in_flight(pg_url) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index.backends import RecordStore
-from index.store import NewRecord
+from index.storage.embedded.store import NewRecord
+from index.storage.interfaces import RecordStore
 
 DIM = 8
 

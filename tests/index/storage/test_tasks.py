@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from index.backends import TaskStorage
 from index.errors import TaskNotFound
-from index.ingest.tasks import FAILED, PENDING, RUNNING, SUCCEEDED, LineError, LostOwnership
+from index.storage.interfaces import TaskStorage
+from index.storage.tasks import FAILED, PENDING, RUNNING, SUCCEEDED, LineError, LostOwnership
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_finished_tasks_cannot_be_committed_to(store):
 
 def test_prune_deletes_only_finished_tasks_that_finished_before_the_cutoff(store, monkeypatch):
     clock = [1_000.0]
-    monkeypatch.setattr("index.ingest.tasks.time.time", lambda: clock[0])
+    monkeypatch.setattr("index.storage.embedded.tasks.time.time", lambda: clock[0])
     old_done, old_failed, old_running = new(store), new(store), new(store)
     store.start(old_done.task_id, "A")
     store.commit_chunk(old_done.task_id, "A", lines_done=2, succeeded=1, errors=[LineError(2, "bad")])

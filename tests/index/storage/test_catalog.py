@@ -7,8 +7,6 @@ import json
 
 import pytest
 
-from index.backends import LibraryCatalog
-from index.catalog import Catalog, check_served_model, library_object
 from index.errors import (
     InvalidParameter,
     LibraryAlreadyExists,
@@ -16,6 +14,8 @@ from index.errors import (
     LibraryNotFound,
     ModelMismatch,
 )
+from index.storage.embedded.catalog import Catalog, check_served_model, library_object
+from index.storage.interfaces import LibraryCatalog
 
 SERVED = {"identity": "tiny-random/random-seed-0", "face_identity": None}
 
@@ -113,7 +113,7 @@ def test_create_list_delete_and_the_rules_of_create(backend) -> None:
 def test_counts_live_records_and_delete_takes_them_along(backend) -> None:
     import numpy as np
 
-    from index.store import NewRecord
+    from index.storage.embedded.store import NewRecord
 
     catalog = backend.catalog()
     info = create(catalog, "lib", "general_search")
@@ -122,7 +122,7 @@ def test_counts_live_records_and_delete_takes_them_along(backend) -> None:
         store.upsert([NewRecord("a", "u", vec, frame=b"jpeg"), NewRecord("b", "u", vec)])
         store.delete("b", None)
     with backend.store(info) as store:
-        assert store.count() == 1  # what the library object reports (index.storage.describe_library)
+        assert store.count() == 1  # what the library object reports (index.storage.backends.describe_library)
     catalog.delete("lib")
     fresh = create(catalog, "lib", "general_search")
     with backend.store(fresh) as store:

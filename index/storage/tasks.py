@@ -17,6 +17,7 @@ SUCCEEDED, PARTIALLY_SUCCEEDED, FAILED = "SUCCEEDED", "PARTIALLY_SUCCEEDED", "FA
 UNFINISHED = (PENDING, RUNNING)
 STATES = (PENDING, RUNNING, SUCCEEDED, PARTIALLY_SUCCEEDED, FAILED)
 
+
 class LostOwnership(RuntimeError):
     """Another runner took the task over; this runner must stop working on it."""
 

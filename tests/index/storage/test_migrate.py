@@ -12,7 +12,7 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 
-from index import migrate as migrate_module
+from index.storage import migrate as migrate_module
 from index.storage.backends import ClusterStorage, StorageSettings
 from index.storage.embedded.catalog import Catalog, LibraryInfo
 from index.storage.embedded.store import LibraryStore, NewRecord

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index import store as store_module
+from index.storage.embedded import store as store_module
 from index.storage.embedded import tasks as tasks_module
 from index.storage.embedded.catalog import CATALOG_FILE, LAYOUT_VERSION, Catalog
 from index.storage.embedded.store import LibraryStore, NewRecord

@@ -1,5 +1,5 @@
 """Cluster mode against embedded mode, side by side in one run: the same library written and searched
-through the real storage layer (``index.storage.backends``), with PostgreSQL and an object store started here.
+through the real storage layer (``index.storage``), with PostgreSQL and an object store started here.
 
     python bench/cluster_bench.py --n 100000 --out cluster.json
     python bench/cluster_bench.py --n 100000 --cold-n 1000000 --object-store s3 --out cluster.json

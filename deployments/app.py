@@ -9,8 +9,7 @@
 
 ``serve run deployments.app:build_app model=tiny-random storage_root=./data`` (offline demo) or
 ``serve run serve_config.yaml`` / ``serve deploy serve_config.yaml`` (production: real weights), or
-``serve deploy serve_config.cluster.yaml`` (cluster mode: PostgreSQL + object store,
-``index.storage.backends``).
+``serve deploy serve_config.cluster.yaml`` (cluster mode: PostgreSQL + object store, ``index.storage``).
 """
 
 from __future__ import annotations

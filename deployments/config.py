@@ -209,8 +209,7 @@ class AppArgs(BaseModel):
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     seed: int = Field(0, description="seed of random-weight models (identical across replicas)")
-    # Storage (index.storage.backends): embedded under storage_root, or cluster mode (PostgreSQL + object
-    # store).
+    # Storage (index.storage): embedded under storage_root, or cluster mode (PostgreSQL + object store).
     storage_root: str = _STORAGE["storage_root"]
     database_url: str | None = _STORAGE["database_url"]
     database_password_file: str | None = _STORAGE["database_password_file"]

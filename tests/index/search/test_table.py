@@ -25,7 +25,7 @@ ANN = dict(
     pq_m=8,
     pq_nbits=6,
     filter_ivf_nprobe=4096,  # every list: the filter IVF is exact up to its re-rank
-    calibration_queries=0,  # the fixed efforts above, not the calibrated ones (tests/index/test_recall.py)
+    calibration_queries=0,  # the fixed efforts above, not the calibrated ones (search/test_recall.py)
 )
 EXACT_ONLY = IndexConfig(exact_max_candidates=10**9, exact_max_fraction=1.0, **ANN)  # every filter exact
 INDEX_ONLY = IndexConfig(exact_max_candidates=0, exact_max_fraction=0.0, exact_by_cost=False, **ANN)  # never gather

@@ -1,7 +1,7 @@
 """LibraryStore and PgLibraryStore: upsert semantics, sequence numbers, tombstones, frames.
 
-Every test runs on both backends (the ``backend`` fixture); ``tests/index/pg/`` has the PostgreSQL-only
-ones (concurrent writers, connection errors).
+Every test runs on both backends (the ``backend`` fixture); ``tests/index/storage/cluster/pg/`` has the
+PostgreSQL-only ones (concurrent writers, connection errors).
 """
 
 from __future__ import annotations

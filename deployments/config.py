@@ -39,7 +39,7 @@ MiB = 1024 * 1024
 _IMAGE = ImageLimits.model_fields
 _FETCH = FetchPolicy.model_fields
 _STORAGE = StorageSettings.model_fields
-_SCORES = ScoreCalibration.model_fields
+_SCORES: dict[str, Any] = ScoreCalibration.model_fields  # Any: FieldInfos used as defaults
 
 
 class Limits(BaseModel):
@@ -158,7 +158,9 @@ class DedicatedShards(BaseModel):
 
     library: Annotated[str, Field(description="the library whose shards these are")] = LibraryName()
     shards: list[int] = Field(
-        min_length=1, description="which shards (0-based; shard 0 of a 1-shard library is the whole library)"
+        min_length=1,
+        description="which shards (0-based, each below limits.max_shards and listed once across all entries; "
+        "shard 0 of a 1-shard library is the whole library)",
     )
     deployment: dict[str, Any] = Field(
         default_factory=dict,

@@ -42,7 +42,7 @@ CONFIGURED_KINDS = ("auto", *KINDS)
 
 
 class IndexConfig(BaseModel):
-    """How libraries are indexed and searched. Builder arg ``index`` (docs/configuration.md).
+    """How libraries are indexed and searched (builder arg ``index``).
 
     Every field is optional; unknown fields are refused. A library may override the kind with
     ``index_kind`` on ``/library/create`` (docs/API.md).

@@ -10,7 +10,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from deployments.config import AppArgs
-from deployments.config_reference import COMMAND, OUTPUT, main, render
+from deployments.config_reference import COMMAND, OUTPUT, _models, main, render
 
 ROOT = OUTPUT.parent.parent
 
@@ -83,3 +83,10 @@ def test_the_generator_does_not_import_ray() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert done.stdout.strip() == "[]"
+
+
+def test_unknown_fields_are_refused_at_every_level_as_the_reference_says() -> None:
+    assert "an\nunknown one (at any level) fails the deploy" in render()
+    models = {"AppArgs": AppArgs, **_models(AppArgs)}
+    extra = {name: m.model_config.get("extra") for name, m in models.items()}
+    assert extra == dict.fromkeys(models, "forbid")

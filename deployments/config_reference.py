@@ -49,6 +49,13 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
+def _plain(text: str) -> str:
+    """A description as literal text in a table cell: no HTML tags (``<key>``) and no emphasis (``s**2``)."""
+    for char, escaped in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("*", "\\*")):
+        text = text.replace(char, escaped)
+    return _cell(text)
+
+
 def _prose(text: str) -> str:
     """A docstring as Markdown: ``x`` and :class:`x` become `x`."""
     text = re.sub(r":\w+:`([^`]+)`", r"`\1`", text)
@@ -221,9 +228,8 @@ def render(root: type[BaseModel] = AppArgs) -> str:
                 _type(prop, anchors),
                 _default(model, name, prop),
                 ", ".join(_bounds(prop)),
-                prop["description"],
             ]
-            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + f" | {_plain(prop['description'])} |")
         if not def_name and root is AppArgs:
             lines += [
                 "",

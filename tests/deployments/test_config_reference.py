@@ -49,6 +49,9 @@ def test_rows_carry_type_default_bounds_and_description() -> None:
     assert rows["dedicated_shards[].library"][2] == "required"
     assert rows["limits"][1] == "object ([Limits](#limits))"
     assert rows["text_score_scale"][4] == AppArgs.model_fields["text_score_scale"].description
+    # Descriptions are literal text: no HTML tag, no emphasis.
+    assert "Authorization: Bearer &lt;key&gt;" in rows["api_keys"][4]
+    assert "hnsw_ef_search / s\\*\\*2" in rows["index.hnsw_ef_search"][4]
 
 
 class _Nested(BaseModel):

@@ -267,7 +267,7 @@ def run_facts(config: IndexConfig, phases: Phases, started: float, **machine: An
     """What every result JSON records about its run: the index settings, the phases' seconds, the total
     time, and the machine (CPUs, load at the end, faiss version, plus ``machine`` entries)."""
     return {
-        "index_config": {k: v for k, v in config.__dict__.items() if not k.startswith("snapshot")},
+        "index_config": {k: v for k, v in config.model_dump().items() if not k.startswith("snapshot")},
         "phases_s": phases.seconds,
         "total_s": round(time.perf_counter() - started, 1),
         "machine": {

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from index.search.ann import IndexConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: The project's top-level packages whose modules are checked.
@@ -204,6 +206,9 @@ def test_the_check_finds_arrows_that_run_up_or_sideways(tmp_path: Path) -> None:
 SCANNED = (*PACKAGES, "tests", "bench")
 #: Strings that look dotted but name files (``index.faiss`` in a snapshot, ``index.html``) or floor units.
 NOT_NAMES = re.compile(r"\.(faiss|html|json|npy|py|md|yaml|txt)$")
+#: Builder-arg paths that read like module names: ``index`` is also the ``AppArgs`` field holding
+#: ``IndexConfig`` (docs/configuration.md's rows are named ``index.recall_target`` and so on).
+CONFIG_KEYS = frozenset(f"index.{name}" for name in IndexConfig.model_fields)
 DOTTED = re.compile(rf"^(?:{'|'.join(PACKAGES)})(?:\.[A-Za-z_]\w*)+(?::[A-Za-z_]\w*)?$")
 
 
@@ -276,7 +281,7 @@ def stale_names(root: Path) -> list[str]:
                     and DOTTED.match(node.value)
                 ):
                     name = node.value
-                    known = NOT_NAMES.search(name) or name in FLOORS or name in MEMBERS
+                    known = NOT_NAMES.search(name) or name in FLOORS or name in MEMBERS or name in CONFIG_KEYS
                     bad = [] if known or resolves(name) else [name]
                 else:
                     continue

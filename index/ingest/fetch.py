@@ -109,7 +109,9 @@ class FetchPolicy(BaseModel):
     allowed_networks: tuple[IPvAnyNetwork, ...] = Field(
         (), description="networks allowed although not public, e.g. an internal image store's 10.1.2.0/24"
     )
-    max_redirects: int = Field(5, ge=0, le=20, description="redirects followed, each hop checked again")
+    max_redirects: int = Field(
+        5, ge=0, le=20, description="redirects followed when fetching image_uri, each hop checked again"
+    )
     schemes: tuple[Literal["http", "https"], ...] = Field(("http", "https"), min_length=1)
     resolver: Resolver = Field(system_resolver, exclude=True, description="name -> addresses (tests inject)")
     import_roots: tuple[str, ...] = Field((), description="directories local import sources may lie in")

@@ -27,14 +27,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass as plain_dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import faiss
 import numpy as np
-from pydantic import ConfigDict, Field
-from pydantic.dataclasses import dataclass
+from pydantic import BaseModel, ConfigDict, Field
 
 logger = logging.getLogger(__name__)
 
@@ -42,82 +41,163 @@ KINDS = ("flat", "hnsw", "ivfpq")
 CONFIGURED_KINDS = ("auto", *KINDS)
 
 
-@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
-class IndexConfig:
-    """How libraries are indexed and searched. Builder arg ``index`` (README: "Index configuration")."""
+class IndexConfig(BaseModel):
+    """How libraries are indexed and searched (builder arg ``index``).
 
-    #: ``auto``: exact flat below this many live rows, HNSW at or above it.
-    hnsw_min_rows: int = Field(100_000, ge=1)
-    #: ``auto``: IVF-PQ instead of HNSW when the HNSW index of a library would need more bytes than
-    #: this (None: no budget, never IVF-PQ automatically).
-    memory_budget_bytes: int | None = Field(None, gt=0)
-    #: IVF-PQ needs this many rows to train; a smaller library asked for ``ivfpq`` stays ``flat`` (and an
-    #: HNSW library this small has no filter IVF).
-    ivfpq_min_rows: int = Field(10_000, ge=1)
-    hnsw_m: int = Field(32, ge=4, le=128)
-    hnsw_ef_construction: int = Field(40, ge=8)
-    #: efSearch of an unfiltered search; a filtered one uses ``hnsw_ef_search / selectivity**2``, capped
-    #: at ``hnsw_ef_search_max`` (`HnswBase.ef_for`). Measured at 1M x 512 (bench/README.md): recall@10
-    #: 0.86 at ef 64, 0.91 at 128, 0.96 at 256, 0.975 at 512, all under ~1.2 ms.
-    hnsw_ef_search: int = Field(256, ge=1)
-    hnsw_ef_search_max: int = Field(768, ge=1)
-    #: HNSW libraries keep an IVF-SQ8 index beside the graph (dim + 8 bytes per vector) that serves
-    #: filtered searches passing at most ``filter_ivf_max_selectivity`` of the rows (`HnswBase`).
-    filter_ivf: bool = True
-    #: Its lists (0: ``sqrt(n)`` rounded to a power of two, clamped to [16, 4096]) and lists probed.
-    filter_ivf_nlist: int = Field(0, ge=0)
-    filter_ivf_nprobe: int = Field(32, ge=1)
-    filter_ivf_max_selectivity: float = Field(0.6, ge=0.0, le=1.0)
-    #: IVF-PQ lists; 0: ``4 * sqrt(n)`` rounded to a power of two, clamped to [16, 65536].
-    ivf_nlist: int = Field(0, ge=0)
-    ivf_nprobe: int = Field(32, ge=1)
-    ivf_nprobe_max: int = Field(256, ge=1)
-    #: PQ sub-quantizers (rounded down to a divisor of the dimension) and bits per code.
-    pq_m: int = Field(64, ge=1)
-    pq_nbits: int = Field(8, ge=4, le=12)
-    #: IVF-PQ and the filter IVF re-rank ``refine_factor * k`` candidates exactly. 16: at 4M vectors
-    #: (512-d, 64-byte codes) 8 left recall@10 at 0.947 (PQ ranking errors push true neighbours below
-    #: the re-rank depth); 16 gave 0.9895 (bench/README.md, "IVF-PQ over streamed vectors").
-    refine_factor: int = Field(16, ge=1)
-    #: The planner searches exactly over the rows that pass a filter when there are at most
-    #: ``max(exact_max_candidates, exact_max_fraction * rows)`` of them.
-    exact_max_candidates: int = Field(20_000, ge=0)
-    exact_max_fraction: float = Field(0.02, ge=0.0, le=1.0)
-    #: Above those thresholds too, search exactly whenever the passing rows are fewer than the index
-    #: plan's expected work in distance computations (`AnnBase.cost`).
-    exact_by_cost: bool = True
-    #: A snapshot rebuilds its index from the live rows when more than this fraction of slots is dead.
-    compact_dead_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    #: The writer snapshots a library when at least ``snapshot_min_rows`` rows changed since the last
-    #: snapshot and either ``snapshot_fraction`` of the library or ``snapshot_max_tail_rows`` did.
-    snapshot_min_rows: int = Field(2_000, ge=1)
-    snapshot_fraction: float = Field(0.1, ge=0.0)
-    snapshot_max_tail_rows: int = Field(10_000, ge=1)
-    #: Recall@10 searches aim for (per request: ``recall_target``). The writer measures recall on the
-    #: library's own vectors when it builds a snapshot (`index.search.calibration`) and records the settings
-    #: that reach each target; 1.0 means exact search. See README "Recall target".
-    recall_target: float = Field(0.95, ge=0.5, le=1.0)
-    #: Held-out library vectors used as calibration queries (0: no calibration, the defaults above).
-    calibration_queries: int = Field(200, ge=0)
-    #: Filter selectivities calibrated (random subsets of the rows); others interpolate between them.
-    calibration_selectivities: tuple[float, ...] = (0.5, 0.2, 0.1, 0.05)
-    #: A setting is chosen for a target only when its measured recall is at least target + margin
-    #: (the sample's recall is an estimate: 200 queries x 10 neighbours).
-    calibration_margin: float = Field(0.005, ge=0.0, le=0.1)
-    #: An incremental snapshot (tail folded in) recalibrates when the index grew by more than this
-    #: fraction since its last calibration; a rebuild always does.
-    recalibrate_growth: float = Field(0.2, ge=0.0)
-    #: OpenMP threads FAISS uses in a search replica (process-wide, set when the replica starts; 0:
-    #: FAISS's default, one per core). One query at a time gains nothing from more threads, while idle
-    #: OpenMP threads spin: measured on a busy 2-core machine, a 10k-row exact scan took 0.7 ms on one
-    #: thread and 14-20 ms on two. Index builds (the writer) use every core regardless.
-    search_threads: int = Field(1, ge=0)
+    Every field is optional; unknown fields are refused. A library may override the kind with
+    ``index_kind`` on ``/library/create`` (docs/API.md).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hnsw_min_rows: int = Field(
+        100_000,
+        ge=1,
+        description="auto libraries use exact flat below this many live images, hnsw at or above",
+    )
+    memory_budget_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="auto picks ivfpq when a library's HNSW index would need more bytes than this (about "
+        "2,320 bytes per 512-d vector, plus 520 for the filter IVF); None: no budget, never ivfpq "
+        "automatically",
+    )
+    ivfpq_min_rows: int = Field(
+        10_000,
+        ge=1,
+        description="IVF-PQ needs this many rows to train: a smaller library stays flat even when asked for "
+        "ivfpq (and an HNSW library this small has no filter IVF)",
+    )
+    hnsw_m: int = Field(32, ge=4, le=128, description="HNSW graph degree (M)")
+    hnsw_ef_construction: int = Field(40, ge=8, description="HNSW build effort (efConstruction)")
+    hnsw_ef_search: int = Field(
+        256,
+        ge=1,
+        description="uncalibrated libraries only: efSearch of an unfiltered search; a filter passing a "
+        "fraction s > filter_ivf_max_selectivity of the rows uses hnsw_ef_search / s**2, capped at "
+        "hnsw_ef_search_max. Measured at 1M x 512 (bench/README.md): recall@10 0.86 at ef 64, 0.91 at 128, "
+        "0.96 at 256, 0.975 at 512, all under ~1.2 ms",
+    )
+    hnsw_ef_search_max: int = Field(768, ge=1, description="the cap of a filtered search's efSearch")
+    filter_ivf: bool = Field(
+        True,
+        description="HNSW libraries also keep an IVF-SQ8 index (dim + 8 bytes per vector) for filtered "
+        "searches; it probes the lists nearest the query until they hold enough rows that pass the filter "
+        "(counted per list), so its work grows with 1/selectivity",
+    )
+    filter_ivf_nlist: int = Field(
+        0,
+        ge=0,
+        description="the filter IVF's lists; 0: sqrt(n) rounded to a power of two, clamped to [16, 4096]",
+    )
+    filter_ivf_nprobe: int = Field(
+        32,
+        ge=1,
+        description="uncalibrated: the filter IVF scores as many passing rows as this many average lists "
+        "hold",
+    )
+    filter_ivf_max_selectivity: float = Field(
+        0.6,
+        ge=0.0,
+        le=1.0,
+        description="filters passing at most this fraction of the rows go to the filter IVF; looser ones "
+        "to the graph",
+    )
+    ivf_nlist: int = Field(
+        0, ge=0, description="IVF-PQ lists; 0: 4 * sqrt(n) rounded to a power of two, clamped to [16, 65536]"
+    )
+    ivf_nprobe: int = Field(
+        32, ge=1, description="uncalibrated IVF-PQ: lists probed unfiltered (raised as selectivity falls)"
+    )
+    ivf_nprobe_max: int = Field(256, ge=1, description="the cap of IVF-PQ's lists probed")
+    pq_m: int = Field(64, ge=1, description="PQ sub-quantizers (rounded down to a divisor of the dimension)")
+    pq_nbits: int = Field(8, ge=4, le=12, description="bits per PQ code")
+    refine_factor: int = Field(
+        16,
+        ge=1,
+        description="IVF-PQ and the filter IVF re-rank refine_factor * k candidates exactly. 16: at 4M "
+        "vectors (512-d, 64-byte codes) 8 left recall@10 at 0.947 (PQ ranking errors push true neighbours "
+        "below the re-rank depth); 16 gave 0.9895 (bench/README.md, 'IVF-PQ over streamed vectors')",
+    )
+    exact_max_candidates: int = Field(
+        20_000,
+        ge=0,
+        description="a filter passing at most max(exact_max_candidates, exact_max_fraction * rows) rows is "
+        "searched exactly over just those rows",
+    )
+    exact_max_fraction: float = Field(0.02, ge=0.0, le=1.0, description="see exact_max_candidates")
+    exact_by_cost: bool = Field(
+        True,
+        description="above those thresholds too, search exactly whenever the passing rows are fewer than "
+        "the index plan's expected distance computations",
+    )
+    compact_dead_fraction: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="a snapshot rebuilds the index from the live rows when more of its slots than this "
+        "fraction are deleted or overwritten",
+    )
+    snapshot_min_rows: int = Field(
+        2_000,
+        ge=1,
+        description="the writer snapshots a library when at least snapshot_min_rows rows changed since the "
+        "last snapshot and either snapshot_fraction of the library or snapshot_max_tail_rows did",
+    )
+    snapshot_fraction: float = Field(0.1, ge=0.0, description="see snapshot_min_rows")
+    snapshot_max_tail_rows: int = Field(
+        10_000,
+        ge=1,
+        description="see snapshot_min_rows; bounds the tail searched exactly beside the index (about 1 ms "
+        "per 10k 512-d rows)",
+    )
+    recall_target: float = Field(
+        0.95,
+        ge=0.5,
+        le=1.0,
+        description="recall@10 that searches aim for; a search request may ask for another (recall_target). "
+        "The writer measures recall on the library's own vectors when it builds a snapshot "
+        "(index.search.calibration) and records the settings that reach each target; 1.0 means exact search "
+        "(docs/operations.md, 'Recall target')",
+    )
+    calibration_queries: int = Field(
+        200,
+        ge=0,
+        description="held-out library vectors used as calibration queries (0: no calibration, the "
+        "uncalibrated efforts above)",
+    )
+    calibration_selectivities: tuple[Annotated[float, Field(gt=0.0, le=1.0)], ...] = Field(
+        (0.5, 0.2, 0.1, 0.05),
+        description="filter selectivities calibrated (random subsets of the rows); others interpolate "
+        "between them",
+    )
+    calibration_margin: float = Field(
+        0.005,
+        ge=0.0,
+        le=0.1,
+        description="a setting is chosen for a target only when its measured recall is at least target + "
+        "margin (the sample's recall is an estimate: 200 queries x 10 neighbours)",
+    )
+    recalibrate_growth: float = Field(
+        0.2,
+        ge=0.0,
+        description="an incremental snapshot (tail folded in) recalibrates when the index grew by more "
+        "than this fraction since its last calibration; a rebuild always does",
+    )
+    search_threads: int = Field(
+        1,
+        ge=0,
+        description="FAISS OpenMP threads in a LibraryIndex replica (process-wide, set when the replica "
+        "starts; 0: one per core). One query at a time gains nothing from more, while idle OpenMP threads "
+        "spin: on a busy 2-core machine a 10k-row exact scan took 0.7 ms on one thread and 14-20 ms on "
+        "two. Index builds (the writer) use every core regardless",
+    )
 
 
 DEFAULT_CONFIG = IndexConfig()
 
 
-@plain_dataclass(frozen=True)
+@dataclass(frozen=True)
 class Plan:
     """How one search runs on a base (`AnnBase.search`).
 

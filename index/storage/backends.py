@@ -41,37 +41,61 @@ logger = logging.getLogger(__name__)
 
 class StorageSettings(BaseModel):
     """The storage half of the builder's arguments (``deployments.config.AppArgs`` carries these fields
-    at its top level; README: "Running on a Ray cluster")."""
+    at its top level; docs/operations.md: "Running on a Ray cluster")."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
-    storage_root: str = Field("./data", description="embedded mode: the directory of every library")
+    storage_root: str = Field(
+        "./data", description="embedded mode: the directory of every library (SQLite and files: one machine)"
+    )
     database_url: str | None = Field(
         None,
         description="cluster mode: postgresql://user@host:5432/db (the password here, or better in "
-        "database_password_file / database_password_env); requires object_store_url",
+        "database_password_file / database_password_env); with object_store_url (both or neither)",
     )
-    database_password_file: str | None = Field(None, description="file holding the database password")
+    database_password_file: str | None = Field(
+        None,
+        description="cluster mode: a file holding the database password (a mounted Secret), kept out of the "
+        "URL; this or database_password_env",
+    )
     database_password_env: str | None = Field(
-        None, description="environment variable holding the database password (on every node)"
+        None,
+        description="cluster mode: an environment variable holding the database password (set on every "
+        "node), kept out of the URL; this or database_password_file",
     )
-    database_pool_size: int = Field(4, ge=1, le=64, description="connections per replica, at most")
-    database_connect_timeout_s: float = Field(10.0, gt=0, le=300)
+    database_pool_size: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="cluster mode: connections each replica opens at most; size PostgreSQL's max_connections "
+        "for it (docs/operations.md, 'Running on a Ray cluster')",
+    )
+    database_connect_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="cluster mode: how long a replica (and the deploy) tries to reach the database, and a "
+        "request waits for a pooled connection, before failing with the reason",
+    )
     object_store_url: str | None = Field(
         None,
         description="cluster mode: fsspec URL of snapshots and frames (s3://bucket/prefix, gs://, az://)",
     )
     object_store_options: dict[str, Any] = Field(
         default_factory=dict,
-        description='fsspec options of the object store, e.g. {"endpoint_url": ...} for MinIO or Ceph',
+        description='cluster mode: fsspec options of the object store, e.g. {"endpoint_url": '
+        '"http://minio:9000"} for MinIO or Ceph; credentials come from the environment',
     )
     cache_dir: str | None = Field(
         None,
-        description="cluster mode: node-local directory for snapshot copies (default: "
-        "<system temp dir>/image-search-cache)",
+        description="cluster mode: node-local directory for the snapshot copies index replicas memory-map "
+        "(default: <system temp dir>/image-search-cache)",
     )
     snapshot_grace_s: float = Field(
-        600.0, ge=0, description="cluster mode: an old snapshot is deleted this long after it was replaced"
+        600.0,
+        ge=0,
+        description="cluster mode: a replaced snapshot is deleted this long after it was replaced (so a "
+        "replica that read the old pointer finishes its download)",
     )
 
     @model_validator(mode="after")

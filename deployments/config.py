@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, field_validator, model_validator
 
@@ -19,7 +19,7 @@ from deployments.schemas import LibraryName
 from filters import FilterLimits, TagLimits
 from index.detect.faces import FaceConfig
 from index.detect.modes import DetectionConfig, ItemDetectorConfig
-from index.ingest.fetch import DEFAULT_OBJECT_STORE_PROTOCOLS, FetchPolicy
+from index.ingest.fetch import FetchPolicy
 from index.ingest.importer import ImportSettings
 from index.model.imaging import ImageLimits
 from index.search.ann import IndexConfig
@@ -184,6 +184,12 @@ class DedicatedShards(BaseModel):
         return {k: f"LibraryIndex-{self.library}-{k}" for k in self.shards}
 
 
+#: ``object_store_allowed``'s entries for one protocol (``index.ingest.fetch.FetchPolicy`` checks their form).
+ObjectPrefixes = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(min_length=1, max_length=256)
+]
+
+
 class AppArgs(BaseModel):
     """Arguments of ``build_app``."""
 
@@ -249,10 +255,15 @@ class AppArgs(BaseModel):
     import_roots: list[str] = Field(
         default_factory=list, description="directories local import sources (JSONL files) may be read from"
     )
-    object_store_protocols: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_OBJECT_STORE_PROTOCOLS),
-        description="fsspec protocols accepted for image URIs and import sources (the protocol's package, "
-        "e.g. s3fs or gcsfs, must be installed)",
+    object_store_allowed: dict[str, ObjectPrefixes] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="the objects clients may name in image_uri, import sources and the image URIs in them: "
+        "fsspec protocol -> 'bucket' or 'bucket/prefix' entries (whole path components), e.g. "
+        '{"s3": ["photos-bucket/public"]}; the service reads them with its own credentials, so list only '
+        "what every client may read. Empty (default): no object-store URI from clients at all (the "
+        "service's own object_store_url is not affected). The protocol's package (s3fs, gcsfs, adlfs) "
+        "must be installed",
     )
     imports: ImportSettings = Field(default_factory=ImportSettings, description="bulk import limits, tuning")
     encode_batching: EncodeBatching = Field(
@@ -315,7 +326,7 @@ class AppArgs(BaseModel):
             allowed_networks=tuple(self.fetch_allowed_networks),
             max_redirects=self.fetch_max_redirects,
             import_roots=tuple(self.import_roots),
-            object_store_protocols=tuple(self.object_store_protocols),
+            object_store_allowed={p: tuple(entries) for p, entries in self.object_store_allowed.items()},
             timeout_s=self.limits.fetch_timeout_s,
             source_timeout_s=self.imports.source_timeout_s,
         )
@@ -381,6 +392,11 @@ class AppArgs(BaseModel):
                 if (entry.library, k) in seen:
                     raise ValueError(f"dedicated_shards[{i}]: shard {k} of {entry.library!r} is listed twice")
                 seen.add((entry.library, k))
+        return self
+
+    @model_validator(mode="after")
+    def _fetch_policy(self) -> AppArgs:
+        self.fetch_policy()  # object_store_allowed's protocols and prefixes, checked at build time
         return self
 
     @model_validator(mode="after")

@@ -161,9 +161,10 @@ def redact_url(url: str) -> str:
     libpq reads as host ``svc``, port ``pa``), and its rest would be shown as the host.
     """
     try:
-        params = conninfo_to_dict(url)
+        parsed = conninfo_to_dict(url)
     except psycopg.ProgrammingError:
         return UNPARSABLE
+    params = {k: str(v) for k, v in parsed.items() if v is not None}  # libpq's values are all text
     user = params.pop("user", None)
     password = params.pop("password", None)
     hosts = params.pop("host", "").split(",")

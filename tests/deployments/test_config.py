@@ -105,7 +105,14 @@ def test_object_store_allowed_is_empty_by_default_and_reaches_the_policy():
 
 @pytest.mark.parametrize(
     "allowed",
-    [{"https": ["x"]}, {"zip": ["x"]}, {"s3": []}, {"s3": ["b/../c"]}, {"s3": [""]}, {f"p{i}": ["b"] for i in range(17)}],
+    [
+        {"https": ["x"]},
+        {"zip": ["x"]},
+        {"s3": []},
+        {"s3": ["b/../c"]},
+        {"s3": [""]},
+        {f"p{i}": ["b"] for i in range(17)},  # more protocols than the bound
+    ],
 )
 def test_bad_object_store_allow_lists_fail_the_build(allowed):
     with pytest.raises(ValidationError, match="object_store_allowed"):

@@ -18,7 +18,14 @@ from typing import Any
 
 import pytest
 
-from index.ingest.fetch import FetchError, FetchPolicy, FetchRefused, check_uri, fetch_bytes, non_public_reason
+from index.ingest.fetch import (
+    FetchError,
+    FetchPolicy,
+    FetchRefused,
+    check_uri,
+    fetch_bytes,
+    non_public_reason,
+)
 from index.model.imaging import ImageTooLarge
 
 PAYLOAD = b"\x89PNG fake image bytes" * 10

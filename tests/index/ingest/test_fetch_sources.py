@@ -53,7 +53,8 @@ def test_symlink_out_of_the_root_is_refused(roots, tmp_path):
 @pytest.mark.parametrize("source", ["ftp://h/x.jsonl", "s3://bucket/x.jsonl", "memory://x.jsonl"])
 def test_unlisted_schemes_are_refused(roots, source):
     with pytest.raises(FetchError, match="not accepted"):
-        check_source(source, policy=FetchPolicy(import_roots=(str(roots),), object_store_allowed={"gs": ("b",)}))
+        policy = FetchPolicy(import_roots=(str(roots),), object_store_allowed={"gs": ("b",)})
+        check_source(source, policy=policy)
 
 
 def test_object_store_source_through_fsspec():

@@ -61,8 +61,23 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 #: Protocols that ``object_store_allowed`` may not list: http(s) and local files have their own checks
 #: (address checks, allowed roots), and fsspec's wrapper filesystems open other filesystems or archives.
 RESERVED_PROTOCOLS = frozenset(
-    {"", "http", "https", "file", "local", "simplecache", "filecache", "blockcache", "cached", "zip", "tar",
-     "libarchive", "reference", "dir", "data"}
+    {
+        "",
+        "http",
+        "https",
+        "file",
+        "local",
+        "simplecache",
+        "filecache",
+        "blockcache",
+        "cached",
+        "zip",
+        "tar",
+        "libarchive",
+        "reference",
+        "dir",
+        "data",
+    }
 )
 _PROTOCOL = re.compile(r"[a-z][a-z0-9+.-]*")
 #: The message for a host that does not resolve and for one that resolves to a non-public address: the
@@ -268,10 +283,13 @@ def split_uri(uri: str) -> SplitResult:
 def check_uri(uri: str, *, policy: FetchPolicy) -> None:
     """Refuse what can be refused without connecting, with the message a fetch would give: a scheme the
     policy does not accept, a ``file://`` URI naming a host, an http(s) URI whose host is a literal IP
-    address the policy refuses. Host names are checked when they are resolved (each redirect too).
+    address the policy refuses, an object-store URI outside ``object_store_allowed``
+    (:func:`check_object_uri`), an fsspec chain. Host names are checked when they are resolved (each
+    redirect too).
 
     Raises:
         FetchRefused: as :func:`fetch_bytes` would for the same URI.
+        FetchError: the URI is malformed (:func:`split_uri`).
     """
     refuse_chain(uri)
     parts = split_uri(uri)

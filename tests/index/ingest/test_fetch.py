@@ -433,7 +433,16 @@ def test_file_uris_only_under_allowed_roots(tmp_path):
     assert fetch(f"file://{root}/a.jpg", policy) == PAYLOAD
     with pytest.raises(FetchRefused, match="disabled"):
         fetch(f"file://{root}/a.jpg", FetchPolicy())
-    for escape in (f"file://{root}/../secret", f"file://{root}/link.jpg", "file:///etc/passwd"):
+    escapes = (
+        f"file://{root}/../secret",
+        f"file://{root}/%2e%2e/secret",  # percent-encoded: decoded before the path is resolved
+        f"file://{root}/%2E%2E/secret",
+        f"file://{root}/link.jpg",
+        "file:///etc/passwd",
+        "file:///proc/self/environ",
+        f"file://{root}/../../../../proc/self/environ",
+    )
+    for escape in escapes:
         with pytest.raises(FetchRefused, match="outside the allowed"):
             fetch(escape, policy)
     with pytest.raises(FetchRefused, match="host"):
@@ -442,6 +451,15 @@ def test_file_uris_only_under_allowed_roots(tmp_path):
         fetch(f"file://{root}/a.jpg", policy, max_bytes=10)
     with pytest.raises(FetchError, match="cannot read"):
         fetch(f"file://{root}/missing.jpg", policy)
+
+
+def test_proxies_from_the_environment_are_not_used(server, monkeypatch):
+    """The review found this sound (issue 26); pinned: a proxy would resolve and connect past the check."""
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://10.9.9.9:3128")
+    policy = FetchPolicy(allowed_networks=LOOPBACK, resolver=resolver({"ok.test": ["127.0.0.1"]}))
+    assert fetch(server.url("/photo", "ok.test"), policy) == PAYLOAD
+    assert server.hits == 1 and server.hosts == [f"ok.test:{server.port}"]
 
 
 def test_a_resolver_answer_that_is_not_an_address_is_refused(server):

@@ -44,6 +44,26 @@ def test_local_sources_only_inside_import_roots(roots):
         check_source("a.jsonl", policy=FetchPolicy(import_roots=(str(roots),)))
 
 
+@pytest.mark.parametrize(
+    "escape",
+    [
+        "{root}/%2e%2e/outside.jsonl",
+        "{root}/../outside.jsonl",
+        "/proc/self/environ",
+        "{root}/../../../proc/self/environ",
+    ],
+)
+def test_file_sources_cannot_leave_the_import_roots(roots, escape):
+    """The review found this sound (issue 26); pinned for file:// and plain paths."""
+    policy = FetchPolicy(import_roots=(str(roots),))
+    path = escape.format(root=roots)
+    with pytest.raises(FetchRefused, match="outside the allowed"):
+        check_source("file://" + path, policy=policy)
+    if "%" not in path:  # a plain path is not percent-decoded: "%2e%2e" is a name there
+        with pytest.raises(FetchRefused, match="outside the allowed"):
+            check_source(path, policy=policy)
+
+
 def test_symlink_out_of_the_root_is_refused(roots, tmp_path):
     (roots / "link.jsonl").symlink_to(tmp_path / "outside.jsonl")
     with pytest.raises(FetchError, match="outside the allowed"):

@@ -19,7 +19,7 @@ from deployments.schemas import LibraryName
 from filters import FilterLimits, TagLimits
 from index.detect.faces import FaceConfig
 from index.detect.modes import DetectionConfig, ItemDetectorConfig
-from index.ingest.fetch import DEFAULT_OBJECT_STORE_PROTOCOLS, FetchPolicy
+from index.ingest.fetch import FetchPolicy
 from index.ingest.importer import ImportSettings
 from index.model.imaging import ImageLimits
 from index.search.ann import IndexConfig
@@ -189,6 +189,12 @@ class DedicatedShards(BaseModel):
         return {k: f"LibraryIndex-{self.library}-{k}" for k in self.shards}
 
 
+#: ``object_store_allowed``'s entries for one protocol (``index.ingest.fetch.FetchPolicy`` checks their form).
+ObjectPrefixes = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(min_length=1, max_length=256)
+]
+
+
 class AppArgs(BaseModel):
     """Arguments of ``build_app``: the ``args:`` of a Serve config, or ``key=value`` after ``serve run
     deployments.app:build_app``. docs/configuration.md is generated from this model
@@ -284,12 +290,18 @@ class AppArgs(BaseModel):
     import_roots: list[str] = Field(
         default_factory=list,
         description="directories local import sources (JSONL files) may be read from; in cluster mode leave "
-        "it empty and import from object-store URLs (s3://...): nodes share no files",
+        "it empty and import from object-store URLs (s3://..., allowed in object_store_allowed): nodes share "
+        "no files",
     )
-    object_store_protocols: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_OBJECT_STORE_PROTOCOLS),
-        description="fsspec protocols accepted for image URIs and import sources; install the backend with "
-        "pip install 'image-search[s3]' (or [gcs], [azure])",
+    object_store_allowed: dict[str, ObjectPrefixes] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="the objects clients may name in image_uri, import sources and the image URIs in them: "
+        "fsspec protocol -> 'bucket' or 'bucket/prefix' entries (whole path components), e.g. "
+        '{"s3": ["photos-bucket/public"]}; the service reads them with its own credentials, so list only '
+        "what every client may read. Empty (default): no object-store URI from clients at all (the "
+        "service's own object_store_url is not affected). The protocol's package (s3fs, gcsfs, adlfs) "
+        "must be installed",
     )
     imports: ImportSettings = Field(
         default_factory=ImportSettings,
@@ -373,7 +385,7 @@ class AppArgs(BaseModel):
             allowed_networks=tuple(self.fetch_allowed_networks),
             max_redirects=self.fetch_max_redirects,
             import_roots=tuple(self.import_roots),
-            object_store_protocols=tuple(self.object_store_protocols),
+            object_store_allowed={p: tuple(entries) for p, entries in self.object_store_allowed.items()},
             timeout_s=self.limits.fetch_timeout_s,
             source_timeout_s=self.imports.source_timeout_s,
         )
@@ -393,6 +405,12 @@ class AppArgs(BaseModel):
         JSON object (``limits='{"max_top_k": 100}'``). Scalars are converted by pydantic itself."""
         if not isinstance(data, dict):
             return data
+        if "object_store_protocols" in data:
+            # The arg before object_store_allowed let clients name any bucket of the listed protocols.
+            raise ValueError(
+                "object_store_protocols: replaced by object_store_allowed, which names the buckets or "
+                "bucket/prefix entries clients may read per protocol (docs/API.md, 'Object-store URIs')"
+            )
         out = dict(data)
         for name, value in data.items():
             field = cls.model_fields.get(name)
@@ -439,6 +457,11 @@ class AppArgs(BaseModel):
                 if (entry.library, k) in seen:
                     raise ValueError(f"dedicated_shards[{i}]: shard {k} of {entry.library!r} is listed twice")
                 seen.add((entry.library, k))
+        return self
+
+    @model_validator(mode="after")
+    def _fetch_policy(self) -> AppArgs:
+        self.fetch_policy()  # object_store_allowed's protocols and prefixes, checked at build time
         return self
 
     @model_validator(mode="after")

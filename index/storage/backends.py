@@ -117,13 +117,14 @@ class StorageSettings(BaseModel):
         """What /health reports: the mode and where the data lives, without credentials."""
         if not self.cluster:
             return {"mode": "embedded", "storage_root": self.storage_root}
+        from index.storage.cluster.blobs import redact_store_url
         from index.storage.cluster.pg.db import redact_url
 
         assert self.database_url is not None and self.object_store_url is not None
         return {
             "mode": "cluster",
             "database": redact_url(self.database_url),
-            "object_store": redact_url(self.object_store_url),
+            "object_store": redact_store_url(self.object_store_url),
         }
 
 

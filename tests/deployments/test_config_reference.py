@@ -45,7 +45,7 @@ def test_rows_carry_type_default_bounds_and_description() -> None:
     assert rows["index.memory_budget_bytes"][1:4] == ["integer or null", "`null`", "> 0"]
     assert rows["index.calibration_selectivities"][3] == "each > 0.0, <= 1.0"
     assert rows["precision"][1] == 'one of `"auto"`, `"fp32"`, `"fp16"`, `"bf16"`'
-    assert rows["object_store_protocols"][2] == '`["s3", "gs", "gcs", "az", "abfs", "abfss"]`'
+    assert rows["object_store_allowed"][2] == "`{}`"
     assert rows["dedicated_shards[].library"][2] == "required"
     assert rows["limits"][1] == "object ([Limits](#limits))"
     assert rows["text_score_scale"][4] == AppArgs.model_fields["text_score_scale"].description

@@ -45,6 +45,26 @@ CHECK_TIMEOUT_S = 30.0
 _TMP_PREFIX = ".blobtmp-"  # file:// writes in progress (never listed)
 
 
+def redact_store_url(url: str) -> str:
+    """``url`` (an fsspec URL such as ``s3://bucket/prefix``) as logs, messages and /health show it.
+
+    Credentials never belong in it (``object_store_options`` and the environment carry them), but one put
+    there is hidden: the userinfo, read as libpq reads a URL's (everything after ``://`` up to the first
+    ``@`` that comes before any ``/``, so ``#``, ``?`` and ``%`` are part of it), becomes ``***``, and so
+    does every query parameter's value (a signature, a token).
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url  # a plain path: nothing in it is a credential
+    authority = rest.split("/", 1)[0]
+    if "@" in authority:
+        rest = "***@" + rest[authority.index("@") + 1 :]
+    head, question, query = rest.partition("?")
+    if question:
+        head += "?" + "&".join(f"{param.partition('=')[0]}=***" for param in query.split("&"))
+    return f"{scheme}://{head}"
+
+
 class StorageUnavailable(RuntimeError):
     """The object store cannot be used: the bucket or root directory does not exist, or it cannot be
     reached in time. The message names the store's URL (never its credentials)."""
@@ -85,9 +105,9 @@ class BlobStore:
         try:
             fs, root = fsspec.core.url_to_fs(url, **opts)
         except (ImportError, ValueError) as exc:
-            raise ValueError(f"cannot open object store {url}: {exc}") from None
+            raise ValueError(f"cannot open object store {redact_store_url(url)}: {exc}") from None
         if isinstance(fs, LocalFileSystem) and not os.path.isabs(root):
-            raise ValueError(f"object store {url}: a file:// store needs an absolute path")
+            raise ValueError(f"object store {redact_store_url(url)}: a file:// store needs an absolute path")
         return cls(fs, root)
 
     def child(self, prefix: str) -> BlobStore:
@@ -96,9 +116,10 @@ class BlobStore:
 
     @property
     def url(self) -> str:
-        """The root as a URL, for logs and messages (options, hence credentials, are not part of it)."""
+        """The root as a URL, for logs and messages (options, hence credentials, are not part of it;
+        credentials written into the URL itself are hidden: :func:`redact_store_url`)."""
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        return f"{protocol}://{self.root}"
+        return redact_store_url(f"{protocol}://{self.root}")
 
     def __repr__(self) -> str:
         return f"BlobStore({self.url})"

@@ -131,7 +131,7 @@ class Env:
             policy=policy
             or FetchPolicy(
                 import_roots=(str(self.inbox),),
-                object_store_protocols=("memory",),
+                object_store_allowed={"memory": ("imports",)},
                 allowed_networks=("127.0.0.0/8",),
             ),
         )
@@ -418,7 +418,7 @@ def test_object_store_source(env):
 
     import fsspec
 
-    path = f"/imp-{uuid.uuid4().hex}/s.jsonl"
+    path = f"/imports/{uuid.uuid4().hex}/s.jsonl"
     fsspec.filesystem("memory").pipe(path, "\n".join(json.dumps(good(i)) for i in range(3)).encode())
     d = asyncio.run(run_task(env.runner(), f"memory://{path}", uid=env.uid))
     assert (d["state"], d["succeeded"]) == ("SUCCEEDED", 3)

@@ -17,14 +17,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from index.errors import Unavailable
@@ -137,16 +137,62 @@ def _connection_lost(exc: psycopg.OperationalError) -> bool:
     return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
 
 
+#: Connection parameters (libpq's names) whose values are secrets: shown as ``***``.
+SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+#: What :func:`redact_url` shows for a string libpq cannot parse (any part of it could be the password).
+UNPARSABLE = "(a connection string that libpq cannot parse)"
+#: ... and for one whose host, port or database name holds what looks like the rest of a password.
+MISTYPED = (
+    "(a postgresql:// URL with '@' or '/' in its host, port or database name: percent-encode them in the "
+    "password)"
+)
+
+
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (URL and ``key=value`` conninfo forms)."""
-    url = re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", r"\1***", url)
-    parts = urlsplit(url)
-    if parts.scheme and "@" in parts.netloc:
-        userinfo, host = parts.netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            parts = parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}")
-            url = urlunsplit(parts)
-    return url
+    """``url`` (a ``postgresql://`` URI or a ``key=value`` string) as logs, messages and /health show it.
+
+    The shown form is rebuilt as a URI from what libpq itself parses out of ``url`` (psycopg's
+    ``conninfo_to_dict``), with the password and the other :data:`SECRET_PARAMETERS` replaced by
+    ``***``: a password is hidden wherever libpq finds one, in the userinfo (where it ends only at
+    ``@``, so ``#``, ``?`` and ``%`` belong to it) or in a query parameter, whose name may itself be
+    percent-encoded (``?passwor%64=``). A string libpq cannot parse is not shown at all (:data:`UNPARSABLE`),
+    nor one where libpq's reading puts an ``@`` into a host or the database name or a non-number into a
+    port (:data:`MISTYPED`): that is a password with an unencoded ``@`` or ``/`` (``svc:pa/ss@db``, which
+    libpq reads as host ``svc``, port ``pa``), and its rest would be shown as the host.
+    """
+    try:
+        parsed = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return UNPARSABLE
+    params = {k: str(v) for k, v in parsed.items() if v is not None}  # libpq's values are all text
+    user = params.pop("user", None)
+    password = params.pop("password", None)
+    hosts = params.pop("host", "").split(",")
+    ports = params.pop("port", "").split(",")
+    dbname = params.pop("dbname", None)
+    if any("@" in h for h in hosts) or "@" in (dbname or "") or not all(p.isdigit() for p in ports if p):
+        return MISTYPED
+    userinfo = ""
+    if user is not None or password is not None:
+        userinfo = quote(user or "", safe="") + (":***" if password is not None else "") + "@"
+    if len(ports) == 1 and ports[0]:
+        ports *= len(hosts)  # libpq: one port applies to every host
+    if len(ports) != len(hosts):  # libpq refuses this when connecting; show what was given
+        params["port"] = ",".join(ports)
+        ports = [""] * len(hosts)
+    netloc = ",".join(
+        _shown_host(h) + (f":{quote(p, safe='')}" if p else "") for h, p in zip(hosts, ports, strict=True)
+    )
+    path = "" if dbname is None else "/" + quote(dbname, safe="")
+    query = "&".join(
+        f"{quote(k, safe='')}={'***' if k in SECRET_PARAMETERS else quote(v, safe='')}"
+        for k, v in params.items()
+    )
+    return f"postgresql://{userinfo}{netloc}{path}" + (f"?{query}" if query else "")
+
+
+def _shown_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else quote(host, safe="")
 
 
 def read_password(*, password_file: str | None = None, password_env: str | None = None) -> str | None:
@@ -243,7 +289,8 @@ def connect(
     Raises:
         DatabaseUnavailable: the server cannot be reached in time, refuses the credentials, or lacks
             the database; the message carries the server's reason and the URL without its password.
-        ValueError: ``database_url`` cannot be parsed (the message does not repeat it).
+        ValueError: ``database_url`` cannot be parsed, or holds an unencoded ``@`` or ``/`` in its
+            password (see :func:`redact_url`); the message does not repeat it.
         SchemaTooNew: the database was migrated by a newer release of the service.
     """
     kwargs: dict[str, Any] = {
@@ -253,6 +300,8 @@ def connect(
     if password is not None:
         kwargs["password"] = password
     shown = redact_url(database_url)
+    if shown == MISTYPED:  # libpq would fail on it with a message quoting the password's pieces
+        raise ValueError(f"database_url is {MISTYPED[1:-1]}")
     started = time.monotonic()
     try:
         with psycopg.connect(database_url, **kwargs) as conn:

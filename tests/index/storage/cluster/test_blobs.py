@@ -8,7 +8,13 @@ import time
 
 import pytest
 
-from index.storage.cluster.blobs import S3_CONFIG, BlobStore, StorageUnavailable, library_blobs
+from index.storage.cluster.blobs import (
+    S3_CONFIG,
+    BlobStore,
+    StorageUnavailable,
+    library_blobs,
+    redact_store_url,
+)
 
 
 def test_objects_round_trip(blob_root, tmp_path):
@@ -120,3 +126,31 @@ def test_the_url_shows_no_credentials(s3_server):
 def test_an_unknown_protocol_is_named():
     with pytest.raises(ValueError, match="cannot open object store nope://x"):
         BlobStore.open("nope://x")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("s3://bucket/prefix", "s3://bucket/prefix"),
+        ("file:///srv/blobs", "file:///srv/blobs"),
+        ("/srv/blobs", "/srv/blobs"),
+        # issue 26: userinfo ends only at '@' (as libpq reads it), not at '#', '?' or '%'
+        ("s3://AKIDEXAMPLE:s3cr#t@bucket/p", "s3://***@bucket/p"),
+        ("s3://AKIDEXAMPLE:pa?ss@bucket/p", "s3://***@bucket/p"),
+        ("s3://AKIDEXAMPLE:50%25@bucket/p", "s3://***@bucket/p"),
+        ("gs://t0ken@bucket/p", "gs://***@bucket/p"),
+        ("az://container/p?sv=2024&sig=s3cr3t", "az://container/p?sv=***&sig=***"),
+        ("s3://bucket/p/user@example", "s3://bucket/p/user@example"),  # an '@' in a key is no credential
+    ],
+)
+def test_store_urls_are_shown_without_credentials(url: str, shown: str) -> None:
+    assert redact_store_url(url) == shown
+
+
+def test_credentials_in_the_store_url_never_reach_its_description_or_errors():
+    pytest.importorskip("s3fs")
+    store = BlobStore.open("s3://AKIDEXAMPLE:s3cr#t@bucket/blobs")  # nothing is contacted
+    assert "s3cr" not in store.url and "AKID" not in store.url and "s3cr" not in repr(store)
+    with pytest.raises(ValueError) as caught:
+        BlobStore.open("nope://AKIDEXAMPLE:s3cr#t@x/p")
+    assert "s3cr" not in str(caught.value) and "AKID" not in str(caught.value)

@@ -10,7 +10,9 @@ import psycopg
 import pytest
 
 from index.storage.cluster.pg.db import (
+    MISTYPED,
     STEPS,
+    UNPARSABLE,
     DatabaseUnavailable,
     connect,
     migrate,
@@ -27,13 +29,40 @@ from tests.pg_server import free_port
         ("postgresql://app:s3cret@db:5432/x", "postgresql://app:***@db:5432/x"),
         ("postgresql://app:p%40ss@db/x?sslmode=require", "postgresql://app:***@db/x?sslmode=require"),
         ("postgresql://app@db/x", "postgresql://app@db/x"),
-        ("postgresql://db/x?user=app&password=s3cret", "postgresql://db/x?user=app&password=***"),
-        ("host=db user=app password=s3cret dbname=x", "host=db user=app password=*** dbname=x"),
-        ("host=db password='s3 cret' dbname=x", "host=db password=*** dbname=x"),
+        ("postgresql://db/x?user=app&password=s3cret", "postgresql://app:***@db/x"),
+        ("host=db user=app password=s3cret dbname=x", "postgresql://app:***@db/x"),
+        ("host=db password='s3 cret' dbname=x", "postgresql://:***@db/x"),
+        # issue 26: libpq ends a password only at '@' (urlsplit stopped at '#' and '?')
+        ("postgresql://svc:s3cr#t@db/images", "postgresql://svc:***@db/images"),
+        ("postgresql://svc:pa?ss@db/images", "postgresql://svc:***@db/images"),
+        ("postgresql://svc:50%25off@db/images", "postgresql://svc:***@db/images"),
+        ("postgresql://svc:a%40b%2Fc@db/images", "postgresql://svc:***@db/images"),
+        # ... and reads query parameters with percent-encoded names
+        ("postgresql://svc@db/images?passwor%64=s3cret", "postgresql://svc:***@db/images"),
+        ("postgresql://db/images?%70assword=s3cret&sslpassword=k3y", "postgresql://:***@db/images?sslpassword=***"),
+        ("postgresql://svc@h1:5432,h2:5433/x?application_name=a%20b", "postgresql://svc@h1:5432,h2:5433/x?application_name=a%20b"),
+        ("postgresql://svc@%2Fvar%2Frun%2Fpostgresql/x", "postgresql://svc@%2Fvar%2Frun%2Fpostgresql/x"),
+        ("postgresql://svc:s3cret@[::1]:5432/x", "postgresql://svc:***@[::1]:5432/x"),
+        # an unencoded '@' or '/' in the password: libpq reads its rest as host, port or database name
+        ("postgresql://svc:s3@cret@db/x", MISTYPED),
+        ("postgresql://svc:s3/cret@db/x", MISTYPED),
+        ("postgresql://svc:123/456@db/x", MISTYPED),
+        # what libpq cannot parse is not shown at all
+        ("mysql://app:s3cret@db/x", UNPARSABLE),
+        ("postgresql://db/x?password=s3cret%zz", UNPARSABLE),
+        ("host=db password=s3 cret", UNPARSABLE),
     ],
 )
 def test_redact_url_hides_every_password(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+    for piece in ("s3", "cret", "k3y", "456"):
+        assert piece not in redact_url(url)
+
+
+def test_a_password_with_an_unencoded_at_sign_is_refused_before_libpq_quotes_it() -> None:
+    with pytest.raises(ValueError, match="percent-encode") as caught:
+        connect("postgresql://svc:top/secret@db/x")
+    assert "top" not in str(caught.value) and "secret" not in str(caught.value)
 
 
 def in_thread(fn, limit_s: float = 60.0) -> BaseException | None:

@@ -37,9 +37,10 @@ DEFAULT_PRETRAINED = {
 
 MiB = 1024 * 1024
 _IMAGE = ImageLimits.model_fields
-_FETCH = FetchPolicy.model_fields
-_STORAGE = StorageSettings.model_fields
-_SCORES: dict[str, Any] = ScoreCalibration.model_fields  # Any: FieldInfos used as defaults
+# Any: FieldInfos used as defaults (pydantic copies the field, its bounds and description).
+_FETCH: dict[str, Any] = FetchPolicy.model_fields
+_STORAGE: dict[str, Any] = StorageSettings.model_fields
+_SCORES: dict[str, Any] = ScoreCalibration.model_fields
 
 
 class Limits(BaseModel):

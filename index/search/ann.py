@@ -452,8 +452,8 @@ class HnswBase(AnnBase):
         ``hnsw_ef_search_max``.
         """
         if ef is None:
-            ef = config.hnsw_ef_search / max(selectivity, 1e-6) ** 2
-            return int(min(max(ef, k, config.hnsw_ef_search), max(config.hnsw_ef_search_max, k)))
+            default = config.hnsw_ef_search / max(selectivity, 1e-6) ** 2
+            return int(min(max(default, k, config.hnsw_ef_search), max(config.hnsw_ef_search_max, k)))
         return int(max(ef, k))
 
     def methods(self, filtered: bool) -> tuple[str, ...]:

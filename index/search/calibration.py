@@ -81,7 +81,7 @@ class Calibration:
         """
         need = min(target + config.calibration_margin, 1.0)
         s = max(selectivity, 1e-9)
-        plans = []
+        plans: list[Plan] = []
         if s >= UNFILTERED_FROM:
             for step in self.buckets[0].steps:
                 if step.recall >= need:
@@ -96,9 +96,9 @@ class Calibration:
                 # passes nothing nearby, and random-subset calibration does not see that.
                 if method == "hnsw" and "ivf" in methods and s < config.filter_ivf_max_selectivity:
                     continue
-                value = self._filtered_effort(method, s, need)
-                if value is not None:
-                    plans.append(Plan(method, value))
+                effort = self._filtered_effort(method, s, need)
+                if effort is not None:
+                    plans.append(Plan(method, effort))
         if not plans:
             return EXACT
         return min(plans, key=lambda p: (base.cost(p, k, s, config), p.method))

@@ -18,7 +18,7 @@ from index.catalog import Catalog
 from index.errors import InvalidParameter, LibraryNotFound, Overloaded, TaskNotFound
 from index.ingest.fetch import FetchPolicy
 from index.ingest.importer import ImportRunner, ImportSettings
-from index.ingest.lines import LineReader, parse_line
+from index.ingest.lines import ByteBudget, LineReader, parse_line
 from index.ingest.tasks import TaskStore
 from index.model.imaging import ImageLimits
 from index.store import LibraryStore
@@ -510,3 +510,160 @@ def test_finished_tasks_past_their_retention_are_deleted_when_the_runner_starts(
 def test_retention_must_be_positive():
     with pytest.raises(pydantic.ValidationError, match="finished_task_retention_days"):
         ImportSettings(finished_task_retention_days=0)
+
+
+# -- hardening: bounded bytes, stalls, cancel, one log line per task --------------------------------
+
+
+def test_a_gzip_bomb_of_long_lines_never_holds_more_than_the_budget(env, monkeypatch):
+    """The issue's bomb: 3 chunks of 256 lines of up to max_line_bytes each were held at once (a 66 KB
+    gzip held 64 MiB in one chunk). Now lines wait for room in the task's budget."""
+    import gzip
+
+    limit = 1024 * 1024
+    line = b'{"image_id": "b", "image_uri": "u", "image_base64": "' + b"A" * (limit - 60) + b'"}\n'
+    path = env.inbox / "bomb.jsonl.gz"
+    with gzip.open(path, "wb") as f:
+        for _ in range(40):
+            f.write(line)
+    runner = env.runner(
+        max_line_bytes=limit,
+        max_task_bytes_in_flight=4 * limit,
+        max_bytes_in_flight=4 * limit,
+        chunk_lines=256,
+        chunks_in_flight=3,
+        max_gzip_ratio=100_000,  # the ratio limit alone would stop this bomb: see test_sources.py
+    )
+    peak = [0]
+    take = ByteBudget.try_take
+
+    def watched(self: ByteBudget, n: int) -> bool:
+        ok = take(self, n)
+        peak[0] = max(peak[0], runner._budget.used)
+        return ok
+
+    monkeypatch.setattr(ByteBudget, "try_take", watched)
+    d = asyncio.run(run_task(runner, str(path), uid=env.uid))
+    assert (d["state"], d["failed"]) == ("FAILED", 40), d
+    assert "image_base64" in d["errors"][0]["reason"]
+    assert 2 * limit < peak[0] <= 4 * limit
+    assert runner._budget.used == 0  # everything given back
+
+
+def test_a_gzip_of_newlines_fails_fast_on_the_blank_line_limit(env):
+    import gzip
+    import time
+
+    path = env.inbox / "nl.jsonl.gz"
+    path.write_bytes(gzip.compress(b"\n" * (4 * 1024 * 1024)))  # 4 KB of gzip
+    start = time.process_time()
+    d = asyncio.run(run_task(env.runner(max_blank_lines=10_000), str(path), uid=env.uid))
+    assert d["state"] == "FAILED" and "more than 10000 blank lines (imports.max_blank_lines)" in d["error"]
+    assert time.process_time() - start < 2.0
+
+
+def test_a_source_over_its_gzip_ratio_fails_the_task_with_the_limit_named(env):
+    import gzip
+
+    path = env.inbox / "r.jsonl.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(json.dumps(good(1)).encode() + b"\n")
+        for _ in range(40):
+            f.write(b" " * 1024 * 1024)
+    d = asyncio.run(run_task(env.runner(max_gzip_ratio=50), str(path), uid=env.uid))
+    assert d["state"] == "FAILED" and "imports.max_gzip_ratio" in d["error"], d
+
+
+def test_a_dripping_http_source_fails_the_task(env):
+    """A server that sends a byte at a time, each within the read timeout, is cut off (scaled down)."""
+    from tests.index.ingest.test_sources import drip_server
+
+    with drip_server(0.1) as url:
+        runner = env.runner(min_source_bytes_per_s=100, source_rate_window_s=1.0)
+        d = asyncio.run(run_task(runner, url, uid=env.uid))
+    assert d["state"] == "FAILED" and "imports.min_source_bytes_per_s" in d["error"], d
+
+
+def test_cancel_stops_a_running_task_frees_its_slot_and_is_idempotent(env):
+    with loopback_server() as srv:
+        gated = [{"image_id": f"g{i}", "image_uri": srv.img(i, gated=True)} for i in range(6)]
+        slow = env.jsonl([good(1), good(2), good(3), *gated], "slow.jsonl")
+        after = env.jsonl([good(10), good(11)], "after.jsonl")
+
+        async def scenario():
+            runner = env.runner(max_running_tasks=1)
+            await runner.start()
+            try:
+                first = await runner.create("lib", env.uid, slow, True)
+                second = await runner.create("lib", env.uid, after, True)
+                pending = await runner.create("lib", env.uid, after, True)
+                async with asyncio.timeout(30):
+                    while (await runner.describe(first.task_id))["succeeded"] < 3:
+                        await asyncio.sleep(0.02)
+                assert (await runner.describe(second.task_id))["state"] == "PENDING"
+                cancelled_pending = await runner.cancel(pending.task_id)
+                d = await runner.cancel(first.task_id)  # its gated fetches never answer
+                assert first.task_id not in runner._running
+                done = await wait_done(runner, second.task_id, timeout_s=30)  # the slot is free
+                again = await runner.cancel(first.task_id)
+                finished = await runner.cancel(second.task_id)
+                return cancelled_pending, d, done, again, finished
+            finally:
+                await runner.close()
+
+        cancelled_pending, d, done, again, finished = asyncio.run(scenario())
+    assert cancelled_pending["state"] == "CANCELLED" and cancelled_pending["started_at"] is None
+    assert (d["state"], d["succeeded"], d["failed"], d["error"]) == ("CANCELLED", 3, 0, None)
+    assert d["finished_at"] is not None
+    assert done["state"] == "SUCCEEDED"
+    assert again == d and finished == done  # idempotent: a finished task is answered unchanged
+    assert {r[0] for r in env.records()} == {"id1", "id2", "id3", "id10", "id11"}
+
+
+def test_cancel_of_an_unknown_task_is_task_not_found(env):
+    async def scenario():
+        runner = env.runner()
+        with pytest.raises(TaskNotFound):
+            await runner.cancel("0" * 32)
+
+    asyncio.run(scenario())
+
+
+def test_line_errors_are_logged_once_per_task_as_a_count(env, caplog):
+    """Malformed URIs and deeply nested JSON lines each logged a traceback at ERROR; now one INFO line
+    per task counts the line errors."""
+    import logging
+
+    lines = [good(1)] + [{"image_id": f"m{i}", "image_uri": "http://[127.0.0.1]/x.jpg"} for i in range(5)]
+    lines += ["[" * 5000 + "]" * 5000] * 3
+    with caplog.at_level(logging.INFO, logger="index.ingest.importer"):
+        d = asyncio.run(run_task(env.runner(), env.jsonl(lines), uid=env.uid))
+    assert (d["state"], d["succeeded"], d["failed"]) == ("PARTIALLY_SUCCEEDED", 1, 8), d
+    reasons = [e["reason"] for e in d["errors"]]
+    assert all(r.startswith("image_uri:") for r in reasons[:5]), reasons
+    assert reasons[5:] == ["not valid JSON: nested too deeply"] * 3
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    (summary,) = [r.getMessage() for r in caplog.records if "line errors" in r.getMessage()]
+    assert "8 line errors" in summary and "image_uri: 5" in summary and "not valid JSON: 3" in summary
+
+
+def test_an_internal_error_is_logged_in_full_once_per_task(env, caplog, monkeypatch):
+    import logging
+
+    def broken(data):
+        raise RuntimeError("bug")
+
+    runner = env.runner()
+    monkeypatch.setattr(runner, "_pixels", broken)
+    with caplog.at_level(logging.INFO, logger="index.ingest.importer"):
+        d = asyncio.run(run_task(runner, env.jsonl([good(i) for i in range(4)]), uid=env.uid))
+    assert d["failed"] == 4 and all("internal error (incident" in e["reason"] for e in d["errors"])
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+
+
+def test_byte_budgets_must_fit_a_line():
+    with pytest.raises(pydantic.ValidationError, match="more than max_line_bytes"):
+        ImportSettings(max_line_bytes=64 * 1024 * 1024, max_task_bytes_in_flight=32 * 1024 * 1024)
+    with pytest.raises(pydantic.ValidationError, match="at least max_task_bytes_in_flight"):
+        ImportSettings(max_task_bytes_in_flight=512 * 1024 * 1024, max_bytes_in_flight=256 * 1024 * 1024)

@@ -205,6 +205,7 @@ class Run:
     budget: ByteBudget
     stop: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
+    save_image: bool = True  # the task's: else an image is dropped once decoded
     line_errors: collections.Counter[str] = field(default_factory=collections.Counter)
     internal_errors: int = 0
 
@@ -438,6 +439,7 @@ class ImportRunner:
     async def _import(self, run: Run) -> None:
         task_id = run.task_id
         task = await asyncio.to_thread(self.tasks.get, task_id)
+        run.save_image = task.save_image
         self._check_library(task)
         task = await asyncio.to_thread(self.tasks.start, task_id, self.owner)
         if task.total is None and is_local_source(task.source):
@@ -666,14 +668,15 @@ class ImportRunner:
                 return LineError(line, f"image_uri: {exc}", parsed.image_id, parsed.image_uri)
             except ValueError:  # urlsplit on a malformed URI, e.g. http://[127.0.0.1]/x.jpg
                 return LineError(line, "image_uri: not a valid URI", parsed.image_id, parsed.image_uri)
-            # The fetched image is held until the commit: the reader waits while the budget is full.
-            run.budget.charge(len(data))
-            chunk.held += len(data)
+            if run.save_image:  # held for the commit (the frame): the reader waits while it fills the budget
+                run.budget.charge(len(data))
+                chunk.held += len(data)
         try:
             pixels = await loop.run_in_executor(self._cpu_pool, self._pixels, data)
         except (ImageDecodeError, ImageTooLarge) as exc:
             return LineError(line, f"{field_name}: {exc}", parsed.image_id, parsed.image_uri)
-        return Prepared(line, parsed.image_id, parsed.image_uri, parsed.tags, data, pixels)
+        kept = data if run.save_image else b""
+        return Prepared(line, parsed.image_id, parsed.image_uri, parsed.tags, kept, pixels)
 
     def _pixels(self, data: bytes) -> np.ndarray:
         img = decode_image(data, self.image_limits, min_side_hint=max(self.preprocess.size))

@@ -550,6 +550,25 @@ def test_a_gzip_bomb_of_long_lines_never_holds_more_than_the_budget(env, monkeyp
     assert runner._budget.used == 0  # everything given back
 
 
+@pytest.mark.parametrize("save_image", [True, False])
+def test_fetched_images_count_in_the_budget_only_while_they_are_kept(env, monkeypatch, save_image):
+    charged: list[int] = []
+    charge = ByteBudget.charge
+
+    def watched(self: ByteBudget, n: int) -> None:
+        charged.append(n)
+        charge(self, n)
+
+    monkeypatch.setattr(ByteBudget, "charge", watched)
+    with loopback_server() as srv:
+        source = env.jsonl([{"image_id": f"u{i}", "image_uri": srv.img(i)} for i in range(4)])
+        runner = env.runner()
+        d = asyncio.run(run_task(runner, source, uid=env.uid, save_image=save_image))
+    assert (d["state"], d["succeeded"]) == ("SUCCEEDED", 4)
+    assert len(charged) == (4 if save_image else 0) and all(n > 100 for n in charged)
+    assert runner._budget.used == 0
+
+
 def test_a_gzip_of_newlines_fails_fast_on_the_blank_line_limit(env):
     import gzip
     import time

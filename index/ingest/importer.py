@@ -443,7 +443,7 @@ class ImportRunner:
         self._check_library(task)
         task = await asyncio.to_thread(self.tasks.start, task_id, self.owner)
         if task.total is None and is_local_source(task.source):
-            total = await asyncio.to_thread(self._count, task.source)
+            total = await asyncio.to_thread(self._count, task.source, run.stop)
             if total > self.settings.max_task_lines:
                 raise TaskFailed(self._too_many_lines())
             await asyncio.to_thread(self.tasks.set_total, task_id, self.owner, total)
@@ -484,8 +484,8 @@ class ImportRunner:
             budget=budget,
         )
 
-    def _count(self, source: str) -> int:
-        stream = self._open(source)
+    def _count(self, source: str, stop: threading.Event) -> int:
+        stream = self._open(source, stop)
         try:
             return self._guarded_read(self._reader(stream, None).count_rest)
         finally:

@@ -188,21 +188,19 @@ class LineReader:
     def _next(self) -> tuple[int, bytes | None] | None:
         """The next non-blank line as (line number, bytes, or None when too long); None at the end or
         (setting ``starved``) when the budget has no room for a line."""
-        while True:
-            if self.budget is not None and not self.budget.try_take(self.reservation):
-                self.starved = True
-                return None
-            try:
+        if self.budget is not None and not self.budget.try_take(self.reservation):
+            self.starved = True
+            return None
+        kept = 0
+        try:
+            item = self._read_one()
+            while item is not None and item[0] == -1:  # blank lines hold nothing
                 item = self._read_one()
-            except BaseException:
-                if self.budget is not None:
-                    self.budget.give(self.reservation)
-                raise
+            kept = len(item[1]) if item is not None and item[1] is not None else 0
+            return item
+        finally:
             if self.budget is not None:
-                kept = len(item[1]) if item is not None and item[1] is not None else 0
                 self.budget.give(self.reservation - kept)
-            if item is None or item[0] != -1:
-                return item
 
     def _read_one(self) -> tuple[int, bytes | None] | None:
         """One physical line: (number, content or None when too long), (-1, None) for a blank line,

@@ -243,3 +243,15 @@ def test_results_keep_fields_a_newer_service_adds(scripted):
     [hit] = ImageSearchClient(scripted.url).search_by_id("lib", "a")
     assert hit.image_bytes() == b"hi"
     assert hit.rank_reason == "x"  # type: ignore[attr-defined]
+
+
+def test_cancel_import_task_posts_the_id_and_returns_the_task(scripted):
+    cancelled = {"task_id": "t1", "library_name": "lib", "state": "CANCELLED", "succeeded": 4}
+    scripted.replies = [ok(cancelled), err(404, "TASK_NOT_FOUND", "no")]
+    client = ImageSearchClient(scripted.url)
+    task = client.cancel_import_task("t1")
+    assert (task.state, task.succeeded, task.done) == ("CANCELLED", 4, True)
+    assert scripted.received[0]["path"] == PREFIX + "/image/tasks/cancel"
+    assert scripted.received[0]["json"] == {"task_id": "t1"}
+    with pytest.raises(TaskNotFoundError):
+        client.cancel_import_task("t2")

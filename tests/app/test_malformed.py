@@ -49,6 +49,7 @@ VALID: dict[str, dict[str, Any]] = {
     "/search/by-image": {"library_name": LIB, "image_base64": IMG},
     "/search/by-text": {"library_name": LIB, "query_text": "x"},
     "/search/by-id": {"library_name": LIB, "image_id": "known"},
+    "/image/tasks/cancel": {"task_id": "0" * 32},
 }
 
 
@@ -241,6 +242,14 @@ SPECIFIC: list[Case] = [
     bad("/search/by-id", names="tag_filter[0].op", tag_filter=[{"field": "a", "op": "~", "value": 1}]),
     bad("/search/by-id", 404, "IMAGE_NOT_FOUND", names="'ghost'", image_id="ghost"),
     bad("/search/by-id", 404, "LIBRARY_NOT_FOUND", names=MISSING, library_name=MISSING),
+    # -- image/tasks/cancel (no library_name: not in POST_ROUTES' generic cases)
+    bad("/image/tasks/cancel", names="task_id", task_id=DROP),
+    bad("/image/tasks/cancel", names="task_id", task_id=5),
+    bad("/image/tasks/cancel", names="task_id", task_id="a" * 257),
+    bad("/image/tasks/cancel", names="library_name: unknown field", library_name=LIB),
+    bad("/image/tasks/cancel", 404, "TASK_NOT_FOUND", names="does not exist"),
+    bad("/image/tasks/cancel", 404, "TASK_NOT_FOUND", names="does not exist", task_id="../x"),
+    raw("GET", "/image/tasks/cancel", None, 405, "METHOD_NOT_ALLOWED", "Method Not Allowed"),
     # -- methods, routes, content types and sizes
     raw("GET", "/image/add", None, 405, "METHOD_NOT_ALLOWED", "Method Not Allowed"),
     raw("DELETE", "/library/create", None, 405, "METHOD_NOT_ALLOWED", "Method Not Allowed"),

@@ -203,3 +203,33 @@ def test_the_reader_takes_each_line_from_the_budget_and_starves_when_it_is_full(
     assert parent.used == 0
     budget.give(18)
     assert parent.used == 0 and r.read_chunk(5) == [] and r.starved
+
+
+def test_a_chunked_http_source_is_read_whole(inbox):
+    """http sources are read with read1 (so every byte is metered as it arrives): chunked bodies too."""
+
+    class Chunked(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(5):
+                line = b'{"i": %d}\n' % i
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+            self.wfile.write(b"0\r\n\r\n")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Chunked)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/c.jsonl"
+        with open_source(url, policy=policy(inbox), limits=SourceLimits(min_bytes_per_s=1)) as s:
+            lines = LineReader(s, max_line_bytes=100).read_chunk(10)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [raw for _, raw in lines] == [b'{"i": %d}' % i for i in range(5)]

@@ -205,6 +205,7 @@ class Run:
     budget: ByteBudget
     stop: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no chunk is being committed
     save_image: bool = True  # the task's: else an image is dropped once decoded
     line_errors: collections.Counter[str] = field(default_factory=collections.Counter)
     internal_errors: int = 0
@@ -266,6 +267,7 @@ class ImportRunner:
         self._queue: collections.deque[str] = collections.deque()
         self._running: dict[str, asyncio.Task[None]] = {}
         self._runs: dict[str, Run] = {}
+        self._cancelling: set[str] = set()  # not to be queued again by a heartbeat meanwhile
         # Bytes of lines (and fetched images) of every running task, between reading and committing.
         self._budget = ByteBudget(settings.max_bytes_in_flight)
         self._wake = asyncio.Event()
@@ -337,20 +339,27 @@ class ImportRunner:
         """Cancel a PENDING or RUNNING task (it ends CANCELLED with what it committed); a finished task
         is left as it is. Returns the task object. Raises TaskNotFound.
 
-        The task's state changes in the task store first, so a runner that holds the task elsewhere
-        stops at its next commit (LostOwnership); here its source read stops at the next read and its
-        slot is free at once.
+        Here, the task starts no new commit and its source read stops at the next read; a commit in
+        progress finishes first (so every record it wrote is counted), then the state changes in the
+        task store and the task's slot is free. A runner that holds the task elsewhere stops at its
+        next commit (LostOwnership).
         """
-        await asyncio.to_thread(self.tasks.cancel, task_id)
-        with contextlib.suppress(ValueError):
-            self._queue.remove(task_id)
         run = self._runs.get(task_id)
         work = self._running.get(task_id)
         if run is not None and work is not None:
             run.cancelled = True
             run.stop.set()
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
+            await run.idle.wait()
+        self._cancelling.add(task_id)
+        try:
+            await asyncio.to_thread(self.tasks.cancel, task_id)
+            with contextlib.suppress(ValueError):
+                self._queue.remove(task_id)
+            if work is not None:
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+        finally:
+            self._cancelling.discard(task_id)
         return await self.describe(task_id)
 
     # -- scheduling ------------------------------------------------------------------------------
@@ -363,6 +372,7 @@ class ImportRunner:
                 if task_id not in self._running:
                     budget = ByteBudget(self.settings.max_task_bytes_in_flight, parent=self._budget)
                     run = self._runs[task_id] = Run(task_id, budget)
+                    run.idle.set()
                     self._running[task_id] = asyncio.create_task(self._run(run), name=f"import-{task_id}")
             # asyncio.timeout, not wait_for: 3.11's wait_for loses a cancel that races with the wake-up
             with contextlib.suppress(TimeoutError):
@@ -379,7 +389,7 @@ class ImportRunner:
                 logger.exception("import runner heartbeat failed")
                 continue
             for t in held:  # tasks of a runner that died without a restart of this one
-                if t.task_id not in self._running and t.task_id not in self._queue:
+                if t.task_id not in (*self._running, *self._queue, *self._cancelling):
                     self._queue.append(t.task_id)
             await self._prune_expired()
 
@@ -555,6 +565,17 @@ class ImportRunner:
             await asyncio.gather(*(w for _, w in inflight), return_exceptions=True)
 
     async def _commit(
+        self, task: Task, end_line: int, ready: list[Prepared], errors: list[LineError], run: Run
+    ) -> None:
+        if run.stop.is_set():
+            raise SourceStopped("the task was cancelled")
+        run.idle.clear()
+        try:
+            await self._write_and_record(task, end_line, ready, errors, run)
+        finally:
+            run.idle.set()
+
+    async def _write_and_record(
         self, task: Task, end_line: int, ready: list[Prepared], errors: list[LineError], run: Run
     ) -> None:
         self._check_library(task)

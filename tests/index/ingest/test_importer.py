@@ -639,6 +639,34 @@ def test_cancel_stops_a_running_task_frees_its_slot_and_is_idempotent(env):
     assert {r[0] for r in env.records()} == {"id1", "id2", "id3", "id10", "id11"}
 
 
+def test_cancel_lets_a_commit_in_progress_finish_so_every_written_record_is_counted(env):
+    async def scenario():
+        writing, release = asyncio.Event(), asyncio.Event()
+
+        async def slow_write(name, uid, records):
+            writing.set()
+            await release.wait()
+            return await env.write(name, uid, records)
+
+        runner = env.runner(write=slow_write)
+        await runner.start()
+        try:
+            task = await runner.create("lib", env.uid, env.jsonl([good(i) for i in range(9)]), True)
+            await asyncio.wait_for(writing.wait(), 30)
+            cancel = asyncio.create_task(runner.cancel(task.task_id))
+            await asyncio.sleep(0.3)
+            assert not cancel.done()  # it waits for the write of the first chunk
+            assert (await runner.describe(task.task_id))["state"] == "RUNNING"
+            release.set()
+            return await asyncio.wait_for(cancel, 30)
+        finally:
+            await runner.close()
+
+    d = asyncio.run(scenario())
+    assert (d["state"], d["succeeded"], d["failed"]) == ("CANCELLED", 3, 0), d
+    assert len(env.records()) == 3 and env.write_calls == 1  # no chunk started after the cancel
+
+
 def test_cancel_of_an_unknown_task_is_task_not_found(env):
     async def scenario():
         runner = env.runner()

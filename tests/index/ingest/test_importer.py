@@ -550,6 +550,44 @@ def test_a_gzip_bomb_of_long_lines_never_holds_more_than_the_budget(env, monkeyp
     assert runner._budget.used == 0  # everything given back
 
 
+def test_two_tasks_share_the_runners_budget_without_deadlock(env, monkeypatch):
+    limit = 256 * 1024
+    line = b'{"image_id": "b", "image_uri": "u", "image_base64": "' + b"A" * (limit - 60) + b'"}\n'
+    sources = []
+    for k in range(2):
+        path = env.inbox / f"bomb{k}.jsonl"
+        path.write_bytes(line * 30)
+        sources.append(str(path))
+    runner = env.runner(
+        max_line_bytes=limit,
+        max_task_bytes_in_flight=4 * limit,
+        max_bytes_in_flight=6 * limit,  # less than two tasks' budgets: they wait on each other
+        max_running_tasks=2,
+        chunk_lines=256,
+    )
+    peak = [0]
+    take = ByteBudget.try_take
+
+    def watched(self: ByteBudget, n: int) -> bool:
+        ok = take(self, n)
+        peak[0] = max(peak[0], runner._budget.used)
+        return ok
+
+    monkeypatch.setattr(ByteBudget, "try_take", watched)
+
+    async def scenario():
+        await runner.start()
+        try:
+            ids = [(await runner.create("lib", env.uid, src, True)).task_id for src in sources]
+            return [await wait_done(runner, t, timeout_s=60) for t in ids]
+        finally:
+            await runner.close()
+
+    for d in asyncio.run(scenario()):
+        assert (d["state"], d["failed"]) == ("FAILED", 30), d
+    assert 4 * limit < peak[0] <= 6 * limit and runner._budget.used == 0
+
+
 @pytest.mark.parametrize("save_image", [True, False])
 def test_fetched_images_count_in_the_budget_only_while_they_are_kept(env, monkeypatch, save_image):
     charged: list[int] = []

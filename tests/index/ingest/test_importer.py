@@ -515,6 +515,20 @@ def test_retention_must_be_positive():
 # -- hardening: bounded bytes, stalls, cancel, one log line per task --------------------------------
 
 
+def watch_peak(monkeypatch: pytest.MonkeyPatch, runner: ImportRunner) -> list[int]:
+    """``[the most bytes the runner's budget held]``, looked at after every take."""
+    peak = [0]
+    take = ByteBudget.try_take
+
+    def watched(self: ByteBudget, n: int) -> bool:
+        ok = take(self, n)
+        peak[0] = max(peak[0], runner._budget.used)
+        return ok
+
+    monkeypatch.setattr(ByteBudget, "try_take", watched)
+    return peak
+
+
 def test_a_gzip_bomb_of_long_lines_never_holds_more_than_the_budget(env, monkeypatch):
     """The issue's bomb: 3 chunks of 256 lines of up to max_line_bytes each were held at once (a 66 KB
     gzip held 64 MiB in one chunk). Now lines wait for room in the task's budget."""
@@ -534,15 +548,7 @@ def test_a_gzip_bomb_of_long_lines_never_holds_more_than_the_budget(env, monkeyp
         chunks_in_flight=3,
         max_gzip_ratio=100_000,  # the ratio limit alone would stop this bomb: see test_sources.py
     )
-    peak = [0]
-    take = ByteBudget.try_take
-
-    def watched(self: ByteBudget, n: int) -> bool:
-        ok = take(self, n)
-        peak[0] = max(peak[0], runner._budget.used)
-        return ok
-
-    monkeypatch.setattr(ByteBudget, "try_take", watched)
+    peak = watch_peak(monkeypatch, runner)
     d = asyncio.run(run_task(runner, str(path), uid=env.uid))
     assert (d["state"], d["failed"]) == ("FAILED", 40), d
     assert "image_base64" in d["errors"][0]["reason"]
@@ -565,15 +571,7 @@ def test_two_tasks_share_the_runners_budget_without_deadlock(env, monkeypatch):
         max_running_tasks=2,
         chunk_lines=256,
     )
-    peak = [0]
-    take = ByteBudget.try_take
-
-    def watched(self: ByteBudget, n: int) -> bool:
-        ok = take(self, n)
-        peak[0] = max(peak[0], runner._budget.used)
-        return ok
-
-    monkeypatch.setattr(ByteBudget, "try_take", watched)
+    peak = watch_peak(monkeypatch, runner)
 
     async def scenario():
         await runner.start()

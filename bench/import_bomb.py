@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import gzip
 import json
 import os
@@ -26,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -88,6 +89,7 @@ async def run(source: str, root: Path, settings: dict[str, Any], sampler: Sample
     from index.model.embedder import ClipEmbedder
     from index.model.imaging import ImageLimits
     from index.model.spec import resolve_model_spec
+    from index.store import NewRecord
     from index.writer import LibraryWriter
 
     embedder = ClipEmbedder.load(resolve_model_spec("tiny-random", device="cpu"))
@@ -95,11 +97,18 @@ async def run(source: str, root: Path, settings: dict[str, Any], sampler: Sample
     writer.create_library("lib", "general_search", None, embedder.info)
     uid = Catalog(root / "root").get("lib").uid
     tasks = TaskStore(root / "root")
+
+    async def encode(batch: np.ndarray) -> np.ndarray:
+        return await asyncio.to_thread(embedder.encode_images, batch)
+
+    async def write(name: str, uid: str, records: list[NewRecord]) -> list[bool]:
+        return await asyncio.to_thread(writer.add_images, name, uid, records)
+
     runner = ImportRunner(
         tasks=tasks,
         catalog=Catalog(root / "root"),
-        encode=functools.partial(asyncio.to_thread, embedder.encode_images),
-        write=lambda n, u, r: asyncio.to_thread(writer.add_images, n, u, r),
+        encode=encode,
+        write=write,
         preprocess=embedder.spec.preprocess,
         settings=ImportSettings(**settings),
         image_limits=ImageLimits(),

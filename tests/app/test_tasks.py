@@ -150,7 +150,9 @@ def test_deleting_the_library_fails_its_running_task(client, library, storage_ro
     assert d["succeeded"] == 4
 
 
-def test_cancel_ends_a_running_task_with_its_counters_and_is_idempotent(client, library, storage_root, srv):
+def test_cancel_ends_a_running_task_with_its_counters_and_is_idempotent(
+    client: Client, library: str, storage_root: str, srv: Loopback
+) -> None:
     lines = [good(i) for i in range(4)] + [
         {"image_id": f"g{i}", "image_uri": srv.img(i, gated=True)} for i in range(4)
     ]
@@ -171,7 +173,7 @@ def test_cancel_ends_a_running_task_with_its_counters_and_is_idempotent(client, 
 
 
 @pytest.mark.parametrize("task_id", ["0" * 32, "not-a-task", "A" * 32])
-def test_cancel_of_an_unknown_task_is_404(client, task_id):
+def test_cancel_of_an_unknown_task_is_404(client: Client, task_id: str) -> None:
     code, env = client.post("/image/tasks/cancel", {"task_id": task_id})
     assert (code, env["status"], env["data"]) == (404, "TASK_NOT_FOUND", None)
     code, env = client.post("/image/tasks/cancel", {"task": task_id})

@@ -10,7 +10,7 @@ import pytest
 
 from image_search_client import cli
 from image_search_client.client import PREFIX
-from tests.client.conftest import LIBRARY, err, ok
+from tests.client.conftest import LIBRARY, Script, err, ok
 
 
 @pytest.mark.parametrize(
@@ -197,7 +197,9 @@ def test_remote_source_without_task_routes_is_a_usage_error(scripted, capsys):
     assert "only the service can read" in capsys.readouterr().err
 
 
-def test_import_cancel_prints_the_cancelled_task(scripted, capsys):
+def test_import_cancel_prints_the_cancelled_task(
+    scripted: Script, capsys: pytest.CaptureFixture[str]
+) -> None:
     scripted.replies = [ok({"task_id": "t9", "library_name": "lib", "state": "CANCELLED", "succeeded": 2})]
     assert cli.main(["--url", scripted.url, "import", "cancel", "t9"]) == 0
     assert json.loads(capsys.readouterr().out)["state"] == "CANCELLED"

@@ -529,7 +529,9 @@ def watch_peak(monkeypatch: pytest.MonkeyPatch, runner: ImportRunner) -> list[in
     return peak
 
 
-def test_a_gzip_bomb_of_long_lines_never_holds_more_than_the_budget(env, monkeypatch):
+def test_a_gzip_bomb_of_long_lines_never_holds_more_than_the_budget(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The issue's bomb: 3 chunks of 256 lines of up to max_line_bytes each were held at once (a 66 KB
     gzip held 64 MiB in one chunk). Now lines wait for room in the task's budget."""
     import gzip
@@ -556,7 +558,9 @@ def test_a_gzip_bomb_of_long_lines_never_holds_more_than_the_budget(env, monkeyp
     assert runner._budget.used == 0  # everything given back
 
 
-def test_two_tasks_share_the_runners_budget_without_deadlock(env, monkeypatch):
+def test_two_tasks_share_the_runners_budget_without_deadlock(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     limit = 256 * 1024
     line = b'{"image_id": "b", "image_uri": "u", "image_base64": "' + b"A" * (limit - 60) + b'"}\n'
     sources = []
@@ -587,7 +591,9 @@ def test_two_tasks_share_the_runners_budget_without_deadlock(env, monkeypatch):
 
 
 @pytest.mark.parametrize("save_image", [True, False])
-def test_fetched_images_count_in_the_budget_only_while_they_are_kept(env, monkeypatch, save_image):
+def test_fetched_images_count_in_the_budget_only_while_they_are_kept(
+    env: Env, monkeypatch: pytest.MonkeyPatch, save_image: bool
+) -> None:
     charged: list[int] = []
     charge = ByteBudget.charge
 
@@ -605,7 +611,7 @@ def test_fetched_images_count_in_the_budget_only_while_they_are_kept(env, monkey
     assert runner._budget.used == 0
 
 
-def test_a_gzip_of_newlines_fails_fast_on_the_blank_line_limit(env):
+def test_a_gzip_of_newlines_fails_fast_on_the_blank_line_limit(env: Env) -> None:
     import gzip
     import time
 
@@ -617,7 +623,7 @@ def test_a_gzip_of_newlines_fails_fast_on_the_blank_line_limit(env):
     assert time.process_time() - start < 2.0
 
 
-def test_a_source_over_its_gzip_ratio_fails_the_task_with_the_limit_named(env):
+def test_a_source_over_its_gzip_ratio_fails_the_task_with_the_limit_named(env: Env) -> None:
     import gzip
 
     path = env.inbox / "r.jsonl.gz"
@@ -629,7 +635,7 @@ def test_a_source_over_its_gzip_ratio_fails_the_task_with_the_limit_named(env):
     assert d["state"] == "FAILED" and "imports.max_gzip_ratio" in d["error"], d
 
 
-def test_a_dripping_http_source_fails_the_task(env):
+def test_a_dripping_http_source_fails_the_task(env: Env) -> None:
     """A server that sends a byte at a time, each within the read timeout, is cut off (scaled down)."""
     from tests.index.ingest.test_sources import drip_server
 
@@ -639,7 +645,7 @@ def test_a_dripping_http_source_fails_the_task(env):
     assert d["state"] == "FAILED" and "imports.min_source_bytes_per_s" in d["error"], d
 
 
-def test_cancel_stops_a_running_task_frees_its_slot_and_is_idempotent(env):
+def test_cancel_stops_a_running_task_frees_its_slot_and_is_idempotent(env: Env) -> None:
     with loopback_server() as srv:
         gated = [{"image_id": f"g{i}", "image_uri": srv.img(i, gated=True)} for i in range(6)]
         slow = env.jsonl([good(1), good(2), good(3), *gated], "slow.jsonl")
@@ -675,7 +681,7 @@ def test_cancel_stops_a_running_task_frees_its_slot_and_is_idempotent(env):
     assert {r[0] for r in env.records()} == {"id1", "id2", "id3", "id10", "id11"}
 
 
-def test_cancel_lets_a_commit_in_progress_finish_so_every_written_record_is_counted(env):
+def test_cancel_lets_a_commit_in_progress_finish_so_every_written_record_is_counted(env: Env) -> None:
     async def scenario():
         writing, release = asyncio.Event(), asyncio.Event()
 
@@ -703,7 +709,7 @@ def test_cancel_lets_a_commit_in_progress_finish_so_every_written_record_is_coun
     assert len(env.records()) == 3 and env.write_calls == 1  # no chunk started after the cancel
 
 
-def test_cancel_of_an_unknown_task_is_task_not_found(env):
+def test_cancel_of_an_unknown_task_is_task_not_found(env: Env) -> None:
     async def scenario():
         runner = env.runner()
         with pytest.raises(TaskNotFound):
@@ -712,7 +718,7 @@ def test_cancel_of_an_unknown_task_is_task_not_found(env):
     asyncio.run(scenario())
 
 
-def test_line_errors_are_logged_once_per_task_as_a_count(env, caplog):
+def test_line_errors_are_logged_once_per_task_as_a_count(env: Env, caplog: pytest.LogCaptureFixture) -> None:
     """Malformed URIs and deeply nested JSON lines each logged a traceback at ERROR; now one INFO line
     per task counts the line errors."""
     import logging
@@ -730,7 +736,9 @@ def test_line_errors_are_logged_once_per_task_as_a_count(env, caplog):
     assert "8 line errors" in summary and "image_uri: 5" in summary and "not valid JSON: 3" in summary
 
 
-def test_an_internal_error_is_logged_in_full_once_per_task(env, caplog, monkeypatch):
+def test_an_internal_error_is_logged_in_full_once_per_task(
+    env: Env, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import logging
 
     def broken(data):
@@ -745,7 +753,7 @@ def test_an_internal_error_is_logged_in_full_once_per_task(env, caplog, monkeypa
     assert len(errors) == 1 and errors[0].exc_info is not None
 
 
-def test_byte_budgets_must_fit_a_line():
+def test_byte_budgets_must_fit_a_line() -> None:
     with pytest.raises(pydantic.ValidationError, match="more than max_line_bytes"):
         ImportSettings(max_line_bytes=64 * 1024 * 1024, max_task_bytes_in_flight=32 * 1024 * 1024)
     with pytest.raises(pydantic.ValidationError, match="at least max_task_bytes_in_flight"):

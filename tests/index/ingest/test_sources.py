@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -26,7 +27,7 @@ from index.ingest.sources import (
 MiB = 1024 * 1024
 
 
-def read_all(stream) -> int:
+def read_all(stream: IO[bytes]) -> int:
     n = 0
     while chunk := stream.read(64 * 1024):
         n += len(chunk)
@@ -42,7 +43,7 @@ def policy(inbox: Path) -> FetchPolicy:
     return FetchPolicy(import_roots=(str(inbox),), allowed_networks=("127.0.0.0/8",))
 
 
-def test_a_gzip_bomb_is_stopped_by_the_ratio_limit(inbox):
+def test_a_gzip_bomb_is_stopped_by_the_ratio_limit(inbox: Path) -> None:
     """The issue's bomb: a gzip of ``A``s inflates about 1000:1; at most 100:1 is read past 16 MiB."""
     path = inbox / "bomb.jsonl.gz"
     with gzip.open(path, "wb", compresslevel=9) as f:
@@ -59,7 +60,7 @@ def test_a_gzip_bomb_is_stopped_by_the_ratio_limit(inbox):
         assert read_all(s) == 64 * MiB  # a ratio it is allowed
 
 
-def test_a_compressible_source_under_the_grace_is_read(inbox):
+def test_a_compressible_source_under_the_grace_is_read(inbox: Path) -> None:
     path = inbox / "small.jsonl.gz"
     path.write_bytes(gzip.compress(b"\n" * (RATIO_GRACE // 2)))
     with open_source(str(path), policy=policy(inbox), limits=SourceLimits(max_gzip_ratio=2)) as s:
@@ -67,7 +68,7 @@ def test_a_compressible_source_under_the_grace_is_read(inbox):
 
 
 @pytest.mark.parametrize("name", ["big.jsonl", "big.jsonl.gz"])
-def test_the_size_limit_counts_bytes_after_decompression(inbox, name):
+def test_the_size_limit_counts_bytes_after_decompression(inbox: Path, name: str) -> None:
     data = b'{"a": 1}\n' * 200_000
     (inbox / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
     limits = SourceLimits(max_bytes=10**6)
@@ -78,7 +79,7 @@ def test_the_size_limit_counts_bytes_after_decompression(inbox, name):
         read_all(s)
 
 
-def test_the_rate_is_measured_over_time_spent_waiting_in_reads():
+def test_the_rate_is_measured_over_time_spent_waiting_in_reads() -> None:
     now = [0.0]
     limits = SourceLimits(min_bytes_per_s=100, rate_window_s=60, deadline_s=1000)
     meter = SourceMeter(limits, remote=True, clock=lambda: now[0])
@@ -97,7 +98,7 @@ def test_the_rate_is_measured_over_time_spent_waiting_in_reads():
         meter.on_wire(1000, 0.0)
 
 
-def test_local_files_have_no_deadline_or_rate():
+def test_local_files_have_no_deadline_or_rate() -> None:
     meter = SourceMeter(SourceLimits(min_bytes_per_s=100, rate_window_s=1, deadline_s=0.001), remote=False)
     time.sleep(0.01)
     meter.on_wire(1, 5.0)
@@ -134,7 +135,7 @@ def drip_server(interval_s: float) -> Iterator[str]:
         server.server_close()
 
 
-def test_a_dripping_http_source_is_cut_off(inbox):
+def test_a_dripping_http_source_is_cut_off(inbox: Path) -> None:
     """The issue's stall, scaled down: a byte every 0.1 s (each within the read timeout) against a minimum
     of 100 bytes/s over 1 s of waiting; before, such a source was never cut off."""
     limits = SourceLimits(min_bytes_per_s=100, rate_window_s=1.0, deadline_s=600)
@@ -148,7 +149,7 @@ def test_a_dripping_http_source_is_cut_off(inbox):
         assert time.monotonic() - start < 5
 
 
-def test_the_deadline_cuts_off_a_remote_source_that_keeps_its_rate(inbox):
+def test_the_deadline_cuts_off_a_remote_source_that_keeps_its_rate(inbox: Path) -> None:
     limits = SourceLimits(deadline_s=0.5)
     with (
         drip_server(0.05) as url,
@@ -158,7 +159,7 @@ def test_the_deadline_cuts_off_a_remote_source_that_keeps_its_rate(inbox):
         read_all(s)
 
 
-def test_a_stopped_source_raises_at_its_next_read(inbox):
+def test_a_stopped_source_raises_at_its_next_read(inbox: Path) -> None:
     (inbox / "a.jsonl").write_bytes(b"{}\n" * 100_000)
     stop = threading.Event()
     with open_source(str(inbox / "a.jsonl"), policy=policy(inbox), stop=stop) as s:
@@ -171,7 +172,7 @@ def test_a_stopped_source_raises_at_its_next_read(inbox):
 # -- the line reader's bounds ----------------------------------------------------------------------
 
 
-def test_blank_lines_count_against_their_limit(inbox):
+def test_blank_lines_count_against_their_limit(inbox: Path) -> None:
     """The issue's stall: a 4 KB gzip of 4 MiB of newlines kept the reader busy for seconds and gave
     nothing; now the reader gives up after max_blank_lines."""
     path = inbox / "nl.jsonl.gz"
@@ -185,7 +186,7 @@ def test_blank_lines_count_against_their_limit(inbox):
     assert time.process_time() - start < 0.5
 
 
-def test_the_reader_takes_each_line_from_the_budget_and_starves_when_it_is_full():
+def test_the_reader_takes_each_line_from_the_budget_and_starves_when_it_is_full() -> None:
     import io
 
     parent = ByteBudget(100)
@@ -205,7 +206,7 @@ def test_the_reader_takes_each_line_from_the_budget_and_starves_when_it_is_full(
     assert parent.used == 0 and r.read_chunk(5) == [] and r.starved
 
 
-def test_a_chunked_http_source_is_read_whole(inbox):
+def test_a_chunked_http_source_is_read_whole(inbox: Path) -> None:
     """http sources are read with read1 (so every byte is metered as it arrives): chunked bodies too."""
 
     class Chunked(http.server.BaseHTTPRequestHandler):

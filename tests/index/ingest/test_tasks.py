@@ -109,7 +109,9 @@ def test_finished_tasks_cannot_be_committed_to(store):
     assert store.count_unfinished() == 0
 
 
-def test_cancel_ends_unfinished_tasks_with_their_counters_and_leaves_finished_ones(store):
+def test_cancel_ends_unfinished_tasks_with_their_counters_and_leaves_finished_ones(
+    store: TaskStorage
+) -> None:
     running, pending, done = (new(store).task_id for _ in range(3))
     store.start(running, "A")
     store.commit_chunk(running, "A", lines_done=4, succeeded=3, errors=[LineError(2, "bad")])

@@ -75,7 +75,7 @@ class ImportSettings(BaseModel):
         1_000_000, gt=0, description="most records in one source (more: the task fails)"
     )
     max_blank_lines: int = Field(
-        100_000, ge=0, description="most blank lines in one source (more: the task fails)"
+        1_000_000, ge=0, description="most blank lines in one source (more: the task fails)"
     )
     max_source_bytes: int = Field(
         64 * GiB,

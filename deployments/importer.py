@@ -58,6 +58,10 @@ class Importer:
     async def get_task(self, task_id: str) -> dict[str, Any]:
         return await self.runner.describe(task_id)
 
+    async def cancel_task(self, task_id: str) -> dict[str, Any]:
+        await self._started
+        return await self.runner.cancel(task_id)
+
     async def _encode(self, batch: np.ndarray) -> np.ndarray:
         try:
             return await self.encoder.embed_image_batch.remote(batch)

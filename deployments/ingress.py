@@ -40,6 +40,7 @@ from deployments.http import (
 from deployments.readiness import DeploymentStates, GuardedHandle, controller_details
 from deployments.schemas import (
     AddImage,
+    CancelTask,
     CreateLibrary,
     CreateTask,
     DeleteImage,
@@ -359,6 +360,13 @@ class Ingress:
         if not TASK_ID_RE.fullmatch(task_id):
             raise TaskNotFound(task_id[:80])
         return envelope(await self.importer.get_task.remote(task_id))
+
+    @api.post(PREFIX + "/image/tasks/cancel", tags=["images"])
+    async def cancel_task(self, body: CancelTask) -> JSONResponse:
+        """Cancel a pending or running import task; a finished one is answered unchanged."""
+        if not TASK_ID_RE.fullmatch(body.task_id):
+            raise TaskNotFound(body.task_id[:80])
+        return envelope(await self.importer.cancel_task.remote(body.task_id))
 
     # -- search ----------------------------------------------------------------------------------
 

@@ -70,6 +70,10 @@ class CreateTask(Request):
     save_image: bool = True
 
 
+class CancelTask(Request):
+    task_id: str = Field(min_length=1, max_length=256, description="the task to cancel")
+
+
 class GetImage(Request):
     library_name: str = LibraryName()
     image_id: str = ImageId()

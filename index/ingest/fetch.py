@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import gzip
-import io
 import ipaddress
 import logging
 import re
@@ -42,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 import certifi
@@ -721,73 +719,3 @@ def check_source(source: str, *, policy: FetchPolicy) -> str:
 def is_local_source(source: str) -> bool:
     """Whether a source returned by :func:`check_source` is a local file (cheap to read twice)."""
     return source.startswith("/")
-
-
-def open_source(source: str, *, policy: FetchPolicy) -> IO[bytes]:
-    """Open an import source for streaming, as a binary file object with ``readline``.
-
-    The policy is :func:`check_source`'s (it runs again here: a task may resume long after it was
-    created); http(s) sources go through the same address checks, pinned connections and checked
-    redirects as image fetches. A name ending in ``.gz`` is decompressed on the fly. The caller closes
-    the stream.
-
-    Raises:
-        FetchError: refused or unreadable source; the message says why.
-    """
-    canonical = check_source(source, policy=policy)
-    stream: IO[bytes]
-    try:
-        if is_local_source(canonical):
-            stream = open(canonical, "rb")  # noqa: SIM115 - handed to the caller, who closes it
-        elif split_uri(canonical).scheme.lower() in policy.schemes:
-            resp, pool = _open_http(
-                canonical, policy=policy, timeout_s=policy.source_timeout_s, deadline=None
-            )
-            stream = _HTTPStream(resp, pool)
-        else:
-            import fsspec
-
-            # fsspec's buffered files have no readline(limit); io.BufferedReader adds it
-            stream = io.BufferedReader(fsspec.open(canonical, "rb").open(), CHUNK)
-    except FetchError:
-        raise
-    except ImportError as exc:
-        raise FetchError(f"cannot read source: {exc}") from exc
-    except FileNotFoundError as exc:
-        raise FetchError("cannot read source: no such file or object") from exc
-    except OSError as exc:
-        raise FetchError(f"cannot read source: {exc.strerror or exc}") from exc
-    except Exception as exc:  # fsspec backends raise their own types
-        raise FetchError(f"cannot read source: {type(exc).__name__}: {exc}") from exc
-    if split_uri(canonical).path.endswith(".gz"):
-        return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[return-value]
-    return stream
-
-
-class _HTTPStream(io.BufferedReader):
-    """A streamed http(s) body with ``readline``; closing it also closes its pinned connection pool."""
-
-    def __init__(self, resp: urllib3.BaseHTTPResponse, pool: urllib3.HTTPConnectionPool) -> None:
-        resp.auto_close = False  # type: ignore[attr-defined]  # BufferedReader must see EOF as b""
-        super().__init__(resp, CHUNK)  # type: ignore[arg-type]
-        self._resp = resp
-        self._pool = pool
-
-    def read(self, size: int | None = -1) -> bytes:
-        try:
-            return super().read(size)
-        except (Urllib3Error, OSError) as exc:
-            raise FetchError(f"reading source failed: {_describe(exc)}") from exc
-
-    def readline(self, size: int | None = -1) -> bytes:
-        try:
-            return super().readline(size)
-        except (Urllib3Error, OSError) as exc:
-            raise FetchError(f"reading source failed: {_describe(exc)}") from exc
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self._resp.release_conn()
-            self._pool.close()

@@ -51,6 +51,7 @@ VALID: dict[str, dict[str, Any]] = {
     "/search/by-id": {"library_name": LIB, "image_id": "known"},
     # only sent with a change that makes it malformed (a valid one would start an import)
     "/image/tasks/create": {"library_name": LIB, "source": "https://images.example.com/x.jsonl"},
+    "/image/tasks/cancel": {"task_id": "0" * 32},
 }
 
 
@@ -264,6 +265,14 @@ SPECIFIC: list[Case] = [
     # image_uri is a key here, never fetched: one urlsplit cannot parse is just not found (no 500)
     bad("/search/by-id", 404, "IMAGE_NOT_FOUND", names="'known'", image_uri=MALFORMED_URIS[0]),
     bad("/search/by-id", 404, "LIBRARY_NOT_FOUND", names=MISSING, library_name=MISSING),
+    # -- image/tasks/cancel (no library_name: not in POST_ROUTES' generic cases)
+    bad("/image/tasks/cancel", names="task_id", task_id=DROP),
+    bad("/image/tasks/cancel", names="task_id", task_id=5),
+    bad("/image/tasks/cancel", names="task_id", task_id="a" * 257),
+    bad("/image/tasks/cancel", names="library_name: unknown field", library_name=LIB),
+    bad("/image/tasks/cancel", 404, "TASK_NOT_FOUND", names="does not exist"),
+    bad("/image/tasks/cancel", 404, "TASK_NOT_FOUND", names="does not exist", task_id="../x"),
+    raw("GET", "/image/tasks/cancel", None, 405, "METHOD_NOT_ALLOWED", "Method Not Allowed"),
     # -- methods, routes, content types and sizes
     raw("GET", "/image/add", None, 405, "METHOD_NOT_ALLOWED", "Method Not Allowed"),
     raw("DELETE", "/library/create", None, 405, "METHOD_NOT_ALLOWED", "Method Not Allowed"),

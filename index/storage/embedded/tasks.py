@@ -20,6 +20,7 @@ from typing import Any
 from index.errors import TaskNotFound
 from index.storage.schema import SQLITE_HISTORY, SqliteSchema, open_sqlite_schema
 from index.storage.tasks import (
+    CANCELLED,
     PENDING,
     RUNNING,
     TASK_COLS,
@@ -260,6 +261,22 @@ class TaskStore:
                 "UPDATE tasks SET state = ?, error = ?, finished_at = ?, updated_at = ? WHERE task_id = ?",
                 (state, error, now, now, task_id),
             )
+
+    def cancel(self, task_id: str) -> Task:
+        """End a PENDING or RUNNING task as CANCELLED, whoever owns it (its counters stay as committed;
+        the owner's next commit raises LostOwnership); a finished task is left unchanged. Returns the
+        task. Raises TaskNotFound."""
+        now = time.time()
+        with self._txn() as conn:
+            row = conn.execute("SELECT state FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            if row is None:
+                raise TaskNotFound(task_id)
+            if row[0] in UNFINISHED:
+                conn.execute(
+                    "UPDATE tasks SET state = ?, finished_at = ?, updated_at = ? WHERE task_id = ?",
+                    (CANCELLED, now, now, task_id),
+                )
+        return self.get(task_id)
 
     def prune_finished(self, *, finished_before: float) -> int:
         """Delete finished tasks (and their error rows) that finished before ``finished_before``.

@@ -15,8 +15,8 @@ from index.ingest.fetch import (
     check_source,
     check_uri,
     fetch_bytes,
-    open_source,
 )
+from index.ingest.sources import open_source
 from index.model.imaging import ImageTooLarge
 from tests.loopback import closed_port_url, loopback_server
 

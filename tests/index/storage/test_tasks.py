@@ -9,7 +9,15 @@ import pytest
 
 from index.errors import TaskNotFound
 from index.storage.interfaces import TaskStorage
-from index.storage.tasks import FAILED, PENDING, RUNNING, SUCCEEDED, LineError, LostOwnership
+from index.storage.tasks import (
+    CANCELLED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    LineError,
+    LostOwnership,
+)
 
 
 @pytest.fixture
@@ -99,6 +107,35 @@ def test_finished_tasks_cannot_be_committed_to(store):
         store.finish(t, "A", RUNNING)
     assert store.describe(t)["error"] == "library deleted"
     assert store.count_unfinished() == 0
+
+
+def test_cancel_ends_unfinished_tasks_with_their_counters_and_leaves_finished_ones(
+    store: TaskStorage
+) -> None:
+    running, pending, done = (new(store).task_id for _ in range(3))
+    store.start(running, "A")
+    store.commit_chunk(running, "A", lines_done=4, succeeded=3, errors=[LineError(2, "bad")])
+    store.finish(done, "A", SUCCEEDED)
+    finished_at = store.get(done).finished_at
+
+    t = store.cancel(running)
+    assert (t.state, t.succeeded, t.failed, t.lines_done, t.error) == (CANCELLED, 3, 1, 4, None)
+    assert t.finished_at is not None and store.describe(running)["errors"][0]["reason"] == "bad"
+    assert store.cancel(pending).state == CANCELLED
+    assert store.count_unfinished() == 0
+    # the owner's next step sees the cancel: it cannot commit or finish any more
+    with pytest.raises(LostOwnership):
+        store.commit_chunk(running, "A", lines_done=8, succeeded=4, errors=[])
+    with pytest.raises(LostOwnership):
+        store.finish(running, "A", SUCCEEDED)
+    assert store.get(running).succeeded == 3
+    # idempotent: a finished or already cancelled task is answered unchanged
+    assert store.cancel(done).state == SUCCEEDED and store.get(done).finished_at == finished_at
+    again = store.cancel(running)
+    assert again.state == CANCELLED and again.finished_at == t.finished_at
+    assert not store.claim("B", all_unfinished=True)
+    with pytest.raises(TaskNotFound):
+        store.cancel("0" * 32)
 
 
 def test_prune_deletes_only_finished_tasks_that_finished_before_the_cutoff(store, monkeypatch):

@@ -19,6 +19,7 @@ import psycopg
 from index.errors import TaskNotFound
 from index.storage.cluster.pg.db import CLAIM_LOCK, Database
 from index.storage.tasks import (
+    CANCELLED,
     PENDING,
     RUNNING,
     TASK_COLS,
@@ -192,6 +193,22 @@ class PgTaskStore:
                 " WHERE task_id = %s",
                 (state, error, now, now, task_id),
             )
+
+    def cancel(self, task_id: str) -> Task:
+        """End a PENDING or RUNNING task as CANCELLED, whoever owns it (its counters stay as committed;
+        the owner's next commit, which locks the same row, raises LostOwnership); a finished task is left
+        unchanged. Returns the task. Raises TaskNotFound."""
+        now = time.time()
+        with self.db.transaction() as conn:
+            row = conn.execute("SELECT state FROM tasks WHERE task_id = %s FOR UPDATE", (task_id,)).fetchone()
+            if row is None:
+                raise TaskNotFound(task_id)
+            if row[0] in UNFINISHED:
+                conn.execute(
+                    "UPDATE tasks SET state = %s, finished_at = %s, updated_at = %s WHERE task_id = %s",
+                    (CANCELLED, now, now, task_id),
+                )
+        return self.get(task_id)
 
     def prune_finished(self, *, finished_before: float) -> int:
         """Delete finished tasks (and their error rows) that finished before ``finished_before``.

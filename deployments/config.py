@@ -41,6 +41,7 @@ _IMAGE = ImageLimits.model_fields
 _FETCH: dict[str, Any] = FetchPolicy.model_fields
 _STORAGE: dict[str, Any] = StorageSettings.model_fields
 _SCORES: dict[str, Any] = ScoreCalibration.model_fields
+_FILTER: dict[str, Any] = FilterLimits.model_fields
 
 
 class Limits(BaseModel):
@@ -71,6 +72,13 @@ class Limits(BaseModel):
     max_filter_depth: int = Field(32, gt=0, description="tag_filter nesting levels")
     max_filter_conditions: int = Field(1000, gt=0, description="conditions in one tag_filter")
     max_filter_in_values: int = Field(1000, gt=0, description="values in one in / not in list")
+    max_filter_cost: int = Field(
+        _FILTER["max_cost"].default,
+        ge=_FILTER["max_cost"].metadata[0].ge,
+        le=_FILTER["max_cost"].metadata[1].le,
+        description="evaluation budget of one tag_filter, checked before it runs (400 above it). "
+        + _FILTER["max_cost"].description.partition(": ")[2],
+    )
     max_tags: int = Field(64, gt=0, description="keys per tag object")
     max_tag_key_length: int = Field(128, gt=0, description="characters in a tag name")
     max_tag_list_length: int = Field(256, gt=0, description="elements in a list-valued tag")
@@ -116,6 +124,7 @@ class Limits(BaseModel):
             max_conditions=self.max_filter_conditions,
             max_in_values=self.max_filter_in_values,
             max_string_length=self.max_tag_string_length,
+            max_cost=self.max_filter_cost,
         )
 
     def tag_limits(self) -> TagLimits:

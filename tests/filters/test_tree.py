@@ -311,11 +311,15 @@ def test_depth_limit_is_configurable() -> None:
         parse_filter([[cond("a", "=", 1)]], limits=limits)
 
 
+# The count limits apart from the cost budget, which the default would hit first for these filters.
+NO_BUDGET = FilterLimits(max_cost=1_000_000)
+
+
 def test_condition_count_limit() -> None:
-    assert parse_filter([cond("a", "=", i) for i in range(1000)]) is not None
+    assert parse_filter([cond("a", "=", i) for i in range(1000)], limits=NO_BUDGET) is not None
 
     with pytest.raises(FilterError) as caught:
-        parse_filter([cond("a", "=", i) for i in range(1001)])
+        parse_filter([cond("a", "=", i) for i in range(1001)], limits=NO_BUDGET)
 
     assert caught.value.path == "tag_filter[1000]"
     assert caught.value.reason == "too many conditions; expected at most 1000 in a filter"
@@ -332,10 +336,11 @@ def test_condition_count_limit_spans_the_whole_tree() -> None:
 
 
 def test_group_count_limit_bounds_empty_groups() -> None:
-    assert parse_filter([[] for _ in range(999)]) is not None  # 1000 groups with the top-level list
+    # 1000 groups with the top-level list
+    assert parse_filter([[] for _ in range(999)], limits=NO_BUDGET) is not None
 
     with pytest.raises(FilterError) as caught:
-        parse_filter([{"or": []} for _ in range(1000)])
+        parse_filter([{"or": []} for _ in range(1000)], limits=NO_BUDGET)
 
     assert caught.value.path == "tag_filter[999].or"
     assert "expected at most 1000" in caught.value.reason
@@ -373,7 +378,7 @@ def test_string_length_limit(make: Any, path: str) -> None:
 
 @pytest.mark.parametrize("bad", [0, -1, True, 2.0, "3", None])
 @pytest.mark.parametrize(
-    "name", ["max_depth", "max_conditions", "max_groups", "max_in_values", "max_string_length"]
+    "name", ["max_depth", "max_conditions", "max_groups", "max_in_values", "max_string_length", "max_cost"]
 )
 def test_filter_limits_must_be_positive_integers(name: str, bad: Any) -> None:
     with pytest.raises(ValueError, match=name):

@@ -38,7 +38,7 @@ Scalar: TypeAlias = str | int | float | bool
 DEFAULT_MAX_COST = 100
 _SCAN_COST = 8  # contains: np.strings.find over the field's distinct strings, then a gather over entries
 _SLOW_SCAN_COST = 32  # contains with a trailing NUL: a Python test per distinct string (filters.columns)
-_ORDER_COST = 4  # a string compared with > >= < <=: a comparison over the distinct strings, then a gather
+_ORDER_COST = 8  # a string compared with > >= < <=: a comparison over the distinct strings, then a gather
 _IN_VALUES_PER_UNIT = 16  # numbers: a binary search per entry, log(values) deep
 
 
@@ -113,8 +113,8 @@ class FilterLimits(BaseModel):
         ge=1,
         le=1_000_000,
         description="evaluation budget of one filter, in cost units (about one vectorised pass over the "
-        "rows each): 1 per condition and per list or 'or', 8 per 'contains' / 'not contains' (4 for a "
-        "string compared with > >= < <=), 32 for a 'contains' whose substring ends with NUL, plus 1 per "
+        "rows each): 1 per condition and per list or 'or', 8 per 'contains' / 'not contains' and per "
+        "string compared with > >= < <=, 32 for a 'contains' whose substring ends with NUL, plus 1 per "
         "16 values of an 'in' / 'not in' list",
     )
 
@@ -185,7 +185,7 @@ class _Parser:
                 self.root,
                 f"filter is too expensive to evaluate: it costs more than the budget of "
                 f"{self.limits.max_cost} units (max_filter_cost); each condition costs 1, each list "
-                f"or 'or' 1, 'contains' 8, a string order comparison 4, 1 more per 16 'in' values",
+                f"or 'or' 1, 'contains' and a string order comparison 8, 1 more per 16 'in' values",
             )
 
     def node(self, raw: Any, path: str, depth: int) -> Node:

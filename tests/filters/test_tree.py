@@ -406,3 +406,68 @@ def test_nodes_are_immutable() -> None:
 @given(trees())
 def test_json_round_trip(tree: Any) -> None:
     assert parse_filter(to_json(tree)) == tree
+
+
+# --- the cost budget (FilterLimits.max_cost) -----
+
+
+def contains(n: int, text: str = "x" * 1024) -> list[dict[str, Any]]:
+    return [cond("name", "contains", text) for _ in range(n)]
+
+
+def test_the_reviews_filter_bomb_is_refused_before_evaluation() -> None:
+    # Issue 26's reproduction: 1,000 'contains' of 1,024 characters (2.5 minutes over 100,000 strings).
+    with pytest.raises(FilterError) as caught:
+        parse_filter(contains(1000))
+
+    assert caught.value.path == "tag_filter"
+    assert "budget of 100 units (max_filter_cost)" in caught.value.reason
+
+
+@pytest.mark.parametrize(
+    ("condition", "units"),
+    [
+        (cond("a", "=", 1), 1),
+        (cond("a", "!=", "x"), 1),
+        (cond("a", ">", 5), 1),
+        (cond("a", ">", "m"), 8),
+        (cond("a", "<=", "m"), 8),
+        (cond("a", "contains", "x"), 8),
+        (cond("a", "not contains", "x"), 8),
+        (cond("a", "contains", "x\x00"), 32),
+        (cond("a", "in", list(range(15))), 1),
+        (cond("a", "not in", list(range(16))), 2),
+        (cond("a", "in", list(range(1000))), 63),
+    ],
+)
+def test_cost_of_each_kind_of_condition(condition: dict[str, Any], units: int) -> None:
+    # In a list (1 unit), the filter fits a budget of its cost and not one unit less.
+    assert parse_filter([condition], limits=FilterLimits(max_cost=units + 1)) is not None
+    with pytest.raises(FilterError, match=r"^tag_filter: .*budget of \d+ units \(max_filter_cost\)"):
+        parse_filter([condition], limits=FilterLimits(max_cost=units))
+
+
+def test_groups_cost_one_unit_each() -> None:
+    raw = [{"or": []}, [], cond("a", "=", 1)]  # 3 groups (with the top-level list) + 1 condition
+    assert parse_filter(raw, limits=FilterLimits(max_cost=4)) is not None
+    with pytest.raises(FilterError, match="max_filter_cost"):
+        parse_filter(raw, limits=FilterLimits(max_cost=3))
+
+
+def test_default_budget_allows_everyday_filters() -> None:
+    # 12 'contains' and a list (97 units) fit the default budget of 100; a 13th does not.
+    assert parse_filter(contains(12)) is not None
+    with pytest.raises(FilterError, match="max_filter_cost"):
+        parse_filter(contains(13))
+    # A full 'in' list (63) beside a few plain conditions.
+    assert parse_filter([cond("a", "in", list(range(1000))), *[cond("b", "=", i) for i in range(30)]])
+
+
+def test_limits_are_frozen_and_refuse_unknown_fields() -> None:
+    limits = FilterLimits()
+    with pytest.raises(ValueError):
+        limits.max_cost = 5  # type: ignore[misc]
+    with pytest.raises(ValueError, match="max_costs"):
+        FilterLimits(max_costs=5)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="max_cost"):
+        FilterLimits(max_cost=1_000_001)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, field_validato
 
 from deployments.schemas import LibraryName
 from filters import FilterLimits, TagLimits
+from filters.tree import COST_UNITS, DEFAULT_MAX_COST, MAX_COST_BOUND
 from index.detect.faces import FaceConfig
 from index.detect.modes import DetectionConfig, ItemDetectorConfig
 from index.ingest.fetch import FetchPolicy
@@ -41,7 +42,6 @@ _IMAGE = ImageLimits.model_fields
 _FETCH: dict[str, Any] = FetchPolicy.model_fields
 _STORAGE: dict[str, Any] = StorageSettings.model_fields
 _SCORES: dict[str, Any] = ScoreCalibration.model_fields
-_FILTER: dict[str, Any] = FilterLimits.model_fields
 
 
 class Limits(BaseModel):
@@ -73,11 +73,11 @@ class Limits(BaseModel):
     max_filter_conditions: int = Field(1000, gt=0, description="conditions in one tag_filter")
     max_filter_in_values: int = Field(1000, gt=0, description="values in one in / not in list")
     max_filter_cost: int = Field(
-        _FILTER["max_cost"].default,
-        ge=_FILTER["max_cost"].metadata[0].ge,
-        le=_FILTER["max_cost"].metadata[1].le,
-        description="evaluation budget of one tag_filter, checked before it runs (400 above it). "
-        + _FILTER["max_cost"].description.partition(": ")[2],
+        DEFAULT_MAX_COST,
+        ge=1,
+        le=MAX_COST_BOUND,
+        description=f"evaluation budget of one tag_filter, checked before it runs (400 above it), in cost "
+        f"units: {COST_UNITS}",
     )
     max_tags: int = Field(64, gt=0, description="keys per tag object")
     max_tag_key_length: int = Field(128, gt=0, description="characters in a tag name")

@@ -204,8 +204,8 @@ class _Column:
 
     def utf8(self) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[int]]:
         """The string dictionary as UTF-8 bytes for `np.strings.find`: ``(codes, strings)`` buckets of
-        fixed-width ``S`` arrays, one per power-of-two width (so one long string does not widen them
-        all), each string followed by ``0xFF``; and the codes of the strings UTF-8 cannot encode.
+        fixed-width ``S`` arrays, one per width class (`_bucket_width`: one long string does not widen
+        them all), each string followed by ``0xFF``; and the codes of the strings UTF-8 cannot encode.
 
         UTF-8 makes a substring of code points a substring of bytes and back, and ``0xFF`` occurs in no
         UTF-8 text: it only keeps numpy from reading a string's trailing NULs as padding.
@@ -219,7 +219,7 @@ class _Column:
                 except UnicodeEncodeError:
                     self._utf8_unencodable.append(code)
                     continue
-                codes, texts = by_width.setdefault(1 << (len(raw) - 1).bit_length(), ([], []))
+                codes, texts = by_width.setdefault(_bucket_width(len(raw)), ([], []))
                 codes.append(code)
                 texts.append(raw)
             for width, (codes, texts) in by_width.items():
@@ -367,7 +367,8 @@ class TagColumns:
         except UnicodeEncodeError:  # then only a string UTF-8 cannot encode may contain it
             buckets = []
         for codes, texts in buckets:
-            table[codes] = np.strings.find(texts, pattern) >= 0
+            if texts.itemsize > len(pattern):  # else every string of the bucket is shorter than it
+                table[codes] = np.strings.find(texts, pattern) >= 0
         for code in unencodable:
             table[code] = needle in column.strings[code]
         return self._table_rows(column, table)
@@ -476,6 +477,13 @@ _PYTHON_COMPARE: dict[str, Callable[[str, str], bool]] = {
     "<": str.__lt__,
     "<=": str.__le__,
 }
+
+
+def _bucket_width(size: int) -> int:
+    """`size` rounded up to one of 8 widths per power of two, so that padding adds at most 1/8
+    (numpy's `find` costs about as much per padding byte as per text byte)."""
+    step = 1 << max(size.bit_length() - 4, 0)
+    return -(-size // step) * step
 
 
 def _text_scalar(text: str) -> np.ndarray | None:

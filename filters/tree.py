@@ -10,6 +10,9 @@ Grammar (API.md, "tag_filter")::
 Values by operator: ``=`` ``!=`` take a string, finite number or boolean; ``>`` ``>=`` ``<`` ``<=`` a
 string or finite number; ``contains`` ``not contains`` a string; ``in`` ``not in`` a (possibly empty) list
 of strings, finite numbers and booleans. Every error is a `FilterError` whose path names the bad node.
+
+Besides the size limits, `FilterLimits.max_cost` is a budget on evaluation work, counted while parsing
+(`condition_cost`), so that a filter over it is refused before anything is evaluated.
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ Scalar: TypeAlias = str | int | float | bool
 
 # The cost model (units: about one vectorised pass over the rows; bench/filter_bench.py measures them).
 DEFAULT_MAX_COST = 100
+MAX_COST_BOUND = 1_000_000
+COST_UNITS = (
+    "about one vectorised pass over the rows each; 1 per condition and per list or 'or', 8 per "
+    "'contains' / 'not contains' and per string compared with > >= < <=, 32 for a 'contains' whose "
+    "substring ends with NUL, plus 1 per 16 values of an 'in' / 'not in' list"
+)
 _SCAN_COST = 8  # contains: np.strings.find over the field's distinct strings, then a gather over entries
 _SLOW_SCAN_COST = 32  # contains with a trailing NUL: a Python test per distinct string (filters.columns)
 _ORDER_COST = 8  # a string compared with > >= < <=: a comparison over the distinct strings, then a gather
@@ -111,11 +120,8 @@ class FilterLimits(BaseModel):
     max_cost: int = Field(
         DEFAULT_MAX_COST,
         ge=1,
-        le=1_000_000,
-        description="evaluation budget of one filter, in cost units (about one vectorised pass over the "
-        "rows each): 1 per condition and per list or 'or', 8 per 'contains' / 'not contains' and per "
-        "string compared with > >= < <=, 32 for a 'contains' whose substring ends with NUL, plus 1 per "
-        "16 values of an 'in' / 'not in' list",
+        le=MAX_COST_BOUND,
+        description=f"evaluation budget of one filter, in cost units: {COST_UNITS}",
     )
 
 

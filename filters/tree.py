@@ -38,7 +38,7 @@ _OPERATOR_LIST = ", ".join(OPERATORS)
 Scalar: TypeAlias = str | int | float | bool
 
 # The cost model (units: about one vectorised pass over the rows; bench/filter_bench.py measures them).
-DEFAULT_MAX_COST = 100
+DEFAULT_MAX_COST = 64
 MAX_COST_BOUND = 1_000_000
 COST_UNITS = (
     "about one vectorised pass over the rows each; 1 per condition and per list or 'or', 8 per "

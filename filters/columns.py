@@ -55,6 +55,8 @@ _FLOAT_MAX_INT = 2**1023
 _DTYPES: dict[Kind, type] = {STR: np.int32, NUM: np.float64, BOOL: np.bool_}
 # Variable-width UTF-8 strings: no padding to the longest one, NULs kept, ordered by code point.
 _TEXT = np.dtypes.StringDType()
+# `_Column` fields derived from `strings` on first use; pickles leave them out.
+_CACHES = frozenset({"_texts", "_unencodable", "_utf8", "_utf8_done", "_utf8_unencodable"})
 _COMPARE: dict[str, np.ufunc] = {">": np.greater, ">=": np.greater_equal, "<": np.less, "<=": np.less_equal}
 
 RowMask = np.ndarray
@@ -126,6 +128,9 @@ class _Column:
         # String columns only: code -> string and string -> code (codes never change once given).
         self.strings: list[str] = []
         self.dictionary: dict[str, int] = {}
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
         # The same strings as a numpy array for the string kernels (`texts`), and the codes it holds
         # "" for because UTF-8 cannot encode them.
         self._texts = _Buffer(_TEXT)
@@ -134,6 +139,19 @@ class _Column:
         self._utf8: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._utf8_done = 0
         self._utf8_unencodable: list[int] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a pickle (a snapshot's ``tags.pkl``) keeps: entries and dictionary, not the kernels'
+        arrays, which are rebuilt on first use."""
+        return {name: getattr(self, name) for name in self.__slots__ if name not in _CACHES}
+
+    def __setstate__(self, state: Any) -> None:
+        # ``(None, {slot: value})`` is how a column pickled before __getstate__ existed comes back
+        # (snapshots written by earlier versions): the same fields, without the caches.
+        fields = state[1] if isinstance(state, tuple) else state
+        for name, value in fields.items():
+            setattr(self, name, value)
+        self._reset_caches()
 
     @classmethod
     def from_arrays(cls, kind: Kind, slots: np.ndarray, values: np.ndarray, strings: list[str]) -> _Column:

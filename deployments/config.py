@@ -262,8 +262,8 @@ class AppArgs(BaseModel):
     limits: Limits = Field(
         default_factory=Limits,
         description="input limits: body and image size, pixels, image formats, text length, top_k, filter "
-        "depth/size, tag counts and sizes, libraries, shards, concurrent requests per ingress replica, "
-        "fetch timeout (docs/API.md, 'Limits')",
+        "depth/size and cost budget, tag counts and sizes, libraries, shards, concurrent requests per "
+        "ingress replica, fetch timeout (docs/API.md, 'Limits')",
     )
     jpeg_draft_decode: bool = Field(
         True,

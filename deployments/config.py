@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, field_validato
 
 from deployments.schemas import LibraryName
 from filters import FilterLimits, TagLimits
+from filters.tree import COST_UNITS, DEFAULT_MAX_COST, MAX_COST_BOUND
 from index.detect.faces import FaceConfig
 from index.detect.modes import DetectionConfig, ItemDetectorConfig
 from index.ingest.fetch import FetchPolicy
@@ -71,6 +72,13 @@ class Limits(BaseModel):
     max_filter_depth: int = Field(32, gt=0, description="tag_filter nesting levels")
     max_filter_conditions: int = Field(1000, gt=0, description="conditions in one tag_filter")
     max_filter_in_values: int = Field(1000, gt=0, description="values in one in / not in list")
+    max_filter_cost: int = Field(
+        DEFAULT_MAX_COST,
+        ge=1,
+        le=MAX_COST_BOUND,
+        description=f"evaluation budget of one tag_filter, checked before it runs (400 above it), in cost "
+        f"units: {COST_UNITS}",
+    )
     max_tags: int = Field(64, gt=0, description="keys per tag object")
     max_tag_key_length: int = Field(128, gt=0, description="characters in a tag name")
     max_tag_list_length: int = Field(256, gt=0, description="elements in a list-valued tag")
@@ -116,6 +124,7 @@ class Limits(BaseModel):
             max_conditions=self.max_filter_conditions,
             max_in_values=self.max_filter_in_values,
             max_string_length=self.max_tag_string_length,
+            max_cost=self.max_filter_cost,
         )
 
     def tag_limits(self) -> TagLimits:
@@ -253,8 +262,8 @@ class AppArgs(BaseModel):
     limits: Limits = Field(
         default_factory=Limits,
         description="input limits: body and image size, pixels, image formats, text length, top_k, filter "
-        "depth/size, tag counts and sizes, libraries, shards, concurrent requests per ingress replica, "
-        "fetch timeout (docs/API.md, 'Limits')",
+        "depth/size and cost budget, tag counts and sizes, libraries, shards, concurrent requests per "
+        "ingress replica, fetch timeout (docs/API.md, 'Limits')",
     )
     jpeg_draft_decode: bool = Field(
         True,

@@ -18,6 +18,7 @@ def test_limits_reach_the_objects_that_enforce_them():
         max_filter_depth=2,
         max_filter_conditions=3,
         max_filter_in_values=4,
+        max_filter_cost=9,
         max_tags=5,
         max_tag_key_length=6,
         max_tag_list_length=7,
@@ -30,6 +31,7 @@ def test_limits_reach_the_objects_that_enforce_them():
     assert exact == img.model_copy(update={"jpeg_draft_decode": False}) and not exact.jpeg_draft_decode
     flt = limits.filter_limits()
     assert (flt.max_depth, flt.max_conditions, flt.max_in_values, flt.max_string_length) == (2, 3, 4, 8)
+    assert flt.max_cost == 9
     tags = limits.tag_limits()
     assert (tags.max_keys, tags.max_key_length, tags.max_list_length, tags.max_string_length) == (5, 6, 7, 8)
 

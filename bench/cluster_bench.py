@@ -47,10 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from index_bench import MODEL, Data
 
 from filters import parse_filter
-from index.ann import IndexConfig
 from index.query.reader import LibraryReader
-from index.storage import Storage, StorageSettings, open_storage
-from index.store import NewRecord
+from index.search.ann import IndexConfig
+from index.storage.backends import Storage, StorageSettings, open_storage
+from index.storage.embedded.store import NewRecord
 from index.writer import LibraryWriter
 from tests.pg_server import PgServer, find_bindir
 

@@ -30,7 +30,7 @@ What it does, in order (every phase is timed and logged):
 
 ``--shards S`` (S > 1), for each index kind of ``--kinds`` (``auto``, ``flat``, ``hnsw``, ``ivfpq``):
 the same rows written through ``LibraryWriter`` twice, as a 1-shard and as an S-shard library (records
-routed by ``index.shards.shard_of``), snapshots built per shard (``snapshot_all``), one
+routed by ``index.search.sharding.shard_of``), snapshots built per shard (``snapshot_all``), one
 ``LibraryReader`` per shard; each case searched on both, side by side, the way the service answers:
 every shard's top-k as result objects (records read from its store) merged by cosine with
 ``index.query.merge.merge_results`` (a 1-shard library goes through the same path). The fan-out is
@@ -72,12 +72,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from filters import parse_filter
-from index.ann import IndexConfig
 from index.query.merge import merge_results
 from index.query.reader import LibraryReader, result_objects
-from index.scores import ScoreCalibration
-from index.snapshot import read_manifest
-from index.store import LibraryStore, NewRecord
+from index.search.ann import IndexConfig
+from index.search.scores import ScoreCalibration
+from index.storage.embedded.snapshot import read_manifest
+from index.storage.embedded.store import LibraryStore, NewRecord
 from index.writer import LibraryWriter
 
 log = logging.getLogger("index_bench")
@@ -267,7 +267,7 @@ def run_facts(config: IndexConfig, phases: Phases, started: float, **machine: An
     """What every result JSON records about its run: the index settings, the phases' seconds, the total
     time, and the machine (CPUs, load at the end, faiss version, plus ``machine`` entries)."""
     return {
-        "index_config": {k: v for k, v in config.__dict__.items() if not k.startswith("snapshot")},
+        "index_config": {k: v for k, v in config.model_dump().items() if not k.startswith("snapshot")},
         "phases_s": phases.seconds,
         "total_s": round(time.perf_counter() - started, 1),
         "machine": {

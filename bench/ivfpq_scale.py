@@ -10,16 +10,16 @@ What it does, in order (every phase timed):
 2. Exact ground truth of ``--queries`` fresh queries (seed 3): ``faiss.knn`` over the memory-mapped
    vectors 250k rows at a time, the per-chunk top-10s merged.
 3. Builds the index as ``IvfPqBase.build`` does (same ``nlist_for``, ``pq_m_for``, training sample
-   ``max(nlist * 64, 16384)`` rows drawn by ``index.ann._sample``, ``IndexIVFPQ`` over a flat inner-product
-   quantizer), except that vectors are added 200k at a time from the memory map rather than from one
-   in-RAM array (``IvfPqBase.build`` holds x and a copy of it: 2 x 8 GiB at 4M). ``train_s``, ``add_s``.
+   ``max(nlist * 64, 16384)`` rows drawn by ``index.search.ann._sample``, ``IndexIVFPQ`` over a flat
+   inner-product quantizer), except that vectors are added 200k at a time from the memory map rather than from
+   one in-RAM array (``IvfPqBase.build`` holds x and a copy of it: 2 x 8 GiB at 4M). ``train_s``, ``add_s``.
 4. Writes ``index.faiss`` beside ``vectors.npy`` (the snapshot layout of an ``ivfpq`` base) and loads it
    with ``IvfPqBase.load`` (codes read into memory, raw vectors memory-mapped), then searches through
    ``IvfPqBase.search`` (coarse search, PQ scan, exact refine of ``refine_factor * k`` candidates from the
    memory-mapped vectors), one FAISS thread, single queries one after another:
 
    - ``default``: the config's uncalibrated plan (``ivf_nprobe`` lists' worth of candidates);
-   - ``calibrated``: what a snapshot's calibration picks for ``recall_target`` (``index.calibration``,
+   - ``calibrated``: what a snapshot's calibration picks for ``recall_target`` (``index.search.calibration``,
      unfiltered ladder, ``--calibration-queries`` other fresh queries as the held-out set).
 
 Memory, two ways: ``bytes_per_vector_ram`` from the FAISS structures (PQ codes + ids in the inverted
@@ -45,8 +45,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.index_bench import DISTRIBUTIONS, K, Phases, rss_anon, run_facts, timed, vector_chunks
-from index.ann import IndexConfig, IvfPqBase, _sample
-from index.calibration import calibrate
+from index.search.ann import IndexConfig, IvfPqBase, _sample
+from index.search.calibration import calibrate
 
 log = logging.getLogger("ivfpq_scale")
 

@@ -27,8 +27,8 @@ from deployments.library_index import LibraryIndex
 from deployments.writer import Writer
 from index.detect.faces import cascade_path
 from index.model.spec import resolve_model_spec
-from index.scores import ScoreCalibration
-from index.storage import open_storage
+from index.search.scores import ScoreCalibration
+from index.storage.backends import open_storage
 
 logger = logging.getLogger("ray.serve")
 
@@ -81,7 +81,7 @@ def build_app(raw_args: dict[str, Any]) -> Application:
         # fails the deploy here, with the reason, instead of every replica failing to start in turn.
         # (An older schema is migrated here too.)
         open_storage(storage).close()
-    scores = ScoreCalibration(args.text_score_center, args.text_score_scale)
+    scores = ScoreCalibration(text_center=args.text_score_center, text_scale=args.text_score_scale)
     index = LibraryIndex.options(**opts.get("LibraryIndex", {})).bind(  # type: ignore[attr-defined]
         storage, scores, args.index
     )

@@ -1,8 +1,8 @@
 """Autoscaling the Encoder on the items it holds, not on the calls it receives:
 :func:`ongoing_items_policy` applies Serve's rule (``replicas = items / target_ongoing_requests``) to the
 items each replica reports (``Encoder.record_autoscaling_stats``); Serve applies the rest of
-``autoscaling_config`` (bounds, delays). Why, and how to select it in ``serve_config.yaml``: README, "GPU
-replicas".
+``autoscaling_config`` (bounds, delays). Why, and how to select it in ``serve_config.yaml``:
+docs/operations.md, "GPU replicas".
 """
 
 from __future__ import annotations

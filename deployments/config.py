@@ -11,20 +11,22 @@ import dataclasses
 import json
 import os
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, field_validator, model_validator
 
 from deployments.schemas import LibraryName
 from filters import FilterLimits, TagLimits
-from index.ann import IndexConfig
+from filters.tree import COST_UNITS, DEFAULT_MAX_COST, MAX_COST_BOUND
 from index.detect.faces import FaceConfig
 from index.detect.modes import DetectionConfig, ItemDetectorConfig
-from index.ingest.fetch import DEFAULT_OBJECT_STORE_PROTOCOLS, FetchPolicy
+from index.ingest.fetch import FetchPolicy
 from index.ingest.importer import ImportSettings
 from index.model.imaging import ImageLimits
-from index.shards import MAX_SHARDS
-from index.storage import StorageSettings
+from index.search.ann import IndexConfig
+from index.search.scores import ScoreCalibration
+from index.search.sharding import MAX_SHARDS
+from index.storage.backends import StorageSettings
 
 #: The pretrained tag used when ``pretrained`` is not given, for the models we document.
 DEFAULT_PRETRAINED = {
@@ -36,8 +38,10 @@ DEFAULT_PRETRAINED = {
 
 MiB = 1024 * 1024
 _IMAGE = ImageLimits.model_fields
-_FETCH = FetchPolicy.model_fields
-_STORAGE = StorageSettings.model_fields
+# Any: FieldInfos used as defaults (pydantic copies the field, its bounds and description).
+_FETCH: dict[str, Any] = FetchPolicy.model_fields
+_STORAGE: dict[str, Any] = StorageSettings.model_fields
+_SCORES: dict[str, Any] = ScoreCalibration.model_fields
 
 
 class Limits(BaseModel):
@@ -68,6 +72,13 @@ class Limits(BaseModel):
     max_filter_depth: int = Field(32, gt=0, description="tag_filter nesting levels")
     max_filter_conditions: int = Field(1000, gt=0, description="conditions in one tag_filter")
     max_filter_in_values: int = Field(1000, gt=0, description="values in one in / not in list")
+    max_filter_cost: int = Field(
+        DEFAULT_MAX_COST,
+        ge=1,
+        le=MAX_COST_BOUND,
+        description=f"evaluation budget of one tag_filter, checked before it runs (400 above it), in cost "
+        f"units: {COST_UNITS}",
+    )
     max_tags: int = Field(64, gt=0, description="keys per tag object")
     max_tag_key_length: int = Field(128, gt=0, description="characters in a tag name")
     max_tag_list_length: int = Field(256, gt=0, description="elements in a list-valued tag")
@@ -97,7 +108,7 @@ class Limits(BaseModel):
         return upper
 
     def storage_settings(self) -> StorageSettings:
-        """Where the data lives (``index.storage.open_storage`` opens it in each replica)."""
+        """Where the data lives (``index.storage.backends.open_storage`` opens it in each replica)."""
         return StorageSettings(**{name: getattr(self, name) for name in StorageSettings.model_fields})
 
     def image_limits(self) -> ImageLimits:
@@ -113,6 +124,7 @@ class Limits(BaseModel):
             max_conditions=self.max_filter_conditions,
             max_in_values=self.max_filter_in_values,
             max_string_length=self.max_tag_string_length,
+            max_cost=self.max_filter_cost,
         )
 
     def tag_limits(self) -> TagLimits:
@@ -148,14 +160,17 @@ class DedicatedShards(BaseModel):
     replicas load their shard in their constructor: Serve routes no request to a replica before its
     constructor has returned, so a replica that is added, replaced after a node loss or rolled out by an
     update answers from a loaded index from its first request on. Every other library and shard is
-    served by the shared, multiplexed ``LibraryIndex``. README, "Dedicated replicas for big shards".
+    served by the shared, multiplexed ``LibraryIndex``. docs/operations.md, "Dedicated replicas for big
+    shards".
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    library: str = LibraryName()
+    library: Annotated[str, Field(description="the library whose shards these are")] = LibraryName()
     shards: list[int] = Field(
-        min_length=1, description="which shards (0-based; shard 0 of a 1-shard library is the whole library)"
+        min_length=1,
+        description="which shards (0-based, each below limits.max_shards and listed once across all entries; "
+        "shard 0 of a 1-shard library is the whole library)",
     )
     deployment: dict[str, Any] = Field(
         default_factory=dict,
@@ -184,30 +199,54 @@ class DedicatedShards(BaseModel):
         return {k: f"LibraryIndex-{self.library}-{k}" for k in self.shards}
 
 
+#: ``object_store_allowed``'s entries for one protocol (``index.ingest.fetch.FetchPolicy`` checks their form).
+ObjectPrefixes = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(min_length=1, max_length=256)
+]
+
+
 class AppArgs(BaseModel):
-    """Arguments of ``build_app``."""
+    """Arguments of ``build_app``: the ``args:`` of a Serve config, or ``key=value`` after ``serve run
+    deployments.app:build_app``. docs/configuration.md is generated from this model
+    (``python -m deployments.config_reference``)."""
 
     # hide_input_in_errors: a validation error must not print database_url (it may hold a password).
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)
 
-    model: str = Field("ViT-B-32", description="open_clip model name, 'tiny-random', or 'local-dir:/path'")
+    model: str = Field(
+        "ViT-B-32",
+        description="open_clip model name, 'tiny-random' (the offline demo's random-weight model), or "
+        "'local-dir:/path' (a folder holding open_clip_config.json + open_clip_model.safetensors)",
+    )
     pretrained: str | None = Field(
         None,
-        description="open_clip pretrained tag or checkpoint file; default: the model's entry in "
-        "DEFAULT_PRETRAINED; 'random' for explicit random weights (benchmarks)",
+        description="open_clip pretrained tag or a checkpoint file path; default: the model's usual LAION "
+        "tag (DEFAULT_PRETRAINED, below); 'random' for explicit random weights (benchmarks). Weights that "
+        "cannot be obtained fail the Encoder's start; it never falls back to random weights",
     )
-    model_cache_dir: str | None = Field(None, description="where downloaded weights are cached")
+    model_cache_dir: str | None = Field(
+        None,
+        description="where downloaded weights (and Hugging Face tokenizers) are cached; None: open_clip's "
+        "default",
+    )
     face_model: str | None = Field(
         None,
         description="adaptive_search: an open_clip model (name or 'local-dir:/path') trained for faces that "
-        "embeds face crops instead of the main model; its vectors must have the main model's dim. None "
-        "(default): the main CLIP model embeds faces. No face model ships with the service",
+        "embeds face crops instead of the main model, loaded exactly like model / pretrained; its vectors "
+        "must have the main model's dimension. None (default): the main CLIP model embeds faces. No face "
+        "model ships with the service (docs/operations.md, 'Detection')",
     )
     face_pretrained: str | None = Field(
         None, description="the face model's pretrained tag or checkpoint file (same rules as pretrained)"
     )
-    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N'")
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    device: str = Field(
+        "auto",
+        description="'auto' (CUDA when Ray assigned the Encoder replica a GPU, else the CPU), 'cpu', 'cuda', "
+        "'cuda:N'",
+    )
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="the Encoder's float precision; 'auto': fp16 on CUDA, fp32 on the CPU"
+    )
     seed: int = Field(0, description="seed of random-weight models (identical across replicas)")
     # Storage (index.storage): embedded under storage_root, or cluster mode (PostgreSQL + object store).
     storage_root: str = _STORAGE["storage_root"]
@@ -220,54 +259,95 @@ class AppArgs(BaseModel):
     object_store_options: dict[str, Any] = _STORAGE["object_store_options"]
     cache_dir: str | None = _STORAGE["cache_dir"]
     snapshot_grace_s: float = _STORAGE["snapshot_grace_s"]
-    limits: Limits = Field(default_factory=Limits)
+    limits: Limits = Field(
+        default_factory=Limits,
+        description="input limits: body and image size, pixels, image formats, text length, top_k, filter "
+        "depth/size and cost budget, tag counts and sizes, libraries, shards, concurrent requests per "
+        "ingress replica, fetch timeout (docs/API.md, 'Limits')",
+    )
     jpeg_draft_decode: bool = Field(
         True,
-        description="decode big JPEGs at 1/2-1/8 scale straight from the DCT (faster; vectors move by up to "
-        "0.002 cosine against open_clip's full decode); false: open_clip's own pixels (README: Images)",
+        description="decode big JPEGs at 1/2, 1/4 or 1/8 scale straight from the DCT (Pillow's draft), "
+        "keeping both sides at least the model's input size: less decoding work, but the pixels differ from "
+        "a full decode + resize, so vectors move by up to 0.002 cosine (measured on large JPEGs) against "
+        "open_clip's own preprocessing. false: the service's vectors equal open_clip's reference pipeline "
+        "(Image.open(...).convert('RGB') + the model's eval transform) to float tolerance; set it when "
+        "vectors must match ones computed elsewhere",
     )
     index: IndexConfig = Field(
         default_factory=IndexConfig,
-        description="index kinds, thresholds, search effort, snapshot policy (README: Index configuration)",
+        description="index kinds, thresholds, search effort and snapshot policy; a library may override the "
+        "kind with index_kind on /library/create (docs/API.md)",
     )
-    text_score_center: float = 0.25
-    text_score_scale: float = Field(0.04, gt=0)
+    text_score_center: float = _SCORES["text_center"]
+    text_score_scale: float = _SCORES["text_scale"]
     allowed_file_roots: list[str] = Field(
-        default_factory=list, description="directories that file:// image URIs may point into"
+        default_factory=list, description="directories that file:// image URIs may read from"
     )
     fetch_allow_private: bool = Field(
         False,
-        description="let image_uri fetches reach private, loopback, link-local and other non-public "
-        "addresses (SSRF protection off: only for trusted, internal deployments)",
+        description="switch the address check of image_uri fetches off entirely: private, loopback, "
+        "link-local and other non-public addresses become reachable (SSRF protection off: only for "
+        "trusted clients and internal deployments)",
     )
     fetch_allowed_networks: list[IPvAnyNetwork] = Field(
         default_factory=list,
         description="CIDR networks image_uri fetches may reach although they are not public, e.g. an "
-        "internal image store's 10.1.2.0/24",
+        "internal image store's 10.1.2.0/24; all other private, loopback, link-local... addresses are "
+        "refused (SSRF; docs/API.md, 'Fetching image_uri')",
     )
     fetch_max_redirects: int = _FETCH["max_redirects"]
     import_roots: list[str] = Field(
-        default_factory=list, description="directories local import sources (JSONL files) may be read from"
+        default_factory=list,
+        description="directories local import sources (JSONL files) may be read from; in cluster mode leave "
+        "it empty and import from object-store URLs (s3://..., allowed in object_store_allowed): nodes share "
+        "no files",
     )
-    object_store_protocols: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_OBJECT_STORE_PROTOCOLS),
-        description="fsspec protocols accepted for image URIs and import sources (the protocol's package, "
-        "e.g. s3fs or gcsfs, must be installed)",
+    object_store_allowed: dict[str, ObjectPrefixes] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="the objects clients may name in image_uri, import sources and the image URIs in them: "
+        "fsspec protocol -> 'bucket' or 'bucket/prefix' entries (whole path components), e.g. "
+        '{"s3": ["photos-bucket/public"]}; the service reads them with its own credentials, so list only '
+        "what every client may read. Empty (default): no object-store URI from clients at all (the "
+        "service's own object_store_url is not affected). The protocol's package (s3fs, gcsfs, adlfs) "
+        "must be installed",
     )
-    imports: ImportSettings = Field(default_factory=ImportSettings, description="bulk import limits, tuning")
+    imports: ImportSettings = Field(
+        default_factory=ImportSettings,
+        description="bulk import limits and tuning (docs/API.md, 'Bulk import')",
+    )
     encode_batching: EncodeBatching = Field(
         default_factory=EncodeBatching, description="the Ingress's calls to the Encoder (batches of items)"
     )
     api_keys: list[str] = Field(
-        default_factory=list, description="accepted API keys (Authorization: Bearer); empty: no auth"
+        default_factory=list,
+        description="accepted API keys; when there are any (here or in api_keys_file), every route but "
+        "/health, /docs, /openapi.json and the web page (/, /static/*) needs Authorization: Bearer <key>. "
+        "Keys have at least 8 printable characters, no spaces. Empty: no auth",
     )
-    api_keys_file: str | None = Field(None, description="file with one API key per line (# comments)")
-    item_detector: ItemDetectorConfig = Field(default_factory=ItemDetectorConfig)
-    face_detector: FaceConfig = Field(default_factory=FaceConfig)
+    api_keys_file: str | None = Field(
+        None,
+        description="a file with one API key per line (# comments), read when a replica starts; a keys "
+        "file without keys fails the deployment",
+    )
+    item_detector: ItemDetectorConfig = Field(
+        default_factory=ItemDetectorConfig,
+        description="how item_search finds the main item: 'saliency' (classical foreground against the "
+        "border's colours, no weights) or 'clip-regions' (the served CLIP model scores candidate regions "
+        "against item_prompts / background_prompts; needs real weights to mean anything, costs up to "
+        "max_proposals encodings per image)",
+    )
+    face_detector: FaceConfig = Field(
+        default_factory=FaceConfig,
+        description="how adaptive_search finds faces: an OpenCV Haar cascade shipped in "
+        "index/detect/cascades/ (a file name there, or a path), eye-based alignment, smallest face, crop "
+        "margin; work_size / scale_factor trade face recall for speed",
+    )
     dedicated_shards: list[DedicatedShards] = Field(
         default_factory=list,
         description="shards served by LibraryIndex deployments of their own, loaded before they are routed "
-        "to (big shards; README: Dedicated replicas for big shards)",
+        "to (big shards; docs/operations.md, 'Dedicated replicas for big shards')",
     )
     deployment_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -295,7 +375,7 @@ class AppArgs(BaseModel):
         return frozenset(keys)
 
     def storage_settings(self) -> StorageSettings:
-        """Where the data lives (``index.storage.open_storage`` opens it in each replica)."""
+        """Where the data lives (``index.storage.backends.open_storage`` opens it in each replica)."""
         return StorageSettings(**{name: getattr(self, name) for name in StorageSettings.model_fields})
 
     def image_limits(self) -> ImageLimits:
@@ -315,7 +395,7 @@ class AppArgs(BaseModel):
             allowed_networks=tuple(self.fetch_allowed_networks),
             max_redirects=self.fetch_max_redirects,
             import_roots=tuple(self.import_roots),
-            object_store_protocols=tuple(self.object_store_protocols),
+            object_store_allowed={p: tuple(entries) for p, entries in self.object_store_allowed.items()},
             timeout_s=self.limits.fetch_timeout_s,
             source_timeout_s=self.imports.source_timeout_s,
         )
@@ -335,6 +415,12 @@ class AppArgs(BaseModel):
         JSON object (``limits='{"max_top_k": 100}'``). Scalars are converted by pydantic itself."""
         if not isinstance(data, dict):
             return data
+        if "object_store_protocols" in data:
+            # The arg before object_store_allowed let clients name any bucket of the listed protocols.
+            raise ValueError(
+                "object_store_protocols: replaced by object_store_allowed, which names the buckets or "
+                "bucket/prefix entries clients may read per protocol (docs/API.md, 'Object-store URIs')"
+            )
         out = dict(data)
         for name, value in data.items():
             field = cls.model_fields.get(name)
@@ -381,6 +467,11 @@ class AppArgs(BaseModel):
                 if (entry.library, k) in seen:
                     raise ValueError(f"dedicated_shards[{i}]: shard {k} of {entry.library!r} is listed twice")
                 seen.add((entry.library, k))
+        return self
+
+    @model_validator(mode="after")
+    def _fetch_policy(self) -> AppArgs:
+        self.fetch_policy()  # object_store_allowed's protocols and prefixes, checked at build time
         return self
 
     @model_validator(mode="after")

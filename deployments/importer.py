@@ -17,8 +17,8 @@ from deployments.config import AppArgs
 from deployments.http import unwrap
 from index.ingest.importer import ImportRunner
 from index.model.spec import PreprocessSpec
-from index.storage import open_storage
-from index.store import NewRecord
+from index.storage.backends import open_storage
+from index.storage.embedded.store import NewRecord
 
 logger = logging.getLogger("ray.serve")
 
@@ -57,6 +57,10 @@ class Importer:
 
     async def get_task(self, task_id: str) -> dict[str, Any]:
         return await self.runner.describe(task_id)
+
+    async def cancel_task(self, task_id: str) -> dict[str, Any]:
+        await self._started
+        return await self.runner.cancel(task_id)
 
     async def _encode(self, batch: np.ndarray) -> np.ndarray:
         try:

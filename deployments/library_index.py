@@ -26,15 +26,15 @@ import faiss
 import numpy as np
 from ray import serve
 
-from index.ann import IndexConfig
-from index.catalog import LibraryInfo
 from index.clock import iso_time
 from index.errors import LibraryNotFound
 from index.query.plan import QueryVector, ShardRequest
 from index.query.reader import LibraryReader, record_object
 from index.query.shard import read_stored_vector, search_reader
-from index.scores import ScoreCalibration
-from index.storage import StorageSettings, open_storage
+from index.search.ann import IndexConfig
+from index.search.scores import ScoreCalibration
+from index.storage.backends import StorageSettings, open_storage
+from index.storage.embedded.catalog import LibraryInfo
 
 logger = logging.getLogger("ray.serve")
 

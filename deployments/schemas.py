@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from index.catalog import MAX_DESCRIPTION_LENGTH
-from index.shards import MAX_SHARDS
+from index.search.sharding import MAX_SHARDS
+from index.storage.embedded.catalog import MAX_DESCRIPTION_LENGTH
 
 
 def LibraryName() -> Any:
@@ -68,6 +68,10 @@ class CreateTask(Request):
         description="the JSONL file: a path under import_roots, an http(s):// URI or an object-store URI",
     )
     save_image: bool = True
+
+
+class CancelTask(Request):
+    task_id: str = Field(min_length=1, max_length=256, description="the task to cancel")
 
 
 class GetImage(Request):

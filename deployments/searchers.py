@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from deployments.readiness import GuardedHandle
-from index.catalog import LibraryInfo
 from index.query.plan import QueryVector, Result, ShardRequest, StoredVector
+from index.storage.embedded.catalog import LibraryInfo
 
 
 class IndexHandles:

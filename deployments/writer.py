@@ -7,9 +7,9 @@ from typing import Any
 
 from ray import serve
 
-from index.ann import IndexConfig
-from index.storage import StorageSettings, open_storage
-from index.store import NewRecord
+from index.search.ann import IndexConfig
+from index.storage.backends import StorageSettings, open_storage
+from index.storage.embedded.store import NewRecord
 from index.writer import LibraryWriter
 
 

@@ -96,13 +96,13 @@ def _positive(op: str, field: str, value: Any, columns: TagColumns) -> np.ndarra
     if op == "contains":
         if scalar_kind(value) != STR:
             raise ValueError(f"'contains' takes a string, got {show(value)}")
-        return columns.rows_string_where(field, lambda text: value in text)
+        return columns.rows_string_contains(field, value)
     compare = _ORDER.get(op)
     if compare is None:
         raise ValueError(f"unknown operator {op!r}")
     kind = scalar_kind(value)
     if kind == STR:
-        return columns.rows_string_where(field, lambda text: compare(text, value))
+        return columns.rows_string_compare(field, op, value)
     if kind == NUM:
         number = _finite(value, op)
         return columns.rows_number_where(field, lambda numbers: compare(numbers, number))
@@ -132,7 +132,7 @@ def _equals_any(field: str, values: Sequence[Any], columns: TagColumns, op: str)
         if len(wanted) == 1:
             masks.append(columns.rows_number_where(field, lambda entries: entries == wanted[0]))
         else:
-            masks.append(columns.rows_number_where(field, lambda entries: np.isin(entries, wanted)))
+            masks.append(columns.rows_number_where(field, lambda entries: _member(entries, wanted)))
     if booleans:
         masks.append(columns.rows_bool_in(field, booleans))
     if not masks:
@@ -141,6 +141,14 @@ def _equals_any(field: str, values: Sequence[Any], columns: TagColumns, op: str)
     for other in masks[1:]:
         mask |= other
     return mask
+
+
+def _member(entries: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """``np.isin(entries, wanted)`` by binary search: O(n log k), where isin sorts all n + k values."""
+    ordered = np.unique(wanted)  # sorted; -0.0 and 0.0 are one value, as == has them
+    at = np.searchsorted(ordered, entries)
+    np.minimum(at, len(ordered) - 1, out=at)
+    return ordered[at] == entries
 
 
 def _finite(value: int | float, op: str) -> float:

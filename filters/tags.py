@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, fields
 from typing import Any, TypeAlias
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from filters._values import quoted, scalar_problem, show
 from filters.errors import TagError
@@ -23,27 +24,17 @@ _EXPECTED_VALUE = "a string, a finite number, a boolean or a list of those"
 _EXPECTED_ELEMENT = "a string, a finite number or a boolean"
 
 
-@dataclass(frozen=True)
-class TagLimits:
-    """Bounds on one record's tags.
+class TagLimits(BaseModel):
+    """Bounds on one record's tags."""
 
-    Attributes:
-        max_keys: tags per record.
-        max_key_length: characters in a tag name.
-        max_string_length: characters in a string value (also for list elements).
-        max_list_length: elements in a list value.
-    """
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    max_keys: int = 64
-    max_key_length: int = 128
-    max_string_length: int = 1024
-    max_list_length: int = 256
-
-    def __post_init__(self) -> None:
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TagLimits.{item.name} must be a positive integer, got {value!r}")
+    max_keys: int = Field(64, ge=1, description="tags per record")
+    max_key_length: int = Field(128, ge=1, description="characters in a tag name")
+    max_string_length: int = Field(
+        1024, ge=1, description="characters in a string value (also for list elements)"
+    )
+    max_list_length: int = Field(256, ge=1, description="elements in a list value")
 
 
 DEFAULT_TAG_LIMITS = TagLimits()

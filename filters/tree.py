@@ -10,14 +10,19 @@ Grammar (API.md, "tag_filter")::
 Values by operator: ``=`` ``!=`` take a string, finite number or boolean; ``>`` ``>=`` ``<`` ``<=`` a
 string or finite number; ``contains`` ``not contains`` a string; ``in`` ``not in`` a (possibly empty) list
 of strings, finite numbers and booleans. Every error is a `FilterError` whose path names the bad node.
+
+Besides the size limits, `FilterLimits.max_cost` is a budget on evaluation work, counted while parsing
+(`condition_cost`), so that a filter over it is refused before anything is evaluated.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, TypeAlias
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from filters._values import BOOL, NUM, STR, Kind, number_problem, quoted, scalar_kind, scalar_problem, show
 from filters.errors import FilterError
@@ -31,6 +36,19 @@ _CONDITION_KEYS = ("field", "op", "value")
 _OPERATOR_LIST = ", ".join(OPERATORS)
 
 Scalar: TypeAlias = str | int | float | bool
+
+# The cost model (units: about one vectorised pass over the rows; bench/filter_bench.py measures them).
+DEFAULT_MAX_COST = 64
+MAX_COST_BOUND = 1_000_000
+COST_UNITS = (
+    "about one vectorised pass over the rows each; 1 per condition and per list or 'or', 8 per "
+    "'contains' / 'not contains' and per string compared with > >= < <=, 32 for a 'contains' whose "
+    "substring ends with NUL, plus 1 per 16 values of an 'in' / 'not in' list"
+)
+_SCAN_COST = 8  # contains: np.strings.find over the field's distinct strings, then a gather over entries
+_SLOW_SCAN_COST = 32  # contains with a trailing NUL: a Python test per distinct string (filters.columns)
+_ORDER_COST = 8  # a string compared with > >= < <=: a comparison over the distinct strings, then a gather
+_IN_VALUES_PER_UNIT = 16  # numbers: a binary search per entry, log(values) deep
 
 
 def _typed(value: Any) -> Any:
@@ -78,33 +96,52 @@ class Or:
 Node: TypeAlias = Condition | And | Or
 
 
-@dataclass(frozen=True)
-class FilterLimits:
-    """Bounds on a filter's size, so that a request cannot make parsing or evaluation unbounded.
+class FilterLimits(BaseModel):
+    """Bounds on a filter's size and cost, so that a request cannot make parsing or evaluation unbounded.
 
-    Attributes:
-        max_depth: nesting levels. The top-level node is at depth 1 and every list or ``or`` adds one
-            level for its children, so ``[{"or": [cond]}]`` puts ``cond`` at depth 3.
-        max_conditions: conditions in the whole filter.
-        max_groups: lists and ``or`` objects in the whole filter (empty ones cost evaluation time too).
-        max_in_values: values in one ``in`` / ``not in`` list.
-        max_string_length: characters in a field name or a string value.
+    Every bound is checked by `parse_filter`, before anything is evaluated. `max_cost` is the evaluation
+    budget, in the cost units of `condition_cost` (about one vectorised pass over the rows each).
     """
 
-    max_depth: int = 32
-    max_conditions: int = 1000
-    max_groups: int = 1000
-    max_in_values: int = 1000
-    max_string_length: int = 1024
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    def __post_init__(self) -> None:
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"FilterLimits.{item.name} must be a positive integer, got {value!r}")
+    max_depth: int = Field(
+        32,
+        ge=1,
+        description="nesting levels: the top-level node is at depth 1 and every list or 'or' adds one "
+        "level for its children, so [{'or': [cond]}] puts cond at depth 3",
+    )
+    max_conditions: int = Field(1000, ge=1, description="conditions in the whole filter")
+    max_groups: int = Field(
+        1000, ge=1, description="lists and 'or' objects in the whole filter (empty ones cost evaluation too)"
+    )
+    max_in_values: int = Field(1000, ge=1, description="values in one 'in' / 'not in' list")
+    max_string_length: int = Field(1024, ge=1, description="characters in a field name or a string value")
+    max_cost: int = Field(
+        DEFAULT_MAX_COST,
+        ge=1,
+        le=MAX_COST_BOUND,
+        description=f"evaluation budget of one filter, in cost units: {COST_UNITS}",
+    )
 
 
 DEFAULT_FILTER_LIMITS = FilterLimits()
+
+
+def condition_cost(op: str, value: Any) -> int:
+    """A condition's share of `FilterLimits.max_cost` (see `FilterLimits.max_cost`'s description).
+
+    The units stand for evaluation work that does not depend on the data: how much a condition costs
+    also grows with the rows, list elements and distinct strings of the field it tests, which a budget
+    checked before evaluation cannot know (bench/README.md gives the time per unit by row shape).
+    """
+    if op in ("contains", "not contains"):
+        return _SLOW_SCAN_COST if isinstance(value, str) and value.endswith("\x00") else _SCAN_COST
+    if op in ORDERED_OPERATORS and scalar_kind(value) == STR:
+        return _ORDER_COST
+    if op in ("in", "not in") and isinstance(value, (tuple, list)):
+        return 1 + len(value) // _IN_VALUES_PER_UNIT
+    return 1
 
 
 def parse_filter(
@@ -131,7 +168,9 @@ def parse_filter(
             root,
             f'expected a list of conditions or an object (a condition or {{"or": [...]}}), got {show(raw)}',
         )
-    return _Parser(limits).node(raw, root, 1)
+    parser = _Parser(limits)
+    parser.root = root
+    return parser.node(raw, root, 1)
 
 
 class _Parser:
@@ -141,6 +180,19 @@ class _Parser:
         self.limits = limits
         self.conditions = 0
         self.groups = 0
+        self.cost = 0
+        self.root = ""
+
+    def charge(self, units: int) -> None:
+        """Add `units` to the filter's cost; over `max_cost` the whole filter is refused."""
+        self.cost += units
+        if self.cost > self.limits.max_cost:
+            raise FilterError(
+                self.root,
+                f"filter is too expensive to evaluate: it costs more than the budget of "
+                f"{self.limits.max_cost} units (max_filter_cost); each condition costs 1, each list "
+                f"or 'or' 1, 'contains' and a string order comparison 8, 1 more per 16 'in' values",
+            )
 
     def node(self, raw: Any, path: str, depth: int) -> Node:
         if depth > self.limits.max_depth:
@@ -164,6 +216,7 @@ class _Parser:
                 path,
                 f"too many lists and 'or' objects; expected at most {self.limits.max_groups} in a filter",
             )
+        self.charge(1)
         return tuple(self.node(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(items))
 
     def or_node(self, raw: dict[Any, Any], path: str, depth: int) -> Or:
@@ -203,7 +256,9 @@ class _Parser:
             )
         field = self.field(raw["field"], f"{path}.field")
         op = self.operator(raw["op"], f"{path}.op")
-        return Condition(field, op, self.value(op, raw["value"], f"{path}.value"))
+        value = self.value(op, raw["value"], f"{path}.value")
+        self.charge(condition_cost(op, value))
+        return Condition(field, op, value)
 
     def field(self, raw: Any, path: str) -> str:
         if not isinstance(raw, str):

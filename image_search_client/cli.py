@@ -507,6 +507,11 @@ def _cmd_task_status(client: ImageSearchClient, args: argparse.Namespace, out: I
     return 0
 
 
+def _cmd_task_cancel(client: ImageSearchClient, args: argparse.Namespace, out: IO[str]) -> int:
+    print(json.dumps(client.cancel_import_task(args.task_id).model_dump(), indent=2), file=out)
+    return 0
+
+
 def _search_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "top_k": args.top_k,
@@ -642,6 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = imp.add_parser("status", help="show an import task")
     p.add_argument("task_id")
     p.set_defaults(func=_cmd_task_status)
+    p = imp.add_parser("cancel", help="cancel a pending or running import task")
+    p.add_argument("task_id")
+    p.set_defaults(func=_cmd_task_cancel)
 
     search = groups.add_parser("search", help="search a library by text, image file or stored image")
     kinds = search.add_subparsers(dest="action", required=True, metavar="KIND")

@@ -43,7 +43,7 @@ ImageInput = bytes | str | os.PathLike[str]
 RETRY_STATUSES = frozenset({429, 503})
 
 #: Import-task states after which a task changes no more.
-TERMINAL_TASK_STATES = frozenset({"SUCCEEDED", "PARTIALLY_SUCCEEDED", "FAILED"})
+TERMINAL_TASK_STATES = frozenset({"SUCCEEDED", "PARTIALLY_SUCCEEDED", "FAILED", "CANCELLED"})
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -532,6 +532,11 @@ class ImageSearchClient:
     def get_import_task(self, task_id: str) -> ImportTask:
         """``GET /image/tasks/results/{task_id}``. Raises :class:`TaskNotFoundError`."""
         return ImportTask.model_validate(self._get("/image/tasks/results/" + quote(task_id, safe="")))
+
+    def cancel_import_task(self, task_id: str) -> ImportTask:
+        """``POST /image/tasks/cancel``: stop a pending or running task (it ends ``CANCELLED`` with what
+        it committed); a finished task is answered unchanged. Raises :class:`TaskNotFoundError`."""
+        return ImportTask.model_validate(self._post("/image/tasks/cancel", {"task_id": task_id}))
 
     def wait_for_import_task(
         self,

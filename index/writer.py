@@ -11,9 +11,9 @@ rows, when the library should change kind (it crossed ``hnsw_min_rows``, its ``i
 another) or when more than ``compact_dead_fraction`` of its slots are dead (compaction). Readers pick
 the new snapshot up by themselves (`index.query.reader`).
 
-A sharded library (``index.shards``) is S such libraries under one name: each record goes to the store of
-its id's shard, and each shard has its own seq and snapshots (so a snapshot, a compaction or a kind switch
-is per shard).
+A sharded library (``index.search.sharding``) is S such libraries under one name: each record goes to the
+store of its id's shard, and each shard has its own seq and snapshots (so a snapshot, a compaction or a
+kind switch is per shard).
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from index.ann import DEFAULT_CONFIG, IndexConfig, choose_kind
-from index.backends import RecordStore
-from index.catalog import LibraryInfo
 from index.errors import LibraryNotFound
 from index.query.reader import load_table
-from index.shards import shard_of, split_by_shard
-from index.snapshot import Manifest, Snapshots
-from index.storage import ClusterStorage, LibraryData, Storage, StorageSettings, open_storage
-from index.store import NewRecord
+from index.search.ann import DEFAULT_CONFIG, IndexConfig, choose_kind
+from index.search.sharding import shard_of, split_by_shard
+from index.storage.backends import ClusterStorage, LibraryData, Storage, StorageSettings, open_storage
+from index.storage.embedded.catalog import LibraryInfo
+from index.storage.embedded.snapshot import Manifest, Snapshots
+from index.storage.embedded.store import NewRecord
+from index.storage.interfaces import RecordStore
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class LibraryWriter:
     """Mutations of libraries. Thread-safe; each library's store serialises its own transactions.
 
     Args:
-        storage: where the data lives (``index.storage``), or an embedded storage root.
+        storage: where the data lives (``index.storage.backends``), or an embedded storage root.
         max_libraries: the most libraries this deployment holds (when ``storage`` is a root).
         config: index kinds, thresholds and the snapshot policy (``snapshot_*`` fields).
     """
@@ -62,7 +62,7 @@ class LibraryWriter:
             storage.collect_orphans()
         self.config = config
         #: (name, shard) -> (uid, the shard's data, its write store): one of each per shard, so that the
-        #: snapshot pointer an object store caches (index.objsnap) serves every write.
+        #: snapshot pointer an object store caches (index.storage.cluster.objsnap) serves every write.
         self._stores: dict[tuple[str, int], tuple[str, LibraryData, RecordStore]] = {}
         self._lock = threading.Lock()
         self._snapshots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
@@ -86,7 +86,7 @@ class LibraryWriter:
 
         Args:
             index_kind: ``auto`` (by size, from the config's thresholds), ``flat``, ``hnsw`` or ``ivfpq``.
-            shards: how many shards hold its records (``index.shards``; fixed for the library's life).
+            shards: how many shards hold its records (``index.search.sharding``; fixed for life).
         """
         info = self.catalog.create(
             name,

@@ -26,11 +26,11 @@ class RequestRecord:
 
 
 class _Counter(Protocol):
-    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None: ...
+    def inc(self, value: float = ..., tags: dict[str, str] = ...) -> object: ...
 
 
 class _Histogram(Protocol):
-    def observe(self, value: float, tags: dict[str, str] | None = None) -> None: ...
+    def observe(self, value: float, tags: dict[str, str] = ...) -> object: ...
 
 
 #: Latency histogram boundaries in milliseconds.
@@ -64,13 +64,13 @@ class RequestRecorder:
         counter = metrics.Counter(
             "image_search_requests",
             description="HTTP requests by route, method, HTTP status and envelope status.",
-            tag_keys=("route", "method", "http_status", "status"),
+            tag_keys=("route", "method", "http_status", "status"),  # type: ignore[arg-type]  # Ray: Tuple[str]
         )
         latency = metrics.Histogram(
             "image_search_request_latency_ms",
             description="HTTP request latency in the ingress, milliseconds.",
             boundaries=list(LATENCY_BOUNDARIES_MS),
-            tag_keys=("route", "method"),
+            tag_keys=("route", "method"),  # type: ignore[arg-type]  # Ray annotates Tuple[str]
         )
         return cls(counter, latency)
 

@@ -145,8 +145,8 @@ class ProxyErrorEnvelope(_Middleware):
     500 when the proxy fails. It answers those in ``text/plain``; every response of this service is JSON,
     so a non-JSON error response can only come from the proxy, and is rewritten into the envelope with
     the same HTTP status and headers (``Retry-After`` and ``x-request-id`` included). Everything else
-    passes through untouched. Installed with :func:`proxy_middlewares` (README: "Errors from Serve's
-    proxy").
+    passes through untouched. Installed with :func:`proxy_middlewares` (docs/operations.md: "Overload: a fast
+    503 instead of timeouts").
     """
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -171,7 +171,7 @@ class ProxyErrorEnvelope(_Middleware):
 
 def proxy_middlewares() -> list[Any]:
     """Middlewares for Serve's HTTP proxy: set ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` to
-    ``deployments.http:proxy_middlewares`` in the environment of every Ray node (see README)."""
+    ``deployments.http:proxy_middlewares`` in the environment of every Ray node (see docs/operations.md)."""
     from starlette.middleware import Middleware
 
     return [Middleware(ProxyErrorEnvelope)]

@@ -15,8 +15,8 @@ from deployments.schemas import AddImage, DeleteImage, GetImage, UpdateTags
 from filters import TagError, validate_tags
 from index.errors import ImageNotFound, InvalidParameter
 from index.ingest.fetch import FetchError, check_uri
-from index.shards import shard_of
-from index.store import NewRecord
+from index.search.sharding import shard_of
+from index.storage.embedded.store import NewRecord
 
 router = APIRouter(prefix=PREFIX, tags=["images"])
 

@@ -1,4 +1,5 @@
-"""Imports: bulk import tasks of a JSONL source (``/image/tasks/...``, tagged ``images`` in the schema).
+"""Imports: bulk import tasks of a JSONL source: create, results, cancel (``/image/tasks/...``, tagged
+``images`` in the schema).
 
 No ``from __future__ import annotations`` here: FastAPI reads the route signatures.
 """
@@ -10,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from deployments.http import envelope
 from deployments.routes.replica import PREFIX, ReplicaDep
-from deployments.schemas import CreateTask
+from deployments.schemas import CancelTask, CreateTask
 from index.errors import InvalidParameter, TaskNotFound
 from index.ingest.fetch import FetchError, check_source
 
@@ -38,3 +39,11 @@ async def task_results(task_id: str, replica: ReplicaDep) -> JSONResponse:
     if not TASK_ID_RE.fullmatch(task_id):
         raise TaskNotFound(task_id[:80])
     return envelope(await replica.importer.get_task.remote(task_id))
+
+
+@router.post("/image/tasks/cancel")
+async def cancel_task(body: CancelTask, replica: ReplicaDep) -> JSONResponse:
+    """Cancel a pending or running import task; a finished one is answered unchanged."""
+    if not TASK_ID_RE.fullmatch(body.task_id):
+        raise TaskNotFound(body.task_id[:80])
+    return envelope(await replica.importer.cancel_task.remote(body.task_id))

@@ -21,13 +21,13 @@ from ray import serve
 from deployments.config import AppArgs, EncodeBatching
 from deployments.readiness import DeploymentStates, GuardedHandle
 from deployments.searchers import IndexHandles
-from index.catalog import LibraryInfo, check_served_model
 from index.detect.modes import Embedded, ModePipeline
 from index.errors import InvalidParameter, LibraryNotFound, PayloadTooLarge
 from index.ingest.fetch import ConnectionPools, FetchError, FetchRefused, fetch_bytes
 from index.model.imaging import ImageDecodeError, ImageTooLarge, decode_base64, decode_image
 from index.model.spec import PreprocessSpec
-from index.storage import open_storage
+from index.storage.backends import open_storage
+from index.storage.embedded.catalog import LibraryInfo, check_served_model
 
 logger = logging.getLogger("ray.serve")
 

@@ -29,7 +29,10 @@ class FaceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    cascade: str = Field("haarcascade_frontalface_alt2.xml", description="file in HAAR_DIR, or a path")
+    cascade: str = Field(
+        "haarcascade_frontalface_alt2.xml",
+        description="OpenCV Haar face cascade: a file name in index/detect/cascades/ (shipped), or a path",
+    )
     eye_cascade: str = Field("haarcascade_eye.xml", description="eye cascade used for alignment (same rules)")
     work_size: int = Field(400, ge=64, le=4096, description="long side the image is shrunk to, pixels")
     min_face_fraction: float = Field(0.06, gt=0, le=1, description="smallest face side, of the short side")

@@ -1,18 +1,19 @@
-"""Ingestion: fetching client-given URIs under the SSRF policy, import sources, the durable task store,
-JSONL line parsing and the import runner.
+"""Ingestion: fetching client-given URIs under the SSRF policy, import sources, JSONL line parsing and the
+import runner (the task stores it writes to are storage's: index/storage/tasks.py and its backends).
 
     data = fetch_bytes(uri, policy=FetchPolicy(...), max_bytes=..., timeout_s=...)
     runner = ImportRunner(tasks=TaskStore(root), catalog=..., encode=..., write=..., ...)
     await runner.start(); task = await runner.create(name, uid, source, save_image)
 
-Names are loaded on first use, so that ``index.ingest.fetch`` and ``index.ingest.tasks`` stay free of
-the model's imports (torch) for callers that only fetch or read tasks.
+Names are loaded on first use, so that ``index.ingest.fetch`` stays free of the model's imports (torch)
+for callers that only fetch.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from index import lazy_export
 
 _EXPORTS = {
     "ConnectionPools": "fetch",
@@ -22,10 +23,10 @@ _EXPORTS = {
     "check_source": "fetch",
     "check_uri": "fetch",
     "fetch_bytes": "fetch",
-    "open_source": "fetch",
-    "LineError": "tasks",
-    "Task": "tasks",
-    "TaskStore": "tasks",
+    "open_source": "sources",
+    "SourceLimits": "sources",
+    "SourceLimitExceeded": "sources",
+    "ByteBudget": "lines",
     "LineReader": "lines",
     "ParsedLine": "lines",
     "parse_line": "lines",
@@ -37,7 +38,4 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'index.ingest' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"index.ingest.{module}"), name)
+    return lazy_export(__name__, _EXPORTS, name)

@@ -5,10 +5,16 @@ Every fetch the service makes on a client's behalf goes through :func:`fetch_byt
 
 * ``http://`` and ``https://`` only (``file://`` only inside the configured allowed roots, resolved, so
   ``..`` and symlinks cannot escape). Any other scheme is refused, at the start and after a redirect.
+* Object-store URIs (``s3://bucket/key``, read through fsspec with the service's own credentials) only
+  under the buckets and prefixes ``object_store_allowed`` lists per protocol, written ``<protocol>://``;
+  none by default. fsspec's ``::`` chains (``simplecache::``, ``zip::``, ``http::``) are never accepted.
+* A URI that cannot be parsed is a :class:`FetchError` (a 400), never a bare ``ValueError``.
 * The host is resolved once per hop and every address it resolves to must be public: private,
-  loopback, link-local, multicast, reserved, unspecified, shared (CGNAT) and other non-global addresses
-  are refused unless ``allow_private`` is set or the address lies in one of ``allowed_networks``.
-  IPv4 addresses embedded in IPv6 ones (IPv4-mapped, 6to4, Teredo) are checked as IPv4.
+  loopback, link-local, site-local, multicast, reserved, unspecified, shared (CGNAT) and other
+  non-global addresses are refused unless ``allow_private`` is set or the address lies in one of
+  ``allowed_networks``. IPv4 addresses embedded in IPv6 ones (IPv4-mapped, 6to4, Teredo) are checked as
+  IPv4. A host that does not resolve is refused with the same message as a non-public one, so that a
+  client cannot tell internal names from unknown ones.
 * The connection goes to the address that was checked (the name is not resolved a second time by the
   HTTP library), with the original name in ``Host`` and, for https, in SNI and certificate checks. So a
   DNS answer that changes between the check and the connection (DNS rebinding) cannot redirect the
@@ -25,17 +31,16 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import gzip
-import io
 import ipaddress
 import logging
+import re
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 import certifi
@@ -51,8 +56,34 @@ CHUNK = 64 * 1024
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 #: Answers an import retries (with backoff) before giving up on an image.
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-#: Object-store protocols (served by fsspec) the service accepts unless configured otherwise.
-DEFAULT_OBJECT_STORE_PROTOCOLS = ("s3", "gs", "gcs", "az", "abfs", "abfss")
+#: Protocols that ``object_store_allowed`` may not list: http(s) and local files have their own checks
+#: (address checks, allowed roots), and fsspec's wrapper filesystems open other filesystems or archives.
+RESERVED_PROTOCOLS = frozenset(
+    {
+        "",
+        "http",
+        "https",
+        "file",
+        "local",
+        "simplecache",
+        "filecache",
+        "blockcache",
+        "cached",
+        "zip",
+        "tar",
+        "libarchive",
+        "reference",
+        "dir",
+        "data",
+    }
+)
+_PROTOCOL = re.compile(r"[a-z][a-z0-9+.-]*")
+#: The message for a host that does not resolve and for one that resolves to a non-public address: the
+#: same, so that a client cannot probe which internal names exist.
+NOT_PUBLIC = (
+    "refused: the host is not a public address or does not resolve (private, loopback, link-local and "
+    "reserved addresses are not fetched unless the deployment allows them)"
+)
 USER_AGENT = "image-search-fetch/1"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -109,25 +140,40 @@ class FetchPolicy(BaseModel):
     allowed_networks: tuple[IPvAnyNetwork, ...] = Field(
         (), description="networks allowed although not public, e.g. an internal image store's 10.1.2.0/24"
     )
-    max_redirects: int = Field(5, ge=0, le=20, description="redirects followed, each hop checked again")
+    max_redirects: int = Field(
+        5, ge=0, le=20, description="redirects followed when fetching image_uri, each hop checked again"
+    )
     schemes: tuple[Literal["http", "https"], ...] = Field(("http", "https"), min_length=1)
     resolver: Resolver = Field(system_resolver, exclude=True, description="name -> addresses (tests inject)")
     import_roots: tuple[str, ...] = Field((), description="directories local import sources may lie in")
-    object_store_protocols: tuple[str, ...] = Field(
-        (), description="fsspec protocols accepted for images and import sources (AppArgs: the usual ones)"
+    object_store_allowed: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="fsspec protocol -> the 'bucket' or 'bucket/prefix' entries under which clients may name "
+        "objects (image URIs, import sources, the image URIs in them); an unlisted protocol is refused",
     )
     timeout_s: float = Field(10.0, gt=0, description="connect/read timeout and deadline of one image fetch")
     source_timeout_s: float = Field(
         30.0, gt=0, description="connect/read timeout of an http(s) import source (no overall deadline)"
     )
 
-    @field_validator("object_store_protocols")
+    @field_validator("object_store_allowed")
     @classmethod
-    def _no_clash(cls, protocols: tuple[str, ...]) -> tuple[str, ...]:
-        clash = [p for p in protocols if p in ("http", "https", "file", "")]
-        if clash:
-            raise ValueError(f"must not list {clash}")
-        return protocols
+    def _allowed_prefixes(cls, allowed: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for protocol, prefixes in allowed.items():
+            if protocol in RESERVED_PROTOCOLS or not _PROTOCOL.fullmatch(protocol):
+                raise ValueError(
+                    f"{protocol!r} is not an object-store protocol this list may name (lower-case fsspec "
+                    "protocols such as s3, gs, az; http(s) and file:// have their own settings)"
+                )
+            if not prefixes:
+                raise ValueError(f"{protocol}: list at least one 'bucket' or 'bucket/prefix'")
+            for prefix in prefixes:
+                problem = _object_path_problem(prefix.strip("/"))
+                if problem is not None:
+                    raise ValueError(
+                        f"{protocol}: {prefix!r} is not a 'bucket' or 'bucket/prefix': {problem}"
+                    )
+        return allowed
 
     def fetch_image(
         self, uri: str, *, max_bytes: int, retries: int = 0, pools: ConnectionPools | None = None
@@ -159,12 +205,7 @@ class FetchPolicy(BaseModel):
             return
         reason = non_public_reason(ip)
         if reason is not None:
-            raise FetchRefused(
-                "refused: the host is not a public address (private, loopback, link-local and reserved "
-                "addresses are not fetched unless the deployment allows them)",
-                reason=reason,
-                address=str(ip),
-            )
+            raise FetchRefused(NOT_PUBLIC, reason=reason, address=str(ip))
 
 
 def non_public_reason(ip: IPAddress) -> str | None:
@@ -179,6 +220,8 @@ def non_public_reason(ip: IPAddress) -> str | None:
         ("unspecified", ip.is_unspecified),
         ("loopback", ip.is_loopback),
         ("link-local", ip.is_link_local),
+        # fec0::/10, deprecated (RFC 3879) but still routed inside some sites; Python 3.11 calls it global
+        ("site-local", isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local),
         ("multicast", ip.is_multicast),
         ("private", ip.is_private),
         ("reserved", ip.is_reserved),
@@ -212,47 +255,122 @@ def fetch_bytes(
         ImageTooLarge: more than ``max_bytes``.
     """
     check_uri(uri, policy=policy)
-    parts = urlsplit(uri)
+    parts = split_uri(uri)
     scheme = parts.scheme.lower()
     if scheme == "file":
         return _read_file(unquote(parts.path), max_bytes=max_bytes, allowed_roots=policy.allowed_file_roots)
-    if scheme and scheme in policy.object_store_protocols:
-        return _read_object(uri, max_bytes=max_bytes)
-    return _fetch_http(uri, policy=policy, max_bytes=max_bytes, timeout_s=timeout_s, pools=pools)
+    if scheme in policy.schemes:
+        return _fetch_http(uri, policy=policy, max_bytes=max_bytes, timeout_s=timeout_s, pools=pools)
+    return _read_object(uri, max_bytes=max_bytes)  # check_uri let it through: an allowed object
+
+
+def split_uri(uri: str) -> SplitResult:
+    """``urlsplit(uri)``, with its host and port checked too.
+
+    Raises:
+        FetchError: the URI is malformed (``urlsplit`` raises a bare ``ValueError`` for e.g.
+            ``http://[127.0.0.1]/``, an unclosed ``[``, or a host that changes under NFKC normalisation).
+    """
+    try:
+        parts = urlsplit(uri)
+        parts.hostname  # noqa: B018 - raises for a malformed bracketed host
+        parts.port  # noqa: B018 - raises for a port that is not a number in 0-65535
+    except ValueError as exc:
+        raise FetchError(f"malformed URI: {exc}") from None
+    return parts
 
 
 def check_uri(uri: str, *, policy: FetchPolicy) -> None:
     """Refuse what can be refused without connecting, with the message a fetch would give: a scheme the
     policy does not accept, a ``file://`` URI naming a host, an http(s) URI whose host is a literal IP
-    address the policy refuses. Host names are checked when they are resolved (each redirect too).
+    address the policy refuses, an object-store URI outside ``object_store_allowed``
+    (:func:`check_object_uri`), an fsspec chain. Host names are checked when they are resolved (each
+    redirect too).
 
     Raises:
         FetchRefused: as :func:`fetch_bytes` would for the same URI.
+        FetchError: the URI is malformed (:func:`split_uri`).
     """
-    parts = urlsplit(uri)
+    refuse_chain(uri)
+    parts = split_uri(uri)
     scheme = parts.scheme.lower()
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise FetchRefused("file:// URIs must not name a host", reason="file host")
         return
-    if scheme and scheme in policy.object_store_protocols:
+    if scheme in policy.schemes:
+        _check_literal_host(parts, policy)
         return
-    if scheme not in policy.schemes:
-        allowed = " or ".join(f"{s}://" for s in (*policy.schemes, *policy.object_store_protocols))
-        raise FetchRefused(
-            f"cannot fetch a URI with scheme {scheme or '(none)'!r}: use {allowed} "
-            "(or file:// under an allowed root), or send the image itself",
-            reason="scheme",
-        )
-    _check_literal_host(parts, policy)
+    allowed = " or ".join(f"{s}://" for s in (*policy.schemes, *policy.object_store_allowed))
+    check_object_uri(
+        uri,
+        scheme,
+        policy,
+        refusal=f"cannot fetch a URI with scheme {scheme or '(none)'!r}: use {allowed} "
+        "(or file:// under an allowed root), or send the image itself",
+    )
+
+
+def check_object_uri(uri: str, scheme: str, policy: FetchPolicy, *, refusal: str) -> None:
+    """Refuse an object-store URI unless it lies under one of ``policy.object_store_allowed``'s entries
+    for its protocol (whole path components: ``bucket/photos`` allows ``bucket/photos/a.jpg``, not
+    ``bucket/photos2/a.jpg``), is written ``<protocol>://`` and is no fsspec ``::`` chain.
+
+    Args:
+        scheme: the URI's scheme, lower-cased.
+        refusal: the message for a protocol that is not listed at all.
+    Raises:
+        FetchRefused: ``reason`` is ``"chain"``, ``"scheme"``, ``"object form"`` or ``"object prefix"``.
+    """
+    refuse_chain(uri)
+    prefixes = policy.object_store_allowed.get(scheme)
+    if not scheme or prefixes is None:
+        raise FetchRefused(refusal, reason="scheme")
+    rest = uri[len(scheme) :]
+    if not rest.startswith("://"):
+        raise FetchRefused(f"an object-store URI is written {scheme}://bucket/key", reason="object form")
+    path = rest[3:].lstrip("/")
+    problem = _object_path_problem(path)
+    if problem is not None:
+        raise FetchRefused(f"not a usable object-store URI: {problem}", reason="object form")
+    components = path.split("/")
+    for prefix in prefixes:
+        wanted = prefix.strip("/").split("/")
+        if components[: len(wanted)] == wanted:
+            return
+    raise FetchRefused(
+        f"{scheme}:// objects are accepted only under the buckets and prefixes this deployment allows "
+        "(object_store_allowed)",
+        reason="object prefix",
+    )
+
+
+def refuse_chain(uri: str) -> None:
+    """Refuse an fsspec chain (``simplecache::s3://...``, ``zip://a::s3://b.zip``, ``http::...``): it
+    would let fsspec open other filesystems, archives or http hosts past every check here. ``::`` in an
+    http(s) URI (an IPv6 literal) or a local path means nothing to fsspec and is left alone.
+
+    Raises:
+        FetchRefused: ``reason`` ``"chain"``.
+    """
+    if "::" in uri and not uri.lower().startswith(("http://", "https://", "file://", "/")):
+        raise FetchRefused("chained fsspec URLs ('::') are not accepted", reason="chain")
+
+
+def _object_path_problem(path: str) -> str | None:
+    """What makes ``bucket[/key]`` unusable for an allow-list check, or None."""
+    if not path or path.startswith("/"):
+        return "it names no bucket"
+    if any(c in path for c in "?#\\") or "::" in path or not path.isprintable():
+        return "'?', '#', '\\', '::' and control characters are not accepted"
+    if any(unquote(c) in (".", "..") for c in path.split("/")):
+        return "'.' and '..' path components are not accepted"
+    return None
 
 
 def _check_literal_host(parts: SplitResult, policy: FetchPolicy) -> None:
     """`FetchPolicy.check_address` for a host written as an IP address (a name is left to the resolver)."""
-    try:
-        host = parts.hostname
-    except ValueError:  # a malformed netloc: the fetch reports it
-        return
+    host = parts.hostname  # split_uri checked that it parses
     if host is None:
         return
     try:
@@ -316,8 +434,11 @@ def _open_http(
                 location = resp.headers.get("Location")
                 if not location:
                     raise FetchError(f"answered HTTP {resp.status} without a Location")
-                url = urljoin(url, location)
-                logger.debug("fetch redirect %d: %s -> %s", hop + 1, target.host, urlsplit(url).hostname)
+                try:
+                    url = urljoin(url, location)
+                except ValueError:
+                    raise FetchError("answered a redirect to a malformed URI") from None
+                logger.debug("fetch redirect %d: %s -> %s", hop + 1, target.host, split_uri(url).hostname)
                 continue
             if not 200 <= resp.status < 300:
                 raise FetchError(f"answered HTTP {resp.status}", retriable=resp.status in RETRY_STATUSES)
@@ -343,7 +464,7 @@ class _Target:
 
     @classmethod
     def parse(cls, url: str, policy: FetchPolicy) -> _Target:
-        parts = urlsplit(url)
+        parts = split_uri(url)
         scheme = parts.scheme.lower()
         if scheme not in policy.schemes:
             # Also reached by a redirect: a server must not bounce us to file:// or gopher://.
@@ -352,10 +473,7 @@ class _Target:
             raise FetchError("credentials in the URI are not supported")
         if not parts.hostname:
             raise FetchError("the URI has no host")
-        try:
-            port = parts.port or (443 if scheme == "https" else 80)
-        except ValueError:
-            raise FetchError("the URI has an invalid port") from None
+        port = parts.port or (443 if scheme == "https" else 80)
         try:
             host = parts.hostname.encode("idna").decode("ascii")
         except UnicodeError:
@@ -384,11 +502,11 @@ def _resolve(host: str, port: int, resolver: Resolver, wait_s: float) -> list[st
     except concurrent.futures.TimeoutError:
         raise FetchError(f"resolving host {host!r} took too long") from None
     except (OSError, UnicodeError):
-        raise FetchError(f"cannot resolve host {host!r}") from None
+        raise FetchRefused(NOT_PUBLIC, reason="unresolvable") from None
     finally:
         pool.shutdown(wait=False)  # a stuck lookup finishes (or not) on its own; nobody waits for it
     if not addresses:
-        raise FetchError(f"cannot resolve host {host!r}")
+        raise FetchRefused(NOT_PUBLIC, reason="unresolvable")
     return addresses
 
 
@@ -556,12 +674,13 @@ def check_source(source: str, *, policy: FetchPolicy) -> str:
     A local file is given as an absolute path or a ``file://`` URI and must lie inside
     ``policy.import_roots`` (it is returned as the resolved absolute path, and must exist); ``http(s)://``
     URIs are returned as given (their addresses are checked when opened, each redirect too);
-    object-store URIs must use one of ``policy.object_store_protocols``.
+    object-store URIs must lie under ``policy.object_store_allowed`` (:func:`check_object_uri`).
 
     Raises:
         FetchError: the message says what is wrong with ``source``.
     """
-    parts = urlsplit(source)
+    refuse_chain(source)
+    parts = split_uri(source)
     scheme = parts.scheme.lower()
     if scheme in policy.schemes:
         if not parts.netloc:
@@ -586,85 +705,17 @@ def check_source(source: str, *, policy: FetchPolicy) -> str:
         if not real.is_file():
             raise FetchError(f"source {path!r} is not a readable file")
         return str(real)
-    if scheme in policy.object_store_protocols:
-        return source
     allowed = [f"{s}://" for s in policy.schemes] + ["a path under import_roots"]
-    allowed += [p + "://" for p in policy.object_store_protocols]
-    raise FetchRefused(
-        f"source scheme {parts.scheme!r} is not accepted; use {', '.join(allowed)}", reason="scheme"
+    allowed += [p + "://" for p in policy.object_store_allowed]
+    check_object_uri(
+        source,
+        scheme,
+        policy,
+        refusal=f"source scheme {parts.scheme!r} is not accepted; use {', '.join(allowed)}",
     )
+    return source
 
 
 def is_local_source(source: str) -> bool:
     """Whether a source returned by :func:`check_source` is a local file (cheap to read twice)."""
     return source.startswith("/")
-
-
-def open_source(source: str, *, policy: FetchPolicy) -> IO[bytes]:
-    """Open an import source for streaming, as a binary file object with ``readline``.
-
-    The policy is :func:`check_source`'s (it runs again here: a task may resume long after it was
-    created); http(s) sources go through the same address checks, pinned connections and checked
-    redirects as image fetches. A name ending in ``.gz`` is decompressed on the fly. The caller closes
-    the stream.
-
-    Raises:
-        FetchError: refused or unreadable source; the message says why.
-    """
-    canonical = check_source(source, policy=policy)
-    stream: IO[bytes]
-    try:
-        if is_local_source(canonical):
-            stream = open(canonical, "rb")  # noqa: SIM115 - handed to the caller, who closes it
-        elif urlsplit(canonical).scheme.lower() in policy.schemes:
-            resp, pool = _open_http(
-                canonical, policy=policy, timeout_s=policy.source_timeout_s, deadline=None
-            )
-            stream = _HTTPStream(resp, pool)
-        else:
-            import fsspec
-
-            # fsspec's buffered files have no readline(limit); io.BufferedReader adds it
-            stream = io.BufferedReader(fsspec.open(canonical, "rb").open(), CHUNK)
-    except FetchError:
-        raise
-    except ImportError as exc:
-        raise FetchError(f"cannot read source: {exc}") from exc
-    except FileNotFoundError as exc:
-        raise FetchError("cannot read source: no such file or object") from exc
-    except OSError as exc:
-        raise FetchError(f"cannot read source: {exc.strerror or exc}") from exc
-    except Exception as exc:  # fsspec backends raise their own types
-        raise FetchError(f"cannot read source: {type(exc).__name__}: {exc}") from exc
-    if urlsplit(canonical).path.endswith(".gz"):
-        return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[return-value]
-    return stream
-
-
-class _HTTPStream(io.BufferedReader):
-    """A streamed http(s) body with ``readline``; closing it also closes its pinned connection pool."""
-
-    def __init__(self, resp: urllib3.BaseHTTPResponse, pool: urllib3.HTTPConnectionPool) -> None:
-        resp.auto_close = False  # type: ignore[attr-defined]  # BufferedReader must see EOF as b""
-        super().__init__(resp, CHUNK)  # type: ignore[arg-type]
-        self._resp = resp
-        self._pool = pool
-
-    def read(self, size: int | None = -1) -> bytes:
-        try:
-            return super().read(size)
-        except (Urllib3Error, OSError) as exc:
-            raise FetchError(f"reading source failed: {_describe(exc)}") from exc
-
-    def readline(self, size: int | None = -1) -> bytes:
-        try:
-            return super().readline(size)
-        except (Urllib3Error, OSError) as exc:
-            raise FetchError(f"reading source failed: {_describe(exc)}") from exc
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self._resp.release_conn()
-            self._pool.close()

@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -18,10 +19,9 @@ from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from filters import TagLimits
-from index.backends import LibraryCatalog, TaskStorage
 from index.errors import InvalidParameter, LibraryNotFound, Overloaded
 from index.ingest.fetch import (
     ConnectionPools,
@@ -29,17 +29,9 @@ from index.ingest.fetch import (
     FetchPolicy,
     check_source,
     is_local_source,
-    open_source,
 )
-from index.ingest.lines import LineReader, parse_line
-from index.ingest.tasks import (
-    FAILED,
-    PARTIALLY_SUCCEEDED,
-    SUCCEEDED,
-    LineError,
-    LostOwnership,
-    Task,
-)
+from index.ingest.lines import ByteBudget, LineReader, TooManyBlankLines, parse_line
+from index.ingest.sources import SourceLimitExceeded, SourceLimits, SourceStopped, open_source
 from index.model.imaging import (
     ImageDecodeError,
     ImageLimits,
@@ -48,11 +40,21 @@ from index.model.imaging import (
     prepare_for_model,
 )
 from index.model.spec import PreprocessSpec
-from index.store import NewRecord
+from index.storage.embedded.store import NewRecord
+from index.storage.interfaces import LibraryCatalog, TaskStorage
+from index.storage.tasks import (
+    FAILED,
+    PARTIALLY_SUCCEEDED,
+    SUCCEEDED,
+    LineError,
+    LostOwnership,
+    Task,
+)
 
 logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 #: How often the runner deletes finished tasks past their retention.
 PRUNE_INTERVAL_S = 3600.0
 T = TypeVar("T")
@@ -71,6 +73,34 @@ class ImportSettings(BaseModel):
     )
     max_task_lines: int = Field(
         1_000_000, gt=0, description="most records in one source (more: the task fails)"
+    )
+    max_blank_lines: int = Field(
+        1_000_000, ge=0, description="most blank lines in one source (more: the task fails)"
+    )
+    max_source_bytes: int = Field(
+        64 * GiB,
+        gt=0,
+        description="most bytes read from one source, after decompression (more: the task fails)",
+    )
+    max_gzip_ratio: float = Field(
+        100.0,
+        ge=1,
+        le=100_000,
+        description="most inflated bytes per compressed byte of a .gz source, checked after the first 16 MiB "
+        "(more: the task fails)",
+    )
+    max_task_bytes_in_flight: int = Field(
+        256 * MiB,
+        gt=0,
+        le=64 * GiB,
+        description="bytes of lines (and fetched images) one task holds between reading and committing; "
+        "more than max_line_bytes; the reader waits while they are taken",
+    )
+    max_bytes_in_flight: int = Field(
+        512 * MiB,
+        gt=0,
+        le=256 * GiB,
+        description="the same bytes over all running tasks together (at least max_task_bytes_in_flight)",
     )
     max_running_tasks: int = Field(2, gt=0, description="tasks importing at once; others wait PENDING")
     max_unfinished_tasks: int = Field(
@@ -99,6 +129,21 @@ class ImportSettings(BaseModel):
         gt=0,
         description="connect/read timeout of an http(s) source",
     )
+    source_deadline_s: float = Field(
+        24 * 3600.0, gt=0, description="longest a remote source (http(s), object store) may take to read"
+    )
+    min_source_bytes_per_s: float = Field(
+        1024.0,
+        ge=0,
+        description="slowest transfer rate accepted from a remote source, measured over source_rate_window_s "
+        "of waiting for it (0: no minimum)",
+    )
+    source_rate_window_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="seconds of waiting in reads over which the source's rate is measured",
+    )
     heartbeat_s: float = Field(
         10.0, gt=0, description="runner heartbeat; tasks of a runner silent for 6x are taken over"
     )
@@ -108,6 +153,24 @@ class ImportSettings(BaseModel):
         le=36_500,
         description="finished tasks are deleted this long after they finished (then TASK_NOT_FOUND)",
     )
+
+
+    @model_validator(mode="after")
+    def _budgets_fit(self) -> ImportSettings:
+        if self.max_task_bytes_in_flight <= self.max_line_bytes + 2:
+            raise ValueError("max_task_bytes_in_flight must be more than max_line_bytes")
+        if self.max_bytes_in_flight < self.max_task_bytes_in_flight:
+            raise ValueError("max_bytes_in_flight must be at least max_task_bytes_in_flight")
+        return self
+
+    def source_limits(self) -> SourceLimits:
+        return SourceLimits(
+            max_bytes=self.max_source_bytes,
+            max_gzip_ratio=self.max_gzip_ratio,
+            deadline_s=self.source_deadline_s,
+            min_bytes_per_s=self.min_source_bytes_per_s or None,
+            rate_window_s=self.source_rate_window_s,
+        )
 
 
 class TaskFailed(Exception):
@@ -123,6 +186,40 @@ class Prepared:
     data: bytes
     pixels: np.ndarray | None
     vector: np.ndarray | None = field(default=None)
+
+
+@dataclass
+class Chunk:
+    """Lines read together and committed together; ``held``: bytes they took from the budgets."""
+
+    end_line: int
+    lines: list[tuple[int, bytes | None]]
+    held: int
+
+
+@dataclass
+class Run:
+    """One task this runner is running: its byte budget, cancel switch and tally of line errors."""
+
+    task_id: str
+    budget: ByteBudget
+    stop: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no chunk is being committed
+    save_image: bool = True  # the task's: else an image is dropped once decoded
+    line_errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    internal_errors: int = 0
+
+    def tally(self, errors: list[LineError]) -> None:
+        for e in errors:
+            self.line_errors[e.reason.split(":", 1)[0][:60]] += 1
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{k}: {n}" for k, n in self.line_errors.most_common(5))
+        more = len(self.line_errors) - 5
+        return f"{sum(self.line_errors.values())} line errors" + (
+            f" ({kinds}{f', {more} more kinds' if more > 0 else ''})" if kinds else ""
+        )
 
 
 class ImportRunner:
@@ -169,6 +266,10 @@ class ImportRunner:
         self._cpu_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="import-cpu")
         self._queue: collections.deque[str] = collections.deque()
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._runs: dict[str, Run] = {}
+        self._cancelling: set[str] = set()  # not to be queued again by a heartbeat meanwhile
+        # Bytes of lines (and fetched images) of every running task, between reading and committing.
+        self._budget = ByteBudget(settings.max_bytes_in_flight)
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
         self._closing = False
@@ -234,6 +335,33 @@ class ImportRunner:
         """The task object of the API. Raises TaskNotFound."""
         return await asyncio.to_thread(self.tasks.describe, task_id)
 
+    async def cancel(self, task_id: str) -> dict[str, Any]:
+        """Cancel a PENDING or RUNNING task (it ends CANCELLED with what it committed); a finished task
+        is left as it is. Returns the task object. Raises TaskNotFound.
+
+        Here, the task starts no new commit and its source read stops at the next read; a commit in
+        progress finishes first (so every record it wrote is counted), then the state changes in the
+        task store and the task's slot is free. A runner that holds the task elsewhere stops at its
+        next commit (LostOwnership).
+        """
+        run = self._runs.get(task_id)
+        work = self._running.get(task_id)
+        if run is not None and work is not None:
+            run.cancelled = True
+            run.stop.set()
+            await run.idle.wait()
+        self._cancelling.add(task_id)
+        try:
+            await asyncio.to_thread(self.tasks.cancel, task_id)
+            with contextlib.suppress(ValueError):
+                self._queue.remove(task_id)
+            if work is not None:
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+        finally:
+            self._cancelling.discard(task_id)
+        return await self.describe(task_id)
+
     # -- scheduling ------------------------------------------------------------------------------
 
     async def _schedule(self) -> None:
@@ -242,7 +370,10 @@ class ImportRunner:
             while self._queue and len(self._running) < self.settings.max_running_tasks:
                 task_id = self._queue.popleft()
                 if task_id not in self._running:
-                    self._running[task_id] = asyncio.create_task(self._run(task_id), name=f"import-{task_id}")
+                    budget = ByteBudget(self.settings.max_task_bytes_in_flight, parent=self._budget)
+                    run = self._runs[task_id] = Run(task_id, budget)
+                    run.idle.set()
+                    self._running[task_id] = asyncio.create_task(self._run(run), name=f"import-{task_id}")
             # asyncio.timeout, not wait_for: 3.11's wait_for loses a cancel that races with the wake-up
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.heartbeat_s):
@@ -258,7 +389,7 @@ class ImportRunner:
                 logger.exception("import runner heartbeat failed")
                 continue
             for t in held:  # tasks of a runner that died without a restart of this one
-                if t.task_id not in self._running and t.task_id not in self._queue:
+                if t.task_id not in (*self._running, *self._queue, *self._cancelling):
                     self._queue.append(t.task_id)
             await self._prune_expired()
 
@@ -284,13 +415,16 @@ class ImportRunner:
                 self.settings.finished_task_retention_days,
             )
 
-    async def _run(self, task_id: str) -> None:
+    async def _run(self, run: Run) -> None:
+        task_id = run.task_id
         try:
-            await self._import(task_id)
-        except LostOwnership:
-            logger.info("import task %s was taken over by another runner", task_id)
+            await self._import(run)
+        except (LostOwnership, SourceStopped):
+            logger.info("import task %s was cancelled or taken over by another runner", task_id)
         except asyncio.CancelledError:
-            raise
+            if not run.cancelled:
+                raise
+            logger.info("import task %s cancelled", task_id)
         except TaskFailed as exc:
             logger.warning("import task %s failed: %s", task_id, exc)
             await self._finish(task_id, FAILED, str(exc))
@@ -299,7 +433,11 @@ class ImportRunner:
             logger.exception("import task %s: internal error %s", task_id, incident, exc_info=exc)
             await self._finish(task_id, FAILED, f"internal error (incident {incident})")
         finally:
+            run.budget.close()
+            if run.line_errors:
+                logger.info("import task %s: %s", task_id, run.summary())
             self._running.pop(task_id, None)
+            self._runs.pop(task_id, None)
             self._wake.set()
 
     async def _finish(self, task_id: str, state: str, error: str | None) -> None:
@@ -308,22 +446,27 @@ class ImportRunner:
 
     # -- one task --------------------------------------------------------------------------------
 
-    async def _import(self, task_id: str) -> None:
+    async def _import(self, run: Run) -> None:
+        task_id = run.task_id
         task = await asyncio.to_thread(self.tasks.get, task_id)
+        run.save_image = task.save_image
         self._check_library(task)
         task = await asyncio.to_thread(self.tasks.start, task_id, self.owner)
         if task.total is None and is_local_source(task.source):
-            total = await asyncio.to_thread(self._count, task.source)
+            total = await asyncio.to_thread(self._count, task.source, run.stop)
             if total > self.settings.max_task_lines:
                 raise TaskFailed(self._too_many_lines())
             await asyncio.to_thread(self.tasks.set_total, task_id, self.owner, total)
-        stream = await asyncio.to_thread(self._open, task.source)
+        stream = await asyncio.to_thread(self._open, task.source, run.stop)
         try:
-            reader = LineReader(stream, max_line_bytes=self.settings.max_line_bytes)
+            reader = self._reader(stream, run.budget)
             await asyncio.to_thread(self._guarded_read, reader.skip, task.lines_done)
-            await self._pipeline(task, reader)
+            await self._pipeline(task, reader, run)
         finally:
-            await asyncio.to_thread(stream.close)
+            if run.stop.is_set():  # cancelled: a read may still be blocked in its thread; do not wait
+                asyncio.get_running_loop().run_in_executor(None, stream.close)
+            else:
+                await asyncio.to_thread(stream.close)
         await asyncio.to_thread(self.tasks.set_total, task_id, self.owner, reader.records)
         done = await asyncio.to_thread(self.tasks.get, task_id)
         if done.succeeded == 0 and done.failed == 0:
@@ -337,18 +480,24 @@ class ImportRunner:
         else:
             await self._finish(task_id, PARTIALLY_SUCCEEDED, None)
 
-    def _open(self, source: str) -> IO[bytes]:
+    def _open(self, source: str, stop: threading.Event | None = None) -> IO[bytes]:
         try:
-            return open_source(source, policy=self.policy)
+            return open_source(source, policy=self.policy, limits=self.settings.source_limits(), stop=stop)
         except FetchError as exc:
             raise TaskFailed(f"source: {exc}") from None
 
-    def _count(self, source: str) -> int:
-        stream = self._open(source)
+    def _reader(self, stream: IO[bytes], budget: ByteBudget | None) -> LineReader:
+        return LineReader(
+            stream,
+            max_line_bytes=self.settings.max_line_bytes,
+            max_blank_lines=self.settings.max_blank_lines,
+            budget=budget,
+        )
+
+    def _count(self, source: str, stop: threading.Event) -> int:
+        stream = self._open(source, stop)
         try:
-            return self._guarded_read(
-                LineReader(stream, max_line_bytes=self.settings.max_line_bytes).count_rest
-            )
+            return self._guarded_read(self._reader(stream, None).count_rest)
         finally:
             stream.close()
 
@@ -356,6 +505,10 @@ class ImportRunner:
     def _guarded_read(read: Callable[..., T], *args: Any) -> T:
         try:
             return read(*args)
+        except SourceStopped:
+            raise
+        except (SourceLimitExceeded, TooManyBlankLines) as exc:
+            raise TaskFailed(str(exc)) from None
         except Exception as exc:  # a dropped connection, a corrupt gzip stream, an fsspec backend error
             raise TaskFailed(f"reading the source failed: {type(exc).__name__}: {exc}") from exc
 
@@ -373,33 +526,60 @@ class ImportRunner:
         if info is None or info.uid != task.library_uid:
             raise TaskFailed(f"library {task.library_name!r} was deleted while the import ran")
 
-    async def _pipeline(self, task: Task, reader: LineReader) -> None:
-        """Read chunks, process up to ``chunks_in_flight`` of them at once, commit them in order."""
-        inflight: collections.deque[tuple[int, asyncio.Task[tuple[list[Prepared], list[LineError]]]]]
+    async def _pipeline(self, task: Task, reader: LineReader, run: Run) -> None:
+        """Read chunks, process up to ``chunks_in_flight`` of them at once, commit them in order.
+
+        The reader takes each line's bytes from the task's budget (and the runner's); a commit gives
+        its chunk's bytes back. When the budget has no room the chunk ends early and the oldest chunk
+        in flight is committed; with nothing in flight the task waits for other tasks' commits.
+        """
+        inflight: collections.deque[tuple[Chunk, asyncio.Task[tuple[list[Prepared], list[LineError]]]]]
         inflight = collections.deque()
         try:
             while True:
-                chunk = await asyncio.to_thread(
+                lines = await asyncio.to_thread(
                     self._guarded_read, reader.read_chunk, self.settings.chunk_lines
                 )
                 if reader.records > self.settings.max_task_lines:
                     raise TaskFailed(self._too_many_lines())
-                if chunk:
-                    inflight.append((reader.line_no, asyncio.create_task(self._process(task, chunk))))
-                while inflight and (reader.eof or len(inflight) >= self.settings.chunks_in_flight):
-                    end_line, work = inflight.popleft()
-                    await self._commit(task, end_line, *(await work))
+                if lines:
+                    held = sum(len(raw) for _, raw in lines if raw is not None)
+                    chunk = Chunk(reader.line_no, lines, held)
+                    inflight.append((chunk, asyncio.create_task(self._process(task, chunk, run))))
+                while inflight and (
+                    reader.eof or reader.starved or len(inflight) >= self.settings.chunks_in_flight
+                ):
+                    chunk, work = inflight.popleft()
+                    await self._commit(task, chunk.end_line, *(await work), run)
+                    run.budget.give(chunk.held)
+                    if reader.starved:
+                        break  # room again: read on
                 if reader.eof:
                     return
+                if reader.starved and not inflight:  # other tasks hold the runner's budget
+                    while not run.budget.has_room(reader.reservation):
+                        await asyncio.sleep(0.05)
         finally:
             for _, work in inflight:
                 work.cancel()
             await asyncio.gather(*(w for _, w in inflight), return_exceptions=True)
 
     async def _commit(
-        self, task: Task, end_line: int, ready: list[Prepared], errors: list[LineError]
+        self, task: Task, end_line: int, ready: list[Prepared], errors: list[LineError], run: Run
+    ) -> None:
+        if run.stop.is_set():
+            raise SourceStopped("the task was cancelled")
+        run.idle.clear()
+        try:
+            await self._write_and_record(task, end_line, ready, errors, run)
+        finally:
+            run.idle.set()
+
+    async def _write_and_record(
+        self, task: Task, end_line: int, ready: list[Prepared], errors: list[LineError], run: Run
     ) -> None:
         self._check_library(task)
+        run.tally(errors)
         if ready:
             records = [
                 NewRecord(
@@ -428,11 +608,11 @@ class ImportRunner:
         )
 
     async def _process(
-        self, task: Task, chunk: list[tuple[int, bytes | None]]
+        self, task: Task, chunk: Chunk, run: Run
     ) -> tuple[list[Prepared], list[LineError]]:
         """Prepare every line of a chunk; encode the good ones in batches as they become ready."""
         loop = asyncio.get_running_loop()
-        prepares = [loop.create_task(self._prepare_slot(line, raw)) for line, raw in chunk]
+        prepares = [loop.create_task(self._prepare_slot(line, raw, chunk, run)) for line, raw in chunk.lines]
         encodes: list[asyncio.Task[list[Prepared]]] = []
         errors: list[LineError] = []
         batch: list[Prepared] = []
@@ -456,18 +636,28 @@ class ImportRunner:
         errors.sort(key=lambda e: e.line)
         return ready, errors
 
-    async def _prepare_slot(self, line: int, raw: bytes | None) -> Prepared | LineError:
+    async def _prepare_slot(
+        self, line: int, raw: bytes | None, chunk: Chunk, run: Run
+    ) -> Prepared | LineError:
         async with self._prepare_slots:
             try:
-                return await self._prepare(line, raw)
+                return await self._prepare(line, raw, chunk, run)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # a bug must cost one line, not the task; it is logged in full
+            except Exception as exc:  # a bug must cost one line, not the task
                 incident = uuid.uuid4().hex[:12]
-                logger.exception("import line %d: internal error %s", line, incident, exc_info=exc)
+                run.internal_errors += 1
+                if run.internal_errors == 1:  # in full once per task; the rest are in the task's tally
+                    logger.error(
+                        "import task %s line %d: internal error %s (further ones are only counted)",
+                        run.task_id,
+                        line,
+                        incident,
+                        exc_info=exc,
+                    )
                 return LineError(line, f"internal error (incident {incident})")
 
-    async def _prepare(self, line: int, raw: bytes | None) -> Prepared | LineError:
+    async def _prepare(self, line: int, raw: bytes | None, chunk: Chunk, run: Run) -> Prepared | LineError:
         loop = asyncio.get_running_loop()
         if raw is None:
             return LineError(
@@ -497,11 +687,17 @@ class ImportRunner:
                 )
             except (FetchError, ImageTooLarge) as exc:
                 return LineError(line, f"image_uri: {exc}", parsed.image_id, parsed.image_uri)
+            except ValueError:  # urlsplit on a malformed URI, e.g. http://[127.0.0.1]/x.jpg
+                return LineError(line, "image_uri: not a valid URI", parsed.image_id, parsed.image_uri)
+            if run.save_image:  # held for the commit (the frame): the reader waits while it fills the budget
+                run.budget.charge(len(data))
+                chunk.held += len(data)
         try:
             pixels = await loop.run_in_executor(self._cpu_pool, self._pixels, data)
         except (ImageDecodeError, ImageTooLarge) as exc:
             return LineError(line, f"{field_name}: {exc}", parsed.image_id, parsed.image_uri)
-        return Prepared(line, parsed.image_id, parsed.image_uri, parsed.tags, data, pixels)
+        kept = data if run.save_image else b""
+        return Prepared(line, parsed.image_id, parsed.image_uri, parsed.tags, kept, pixels)
 
     def _pixels(self, data: bytes) -> np.ndarray:
         img = decode_image(data, self.image_limits, min_side_hint=max(self.preprocess.size))

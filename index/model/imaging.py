@@ -37,6 +37,8 @@ _NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=]")
 # Modes Pillow's convert("RGB") would clip at 255 instead of scaling (16-bit PNG and TIFF greyscale).
 _WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+#: Pixels of a wide greyscale image converted at a time (:func:`_wide_grey_to_l`).
+_BAND_PIXELS = 256 * 1024
 
 
 class ImageLimits(BaseModel):
@@ -214,13 +216,31 @@ def _open_header(data: bytes | bytearray | memoryview, limits: ImageLimits) -> I
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in _WIDE_GREY_MODES:
-        wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
-        image = Image.fromarray((wide >> 8).astype(np.uint8))
+        image = _wide_grey_to_l(image)
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _wide_grey_to_l(image: Image.Image) -> Image.Image:
+    """16-bit (or 32-bit ``I``) greyscale to 8-bit ``L`` by its top 8 bits (``I`` clipped to 0-65535 first).
+
+    Band by band of rows, so that no more than :data:`_BAND_PIXELS` wide values are ever copied out of
+    Pillow at once: a whole-image ``int64`` copy cost 8 bytes a pixel, several times over (about 0.8 GB
+    at the default 40-megapixel limit); now the extra memory is the 1-byte result plus one band.
+    """
+    width, height = image.size
+    out = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, _BAND_PIXELS // width)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        band = np.asarray(image.crop((0, top, width, bottom)))  # uint16 (either byte order) or int32
+        if band.dtype.kind == "i":
+            band = np.clip(band, 0, 65535)
+        out[top:bottom] = band >> 8
+    return Image.fromarray(out)
 
 
 def prepare_for_model(image: Image.Image, preprocess: PreprocessSpec) -> np.ndarray:

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from index.query.merge import gather_shards, merge_results
-from index.shards import shard_of
+from index.search.sharding import shard_of
 
 #: One result object of a shard's answer: the API's fields, plus the raw cosine under ``RANK_KEY``.
 Result = dict[str, Any]

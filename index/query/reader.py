@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from index.ann import DEFAULT_CONFIG, IndexConfig
-from index.backends import RecordStore
 from index.query.merge import RANK_KEY
-from index.snapshot import LocalSnapshots, Snapshots
-from index.storage import LibraryData, local_library
-from index.store import StoredRecord
-from index.table import SearchHits, VectorTable
+from index.search.ann import DEFAULT_CONFIG, IndexConfig
+from index.search.table import SearchHits, VectorTable
+from index.storage.backends import LibraryData, local_library
+from index.storage.embedded.snapshot import LocalSnapshots, Snapshots
+from index.storage.embedded.store import StoredRecord
+from index.storage.interfaces import RecordStore
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class LibraryReader:
     """Read path of one library. Thread-safe: searches and catch-ups serialise on one lock.
 
     Args:
-        library: the library's data (``index.storage.Storage.library``), or an embedded library's
+        library: the library's data (``index.storage.backends.Storage.library``), or an embedded library's
             directory.
         model_identity: the model the library must have been built with.
         config: planner thresholds and search effort.

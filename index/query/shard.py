@@ -11,7 +11,7 @@ import numpy as np
 from index.errors import ImageNotFound
 from index.query.plan import QueryVector, Result, ShardRequest, StoredVector
 from index.query.reader import LibraryReader, result_objects
-from index.scores import ScoreCalibration
+from index.search.scores import ScoreCalibration
 
 
 def search_reader(

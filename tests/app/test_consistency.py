@@ -19,7 +19,7 @@ pytestmark = pytest.mark.ray
 def test_every_replica_sees_each_write_at_once(client, library, storage_root):
     """Every answer after an acknowledged write or delete reflects it, from each of the two LibraryIndex
     replicas: searches go straight to the LibraryIndex handle, in bursts until both have answered."""
-    from index.catalog import Catalog
+    from index.storage.embedded.catalog import Catalog
 
     index = serve.get_deployment_handle("LibraryIndex", app_name=APP)
     key = Catalog(storage_root).get(library).key

@@ -266,9 +266,9 @@ def check_every_acknowledged_add_is_there(
 
 
 def check_faiss_agrees_with_sqlite(library_dir: Path) -> None:
-    from index.catalog import Catalog
     from index.query.reader import LibraryReader
-    from index.snapshot import load_snapshot, snapshot_seq
+    from index.storage.embedded.catalog import Catalog
+    from index.storage.embedded.snapshot import load_snapshot, snapshot_seq
 
     info = Catalog(library_dir.parents[1]).get(LIBRARY)
     with sqlite3.connect(f"file:{library_dir / 'records.sqlite'}?mode=ro", uri=True) as db:

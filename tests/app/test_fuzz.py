@@ -54,11 +54,24 @@ def _schema() -> schemathesis.BaseSchema:
             valid["tags"] = tag_sets
         if isinstance(body.get("image_base64"), str):
             valid["image_base64"] = st.just(FUZZ_IMAGE)
+        # URIs the service parses (image_uri is fetched when image_base64 is absent; source always is):
+        # odd hosts, brackets, ports and schemes, which urlsplit can raise on (issue 26: those were 500s)
+        for field in ("image_uri", "source"):
+            if isinstance(body.get(field), str):
+                valid[field] = st.one_of(st.just(body[field]), odd_uris)
         # the valid variant first: hypothesis leans towards the first branch of one_of
         return st.one_of(st.fixed_dictionaries(valid), st.just(aimed), st.just(body))
 
     return loaded
 
+
+odd_uris = st.builds(
+    "{}://{}{}{}".format,
+    st.sampled_from(["http", "https", "s3", "gs", "file", "simplecache::s3", "ftp"]),
+    st.one_of(st.text(max_size=12), st.text(max_size=12).map("[{}]".format)),
+    st.one_of(st.just(""), st.integers(-1, 10**6).map(":{}".format), st.text(max_size=6).map(":{}".format)),
+    st.text(max_size=12).map("/{}".format),
+)
 
 #: Random library names almost never exist, so on their own the fuzzed requests would stop at the 404.
 #: Half of the bodies are pointed at this library (a few tagged images, see the fixture) and, for image

@@ -32,6 +32,7 @@ LIMITS = {
     "max_filter_depth": 3,
     "max_filter_conditions": 4,
     "max_filter_in_values": 3,
+    "max_filter_cost": 20,
     "max_tags": 2,
     "max_tag_key_length": 5,
     "max_tag_list_length": 2,
@@ -138,6 +139,14 @@ def test_filter_depth_conditions_and_in_values(strict):
         search(strict, tag_filter=[{"field": "a", "op": "in", "value": [1, 2, 3, 4]}]), "tag_filter[0].value"
     )
     refused(search(strict, tag_filter=[{"field": "a", "op": "=", "value": "s" * 7}]), "tag_filter[0].value")
+
+
+def test_filter_cost_budget(strict):
+    def contains(n: int) -> list[dict[str, Any]]:
+        return [{"field": "a", "op": "contains", "value": "s"} for _ in range(n)]
+
+    accepted(search(strict, tag_filter=contains(2)))  # 1 for the list + 2 x 8
+    refused(search(strict, tag_filter=contains(3)), "budget of 20 units (max_filter_cost)")
 
 
 def test_tag_count_and_sizes(strict):

@@ -49,6 +49,9 @@ VALID: dict[str, dict[str, Any]] = {
     "/search/by-image": {"library_name": LIB, "image_base64": IMG},
     "/search/by-text": {"library_name": LIB, "query_text": "x"},
     "/search/by-id": {"library_name": LIB, "image_id": "known"},
+    # only sent with a change that makes it malformed (a valid one would start an import)
+    "/image/tasks/create": {"library_name": LIB, "source": "https://images.example.com/x.jsonl"},
+    "/image/tasks/cancel": {"task_id": "0" * 32},
 }
 
 
@@ -76,6 +79,8 @@ def raw(
 
 
 DROP = object()
+#: URIs ``urlsplit`` raises a bare ValueError for (issue 26: they were answered 500).
+MALFORMED_URIS = ("http://[127.0.0.1]/x.jpg", "http://[::1/x.jpg", "https://example.com:99999/x", "http://a\uff03b/x")
 
 
 def nested_filter(depth: int) -> Any:
@@ -157,7 +162,24 @@ SPECIFIC: list[Case] = [
     bad("/image/add", names="not a public address", image_base64=DROP, image_uri="http://10.0.0.1/a.jpg"),
     bad("/image/add", names="not a public address", image_base64=DROP, image_uri="http://[::1]:9/a.jpg"),
     bad("/image/add", names="not a public address", image_base64=DROP, image_uri="http://0.0.0.0:9/a.jpg"),
+    # issue 26: URIs urlsplit cannot parse answered 500; unresolvable names had a message of their own
+    *(
+        bad("/image/add", names="image_uri: malformed URI", image_base64=DROP, image_uri=uri)
+        for uri in MALFORMED_URIS
+    ),
+    bad("/image/add", names="not a public address", image_base64=DROP, image_uri="http://[fec0::1]/a.jpg"),
+    bad("/image/add", names="not a public address", image_base64=DROP, image_uri="http://nowhere.invalid/a"),
+    # issue 26: no client-named object-store URI unless object_store_allowed lists it (it is empty here)
+    bad("/image/add", names="image_uri: cannot fetch a URI with scheme 's3'", image_base64=DROP, image_uri="s3://b/x"),
+    bad("/image/add", names="image_uri: chained fsspec", image_base64=DROP, image_uri="simplecache::s3://b/x"),
     bad("/image/add", 404, "LIBRARY_NOT_FOUND", names=MISSING, library_name=MISSING),
+    # -- image/tasks/create: the source is checked before the library is looked up
+    *(bad("/image/tasks/create", names="source: malformed URI", source=uri) for uri in MALFORMED_URIS),
+    bad("/image/tasks/create", names="source: source scheme 's3' is not accepted", source="s3://b/x.jsonl"),
+    bad("/image/tasks/create", names="source: source scheme 'gs' is not accepted", source="gs://b/x.jsonl"),
+    bad("/image/tasks/create", names="source: chained fsspec", source="zip://x.jsonl::s3://b/a.zip"),
+    bad("/image/tasks/create", names="source: refused: the host is not", source="http://10.0.0.1/x.jsonl"),
+    bad("/image/tasks/create", names="source", source=""),
     # -- image/get, update_tags, delete
     bad("/image/get", names="image_id", image_id=DROP),
     bad("/image/get", names="image_uri", image_uri=""),
@@ -240,7 +262,17 @@ SPECIFIC: list[Case] = [
     bad("/search/by-id", names="min_score", min_score=1.5),
     bad("/search/by-id", names="tag_filter[0].op", tag_filter=[{"field": "a", "op": "~", "value": 1}]),
     bad("/search/by-id", 404, "IMAGE_NOT_FOUND", names="'ghost'", image_id="ghost"),
+    # image_uri is a key here, never fetched: one urlsplit cannot parse is just not found (no 500)
+    bad("/search/by-id", 404, "IMAGE_NOT_FOUND", names="'known'", image_uri=MALFORMED_URIS[0]),
     bad("/search/by-id", 404, "LIBRARY_NOT_FOUND", names=MISSING, library_name=MISSING),
+    # -- image/tasks/cancel (no library_name: not in POST_ROUTES' generic cases)
+    bad("/image/tasks/cancel", names="task_id", task_id=DROP),
+    bad("/image/tasks/cancel", names="task_id", task_id=5),
+    bad("/image/tasks/cancel", names="task_id", task_id="a" * 257),
+    bad("/image/tasks/cancel", names="library_name: unknown field", library_name=LIB),
+    bad("/image/tasks/cancel", 404, "TASK_NOT_FOUND", names="does not exist"),
+    bad("/image/tasks/cancel", 404, "TASK_NOT_FOUND", names="does not exist", task_id="../x"),
+    raw("GET", "/image/tasks/cancel", None, 405, "METHOD_NOT_ALLOWED", "Method Not Allowed"),
     # -- methods, routes, content types and sizes
     raw("GET", "/image/add", None, 405, "METHOD_NOT_ALLOWED", "Method Not Allowed"),
     raw("DELETE", "/library/create", None, 405, "METHOD_NOT_ALLOWED", "Method Not Allowed"),

@@ -40,7 +40,7 @@ def deployment_running(app: str, deployment: str, replicas: int) -> bool:
 
 
 def test_killed_library_index_replica_is_replaced_while_searches_go_on(client, library, storage_root):
-    from index.catalog import Catalog
+    from index.storage.embedded.catalog import Catalog
 
     for i in range(5):
         client.ok(

@@ -95,7 +95,7 @@ def test_a_full_ingress_queue_is_answered_by_the_proxy_with_the_envelope(
     serve_port: int, tmp_path: Path
 ) -> None:
     """The Ingress itself is saturated: Serve's proxy sheds the excess (503), and the proxy middleware
-    (installed by conftest the way README says) turns its plain-text answer into the envelope."""
+    (installed by conftest the way docs/operations.md says) turns its plain-text answer into the envelope."""
     name = "ingress-overload"
     deploy(
         str(tmp_path),

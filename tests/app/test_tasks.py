@@ -17,7 +17,7 @@ from tests.loopback import Loopback, closed_port_url, loopback_server
 
 pytestmark = pytest.mark.ray
 
-FINAL = ("SUCCEEDED", "PARTIALLY_SUCCEEDED", "FAILED")
+FINAL = ("SUCCEEDED", "PARTIALLY_SUCCEEDED", "FAILED", "CANCELLED")
 
 
 @pytest.fixture
@@ -148,6 +148,36 @@ def test_deleting_the_library_fails_its_running_task(client, library, storage_ro
     d = wait_for(client, task_id, finished)
     assert d["state"] == "FAILED" and d["error"] == f"library {library!r} was deleted while the import ran"
     assert d["succeeded"] == 4
+
+
+def test_cancel_ends_a_running_task_with_its_counters_and_is_idempotent(
+    client: Client, library: str, storage_root: str, srv: Loopback
+) -> None:
+    lines = [good(i) for i in range(4)] + [
+        {"image_id": f"g{i}", "image_uri": srv.img(i, gated=True)} for i in range(4)
+    ]
+    task_id = start(client, library, write_source(storage_root, lines))
+    wait_for(client, task_id, lambda d: d["succeeded"] >= 4)
+    d = client.ok("/image/tasks/cancel", {"task_id": task_id})
+    assert (d["task_id"], d["state"], d["succeeded"], d["failed"]) == (task_id, "CANCELLED", 4, 0)
+    assert d["finished_at"] is not None and d["error"] is None
+    srv.gate.set()  # the gated fetches may answer now: nothing more is committed
+    time.sleep(1.0)
+    assert results(client, task_id) == d
+    assert client.ok("/image/tasks/cancel", {"task_id": task_id}) == d  # cancelling again changes nothing
+    # a finished task is answered unchanged too
+    done = start(client, library, write_source(storage_root, [good(9)]))
+    final = wait_for(client, done, finished)
+    assert client.ok("/image/tasks/cancel", {"task_id": done}) == final
+    assert client.get(f"/library/{library}")[1]["data"]["image_count"] == 5
+
+
+@pytest.mark.parametrize("task_id", ["0" * 32, "not-a-task", "A" * 32])
+def test_cancel_of_an_unknown_task_is_404(client: Client, task_id: str) -> None:
+    code, env = client.post("/image/tasks/cancel", {"task_id": task_id})
+    assert (code, env["status"], env["data"]) == (404, "TASK_NOT_FOUND", None)
+    code, env = client.post("/image/tasks/cancel", {"task": task_id})
+    assert (code, env["status"]) == (400, "INVALID_PARAMETER") and "task" in env["message"]
 
 
 @pytest.mark.parametrize("task_id", ["0" * 32, "not-a-task", "A" * 32])

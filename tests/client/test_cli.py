@@ -10,7 +10,7 @@ import pytest
 
 from image_search_client import cli
 from image_search_client.client import PREFIX
-from tests.client.conftest import LIBRARY, err, ok
+from tests.client.conftest import LIBRARY, Script, err, ok
 
 
 @pytest.mark.parametrize(
@@ -195,3 +195,15 @@ def test_remote_source_without_task_routes_is_a_usage_error(scripted, capsys):
     scripted.replies = [ok(LIBRARY), err(404, "NOT_FOUND", "Not Found")]
     assert cli.main(["--url", scripted.url, "import", "jsonl", "lib", "s3://bucket/x.jsonl"]) == 2
     assert "only the service can read" in capsys.readouterr().err
+
+
+def test_import_cancel_prints_the_cancelled_task(
+    scripted: Script, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scripted.replies = [ok({"task_id": "t9", "library_name": "lib", "state": "CANCELLED", "succeeded": 2})]
+    assert cli.main(["--url", scripted.url, "import", "cancel", "t9"]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "CANCELLED"
+    assert (scripted.received[0]["path"], scripted.received[0]["json"]) == (
+        PREFIX + "/image/tasks/cancel",
+        {"task_id": "t9"},
+    )

@@ -24,7 +24,7 @@ from image_search_client import (
     TaskNotFoundError,
 )
 from image_search_client.client import PREFIX
-from tests.client.conftest import LIBRARY, Reply, err, ok
+from tests.client.conftest import LIBRARY, Reply, Script, err, ok
 
 RESULT = {"image_id": "a", "image_uri": "u", "image_base64": None, "score": 0.5, "tags": {"k": 1}}
 
@@ -243,3 +243,15 @@ def test_results_keep_fields_a_newer_service_adds(scripted):
     [hit] = ImageSearchClient(scripted.url).search_by_id("lib", "a")
     assert hit.image_bytes() == b"hi"
     assert hit.rank_reason == "x"  # type: ignore[attr-defined]
+
+
+def test_cancel_import_task_posts_the_id_and_returns_the_task(scripted: Script) -> None:
+    cancelled = {"task_id": "t1", "library_name": "lib", "state": "CANCELLED", "succeeded": 4}
+    scripted.replies = [ok(cancelled), err(404, "TASK_NOT_FOUND", "no")]
+    client = ImageSearchClient(scripted.url)
+    task = client.cancel_import_task("t1")
+    assert (task.state, task.succeeded, task.done) == ("CANCELLED", 4, True)
+    assert scripted.received[0]["path"] == PREFIX + "/image/tasks/cancel"
+    assert scripted.received[0]["json"] == {"task_id": "t1"}
+    with pytest.raises(TaskNotFoundError):
+        client.cancel_import_task("t2")

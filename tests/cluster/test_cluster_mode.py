@@ -30,7 +30,7 @@ import requests
 from ray import serve
 
 from deployments.app import build_app
-from index.pg import PgCatalog, connect
+from index.storage.cluster.pg import PgCatalog, connect
 from tests.cluster.conftest import SERVE_URL, wait_for
 from tests.cluster.harness import LocalCluster, foreign_files, replica_processes
 from tests.images import image_b64

@@ -14,9 +14,9 @@ from pydantic import ValidationError
 
 from deployments.app import build_app
 from deployments.config import AppArgs
-from index.blobs import StorageUnavailable
-from index.pg import DatabaseUnavailable
-from index.schema import SchemaTooNew
+from index.storage.cluster.blobs import StorageUnavailable
+from index.storage.cluster.pg import DatabaseUnavailable
+from index.storage.schema import SchemaTooNew
 from tests.pg_server import PgServer, free_port
 from tests.s3_server import S3
 
@@ -94,7 +94,7 @@ def test_a_missing_bucket_is_named(pg_url: str, s3_server: S3) -> None:
 
 
 def test_a_database_of_a_newer_schema_is_refused(pg_url: str, object_store: str) -> None:
-    from index.pg import connect
+    from index.storage.cluster.pg import connect
 
     with connect(pg_url) as db, db.transaction() as conn:
         conn.execute("INSERT INTO schema_version (version, service, applied_at) VALUES (99, '9.9.0', 0)")

@@ -18,6 +18,7 @@ def test_limits_reach_the_objects_that_enforce_them():
         max_filter_depth=2,
         max_filter_conditions=3,
         max_filter_in_values=4,
+        max_filter_cost=9,
         max_tags=5,
         max_tag_key_length=6,
         max_tag_list_length=7,
@@ -30,6 +31,7 @@ def test_limits_reach_the_objects_that_enforce_them():
     assert exact == img.model_copy(update={"jpeg_draft_decode": False}) and not exact.jpeg_draft_decode
     flt = limits.filter_limits()
     assert (flt.max_depth, flt.max_conditions, flt.max_in_values, flt.max_string_length) == (2, 3, 4, 8)
+    assert flt.max_cost == 9
     tags = limits.tag_limits()
     assert (tags.max_keys, tags.max_key_length, tags.max_list_length, tags.max_string_length) == (5, 6, 7, 8)
 
@@ -92,6 +94,37 @@ def test_fetch_policy_defaults_are_safe_and_configurable():
     assert policy.max_redirects == 2 and policy.allowed_file_roots == ("/srv/images",)
     policy.check_address("10.1.2.3")
     assert AppArgs(model="tiny-random", fetch_allow_private=True).fetch_policy().allow_private is True
+
+
+def test_object_store_allowed_is_empty_by_default_and_reaches_the_policy():
+    """Issue 26: clients could name any bucket; now only what object_store_allowed lists."""
+    assert AppArgs(model="tiny-random").fetch_policy().object_store_allowed == {}
+    args = AppArgs.model_validate(
+        {"model": "tiny-random", "object_store_allowed": '{"s3": ["photos/public", "shared"]}'}
+    )  # the serve run command-line form
+    assert args.fetch_policy().object_store_allowed == {"s3": ("photos/public", "shared")}
+
+def test_the_replaced_object_store_protocols_arg_names_its_successor():
+    """A config from before issue 26 fails the build saying what to write instead, not just 'extra field'."""
+    with pytest.raises(ValidationError, match="object_store_protocols: replaced by object_store_allowed"):
+        AppArgs(model="tiny-random", object_store_protocols=["s3"])
+
+
+
+@pytest.mark.parametrize(
+    "allowed",
+    [
+        {"https": ["x"]},
+        {"zip": ["x"]},
+        {"s3": []},
+        {"s3": ["b/../c"]},
+        {"s3": [""]},
+        {f"p{i}": ["b"] for i in range(17)},  # more protocols than the bound
+    ],
+)
+def test_bad_object_store_allow_lists_fail_the_build(allowed):
+    with pytest.raises(ValidationError, match="object_store_allowed"):
+        AppArgs(model="tiny-random", object_store_allowed=allowed)
 
 
 @pytest.mark.parametrize("nets", [["10.0.0.0/33"], ["example.com"], ["10.0.0.1/8"]])

@@ -17,10 +17,10 @@ from deployments.routes import images, operations, search
 from deployments.routes.replica import Replica
 from deployments.schemas import AddImage, SearchById, SearchByImage, SearchByText
 from deployments.searchers import IndexHandles
-from index.catalog import LibraryInfo
 from index.detect.modes import Embedded
 from index.errors import LibraryNotFound
 from index.model.spec import resolve_model_spec
+from index.storage.embedded.catalog import LibraryInfo
 from tests.images import image_b64
 
 MODEL = {"identity": "tiny-random/random-seed-0", "face_identity": None}

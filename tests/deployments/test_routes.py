@@ -18,10 +18,10 @@ from deployments.ingress import PREFIX, Ingress, replica_app
 from deployments.readiness import DeploymentStates
 from deployments.routes.replica import Replica
 from deployments.searchers import IndexHandles
-from index.catalog import Catalog
 from index.model.spec import resolve_model_spec
 from index.query.merge import RANK_KEY
-from index.shards import shard_of
+from index.search.sharding import shard_of
+from index.storage.embedded.catalog import Catalog
 
 MODEL = {"identity": "m/p", "face_identity": None}
 SHARDS = 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 from unittest import mock
 
@@ -250,3 +251,24 @@ def test_small_flush_threshold(data: st.DataObject) -> None:
             columns.extend(batch)
             seen += batch
             assert evaluate(tree, columns).tolist() == reference_evaluate(tree, seen)
+
+
+def test_pickles_leave_the_string_kernels_arrays_out_and_old_pickles_load() -> None:
+    columns = TagColumns()
+    columns.extend({"s": text, "l": [text, "x"]} for text in ["red", "navy blue", "a\x00", "é"])
+    condition = Condition("s", "contains", "e")
+    before = evaluate(condition, columns).tolist()
+    evaluate(Condition("l", ">", "b"), columns)  # builds both kinds of cache
+    column = columns._columns[("s", "str")]
+    assert not columns_module._CACHES & set(column.__getstate__())
+
+    loaded = pickle.loads(pickle.dumps(columns, protocol=pickle.HIGHEST_PROTOCOL))
+    assert evaluate(condition, loaded).tolist() == before
+
+    # A column pickled by an earlier version (default slots state, no cache fields) still evaluates.
+    kept = [name for name in column.__slots__ if name not in columns_module._CACHES]
+    old_state = (None, {name: getattr(column, name) for name in kept})
+    revived = columns_module._Column.__new__(columns_module._Column)
+    revived.__setstate__(old_state)
+    columns._columns[("s", "str")] = revived
+    assert evaluate(condition, columns).tolist() == before

@@ -257,3 +257,87 @@ def test_and_or_combine_child_masks(data: st.DataObject) -> None:
 
     assert evaluate(And(tuple(children)), columns).tolist() == np.logical_and.reduce(masks).tolist()
     assert evaluate(Or(tuple(children)), columns).tolist() == np.logical_or.reduce(masks).tolist()
+
+
+# --- the numpy string kernels (contains, string order) against the reference, on random text -----
+
+# NUL (numpy pads with it), non-ASCII of 2, 3 and 4 UTF-8 bytes, lone surrogates (UTF-8 cannot encode
+# them: the kernels test those strings in Python), and lengths across several bucket widths.
+_ALPHABET = st.sampled_from(["a", "b", "\x00", "é", "€", "😀", "\ud800", "\udfff", "Z"])
+_texts = st.lists(_ALPHABET, max_size=40).map("".join)
+_text_rows = st.lists(
+    st.dictionaries(st.sampled_from(["s", "t"]), st.one_of(_texts, st.lists(_texts, max_size=3)), max_size=2),
+    max_size=25,
+)
+_STRING_OPS = ("contains", "not contains", ">", ">=", "<", "<=")
+
+
+@st.composite
+def _text_case(draw: st.DrawFn) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Condition]:
+    first: list[dict[str, Any]] = draw(_text_rows)
+    later: list[dict[str, Any]] = draw(_text_rows)
+    stored: list[str] = [text for _, text in seen_in(first + later)]
+    value: str = draw(st.one_of(_texts, st.sampled_from(stored)) if stored else _texts)
+    substring: bool = draw(st.booleans())
+    if stored and substring:  # a substring of a stored string: matches are common
+        whole: str = draw(st.sampled_from(stored))
+        start = draw(st.integers(0, len(whole)))
+        value = whole[start : draw(st.integers(start, len(whole)))]
+    field = draw(st.sampled_from(["s", "t", "missing"]))
+    return first, later, Condition(field, draw(st.sampled_from(_STRING_OPS)), value)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_text_case())
+def test_string_kernels_match_the_reference_on_random_text(case: Any) -> None:
+    first, later, condition = case
+    columns = TagColumns()
+    columns.extend(first)
+    assert evaluate(condition, columns).tolist() == reference_evaluate(condition, first)
+    # Strings added after a first evaluation reach the kernels' arrays too.
+    columns.extend(later)
+    assert evaluate(condition, columns).tolist() == reference_evaluate(condition, first + later)
+    # And a compacted copy (a re-coded dictionary) answers the same for the rows it keeps.
+    keep = np.arange(len(first + later))[::2]
+    kept = [(first + later)[i] for i in keep]
+    assert evaluate(condition, columns.take(keep)).tolist() == reference_evaluate(condition, kept)
+
+
+@pytest.mark.parametrize(
+    ("needle", "expected"),
+    [
+        ("\x00", {0, 2, 3}),  # numpy's find drops a needle's trailing NULs: these take the Python path
+        ("a\x00", {0, 2}),
+        ("\x00b", {2}),
+        ("é", {4}),
+        ("\ud800", {5}),  # only a string UTF-8 cannot encode may hold a lone surrogate
+        ("", {0, 1, 2, 3, 4, 5, 6}),
+    ],
+)
+def test_contains_edge_cases(needle: str, expected: set[int]) -> None:
+    texts = ["a\x00", "a", "xa\x00b", "\x00", "é", "x\ud800", ""]
+    columns = TagColumns()
+    columns.extend({"s": text} for text in texts)
+    mask = evaluate(Condition("s", "contains", needle), columns)
+    assert set(np.flatnonzero(mask).tolist()) == expected
+
+
+def test_string_order_is_by_code_point_with_nul_and_surrogates() -> None:
+    texts = ["a", "a\x00", "b", "\ud7ff", "\ud800", "\ue000", "😀", ""]
+    columns = TagColumns()
+    columns.extend({"s": text} for text in texts)
+    for bound in texts:
+        for op in (">", ">=", "<", "<="):
+            condition = Condition("s", op, bound)
+            rows = [{"s": text} for text in texts]
+            assert evaluate(condition, columns).tolist() == reference_evaluate(condition, rows), (op, bound)
+
+
+def test_number_in_list_matches_isin() -> None:
+    rng = np.random.default_rng(7)
+    values = [*rng.integers(-50, 50, 500).astype(float).tolist(), 0.0, -0.0, 2.5]
+    columns = TagColumns()
+    columns.extend({"n": value} for value in values)
+    wanted = (-0.0, 3, 2.5, 49, 1000, *range(-40, 40, 7))
+    mask = evaluate(Condition("n", "in", wanted), columns)
+    assert mask.tolist() == np.isin(np.array(values), np.array(wanted, dtype=float)).tolist()

@@ -311,11 +311,15 @@ def test_depth_limit_is_configurable() -> None:
         parse_filter([[cond("a", "=", 1)]], limits=limits)
 
 
+# The count limits apart from the cost budget, which the default would hit first for these filters.
+NO_BUDGET = FilterLimits(max_cost=1_000_000)
+
+
 def test_condition_count_limit() -> None:
-    assert parse_filter([cond("a", "=", i) for i in range(1000)]) is not None
+    assert parse_filter([cond("a", "=", i) for i in range(1000)], limits=NO_BUDGET) is not None
 
     with pytest.raises(FilterError) as caught:
-        parse_filter([cond("a", "=", i) for i in range(1001)])
+        parse_filter([cond("a", "=", i) for i in range(1001)], limits=NO_BUDGET)
 
     assert caught.value.path == "tag_filter[1000]"
     assert caught.value.reason == "too many conditions; expected at most 1000 in a filter"
@@ -332,10 +336,11 @@ def test_condition_count_limit_spans_the_whole_tree() -> None:
 
 
 def test_group_count_limit_bounds_empty_groups() -> None:
-    assert parse_filter([[] for _ in range(999)]) is not None  # 1000 groups with the top-level list
+    # 1000 groups with the top-level list
+    assert parse_filter([[] for _ in range(999)], limits=NO_BUDGET) is not None
 
     with pytest.raises(FilterError) as caught:
-        parse_filter([{"or": []} for _ in range(1000)])
+        parse_filter([{"or": []} for _ in range(1000)], limits=NO_BUDGET)
 
     assert caught.value.path == "tag_filter[999].or"
     assert "expected at most 1000" in caught.value.reason
@@ -373,7 +378,7 @@ def test_string_length_limit(make: Any, path: str) -> None:
 
 @pytest.mark.parametrize("bad", [0, -1, True, 2.0, "3", None])
 @pytest.mark.parametrize(
-    "name", ["max_depth", "max_conditions", "max_groups", "max_in_values", "max_string_length"]
+    "name", ["max_depth", "max_conditions", "max_groups", "max_in_values", "max_string_length", "max_cost"]
 )
 def test_filter_limits_must_be_positive_integers(name: str, bad: Any) -> None:
     with pytest.raises(ValueError, match=name):
@@ -400,4 +405,70 @@ def test_nodes_are_immutable() -> None:
 @settings(max_examples=150, deadline=None)
 @given(trees())
 def test_json_round_trip(tree: Any) -> None:
-    assert parse_filter(to_json(tree)) == tree
+    assert parse_filter(to_json(tree), limits=NO_BUDGET) == tree
+
+
+# --- the cost budget (FilterLimits.max_cost) -----
+
+
+def contains(n: int, text: str = "x" * 1024) -> list[dict[str, Any]]:
+    return [cond("name", "contains", text) for _ in range(n)]
+
+
+def test_the_reviews_filter_bomb_is_refused_before_evaluation() -> None:
+    # Issue 26's reproduction: 1,000 'contains' of 1,024 characters (2.5 minutes over 100,000 strings).
+    with pytest.raises(FilterError) as caught:
+        parse_filter(contains(1000))
+
+    assert caught.value.path == "tag_filter"
+    assert "budget of 64 units (max_filter_cost)" in caught.value.reason
+
+
+@pytest.mark.parametrize(
+    ("condition", "units"),
+    [
+        (cond("a", "=", 1), 1),
+        (cond("a", "!=", "x"), 1),
+        (cond("a", ">", 5), 1),
+        (cond("a", ">", "m"), 8),
+        (cond("a", "<=", "m"), 8),
+        (cond("a", "contains", "x"), 8),
+        (cond("a", "not contains", "x"), 8),
+        (cond("a", "contains", "x\x00"), 32),
+        (cond("a", "in", list(range(15))), 1),
+        (cond("a", "not in", list(range(16))), 2),
+        (cond("a", "in", list(range(1000))), 63),
+    ],
+)
+def test_cost_of_each_kind_of_condition(condition: dict[str, Any], units: int) -> None:
+    # In a list (1 unit), the filter fits a budget of its cost and not one unit less.
+    assert parse_filter([condition], limits=FilterLimits(max_cost=units + 1)) is not None
+    with pytest.raises(FilterError, match=r"^tag_filter: .*budget of \d+ units \(max_filter_cost\)"):
+        parse_filter([condition], limits=FilterLimits(max_cost=units))
+
+
+def test_groups_cost_one_unit_each() -> None:
+    raw = [{"or": []}, [], cond("a", "=", 1)]  # 3 groups (with the top-level list) + 1 condition
+    assert parse_filter(raw, limits=FilterLimits(max_cost=4)) is not None
+    with pytest.raises(FilterError, match="max_filter_cost"):
+        parse_filter(raw, limits=FilterLimits(max_cost=3))
+
+
+def test_default_budget_allows_everyday_filters() -> None:
+    # 7 'contains' and a list (57 units) fit the default budget of 64; an 8th does not.
+    assert parse_filter(contains(7)) is not None
+    with pytest.raises(FilterError, match="max_filter_cost"):
+        parse_filter(contains(8))
+    # 63 plain conditions in a list, or a full 'in' list (63) as the whole filter.
+    assert parse_filter([cond("b", "=", i) for i in range(63)]) is not None
+    assert parse_filter(cond("a", "in", list(range(1000)))) is not None
+
+
+def test_limits_are_frozen_and_refuse_unknown_fields() -> None:
+    limits = FilterLimits()
+    with pytest.raises(ValueError):
+        limits.max_cost = 5  # type: ignore[misc]
+    with pytest.raises(ValueError, match="max_costs"):
+        FilterLimits(max_costs=5)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="max_cost"):
+        FilterLimits(max_cost=1_000_001)

@@ -56,37 +56,37 @@ class Backend:
         self.root = tmp_path
         self._db = None
         if pg_url is not None:
-            from index.pg import connect
+            from index.storage.cluster.pg import connect
 
             self._db = connect(pg_url)
 
     def catalog(self, *, max_libraries: int = 1000):
         if self._db is None:
-            from index.catalog import Catalog
+            from index.storage.embedded.catalog import Catalog
 
             return Catalog(self.root, max_libraries=max_libraries)
-        from index.pg import PgCatalog
+        from index.storage.cluster.pg import PgCatalog
 
         return PgCatalog(self._db, max_libraries=max_libraries)
 
     def store(self, info, *, readonly: bool = False):
         """The record store of library ``info`` (a LibraryInfo)."""
         if self._db is None:
-            from index.store import LibraryStore
+            from index.storage.embedded.store import LibraryStore
 
             return LibraryStore(self.root / "libraries" / info.name, readonly=readonly)
-        from index.blobs import BlobStore, library_blobs
-        from index.pg import PgLibraryStore
+        from index.storage.cluster.blobs import BlobStore, library_blobs
+        from index.storage.cluster.pg import PgLibraryStore
 
         blobs = library_blobs(BlobStore.open(f"file://{self.root}/blobs"), info.uid)
         return PgLibraryStore(self._db, info.uid, readonly=readonly, frames=blobs)
 
     def tasks(self, *, max_errors: int = 10_000):
         if self._db is None:
-            from index.ingest.tasks import TaskStore
+            from index.storage.embedded.tasks import TaskStore
 
             return TaskStore(self.root, max_errors=max_errors)
-        from index.pg import PgTaskStore
+        from index.storage.cluster.pg import PgTaskStore
 
         return PgTaskStore(self._db, max_errors=max_errors)
 
@@ -108,7 +108,7 @@ def backend(request, tmp_path):
 def blob_root(request, tmp_path):
     """An empty ``BlobStore`` on each kind of object store in turn: a ``file://`` directory, and a fresh
     bucket of the session's moto S3 server (under a prefix, as deployments use one)."""
-    from index.blobs import BlobStore
+    from index.storage.cluster.blobs import BlobStore
 
     if request.param == "file":
         return BlobStore.open(f"file://{tmp_path}/store")

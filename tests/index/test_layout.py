@@ -13,12 +13,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 LIGHT = [
     "index.ingest.fetch",
-    "index.ingest.tasks",
-    "index.catalog",
     "index.errors",
-    "index.backends",
-    "index.pg",
-    "index.blobs",
+    "index.search.sharding",
+    "index.storage.tasks",
+    "index.storage.interfaces",
+    "index.storage.backends",
+    "index.storage.embedded.catalog",
+    "index.storage.embedded.tasks",
+    "index.storage.cluster.pg",
+    "index.storage.cluster.blobs",
 ]
 
 

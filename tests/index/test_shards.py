@@ -1,6 +1,6 @@
-"""Sharded libraries without Ray: routing by image id (``index.shards``), a writer that routes by shard,
-per-shard seqs, snapshots and layout, in embedded and in cluster mode. A sharded search answering as an
-unsharded one: tests/index/query/test_plan.py."""
+"""Sharded libraries without Ray: a writer that routes by shard, per-shard seqs, snapshots and layout,
+in embedded and in cluster mode. Routing by image id: tests/index/search/test_sharding.py; a sharded
+search answering as an unsharded one: tests/index/query/test_plan.py."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from index.ann import IndexConfig
-from index.catalog import Catalog
 from index.errors import InvalidParameter
-from index.shards import MAX_SHARDS, shard_of, split_by_shard
-from index.storage import StorageSettings, open_storage
-from index.store import NewRecord
+from index.search.ann import IndexConfig
+from index.search.sharding import MAX_SHARDS, shard_of
+from index.storage.backends import StorageSettings, open_storage
+from index.storage.embedded.catalog import Catalog
+from index.storage.embedded.store import NewRecord
 from index.writer import LibraryWriter
 
 MODEL = {"model": "m", "pretrained": "p", "identity": "m/p", "dim": 16}
@@ -25,36 +25,7 @@ MODEL = {"model": "m", "pretrained": "p", "identity": "m/p", "dim": 16}
 CONFIG = IndexConfig(snapshot_min_rows=8, snapshot_max_tail_rows=8, hnsw_min_rows=100_000)
 
 
-# -- routing -------------------------------------------------------------------------------------
-
-
-def test_routing_is_a_fixed_function_of_the_id() -> None:
-    """The mapping must never change (records written by one release are looked up by the next): these
-    values were computed once and are kept literally."""
-    ids = ["a", "b", "img-0001", "img-0002", "photo/42.jpg", "ünïcødé", ""]
-    assert [shard_of(i, 4) for i in ids] == EXPECTED_4
-    assert [shard_of(i, 3) for i in ids] == EXPECTED_3
-    assert [shard_of(i, 1) for i in ids] == [0] * len(ids)
-    assert shard_of("img-0001", 64) == EXPECTED_64
-
-
-EXPECTED_4 = [3, 1, 3, 3, 2, 1, 0]
-EXPECTED_3 = [2, 2, 0, 0, 1, 2, 0]
-EXPECTED_64 = 55
-
-
-def test_routing_spreads_ids_and_groups_positions() -> None:
-    ids = [f"id{i}" for i in range(4000)]
-    counts = np.bincount([shard_of(i, 4) for i in ids], minlength=4)
-    assert counts.min() > 900  # about 1,000 each
-    groups = split_by_shard(ids[:50], 4)
-    assert sorted(p for positions in groups.values() for p in positions) == list(range(50))
-    assert all(shard_of(ids[p], 4) == k for k, positions in groups.items() for p in positions)
-    with pytest.raises(ValueError, match="shards must be at least 1"):
-        shard_of("a", 0)
-
-
-# -- sharded library == unsharded library --------------------------------------------------------
+# -- sharded storage --------------------------------------------------------------------------
 
 
 @pytest.fixture(params=["embedded", "cluster"])

@@ -18,7 +18,14 @@ from typing import Any
 
 import pytest
 
-from index.ingest.fetch import FetchError, FetchPolicy, FetchRefused, fetch_bytes, non_public_reason
+from index.ingest.fetch import (
+    FetchError,
+    FetchPolicy,
+    FetchRefused,
+    check_uri,
+    fetch_bytes,
+    non_public_reason,
+)
 from index.model.imaging import ImageTooLarge
 
 PAYLOAD = b"\x89PNG fake image bytes" * 10
@@ -47,6 +54,8 @@ class _Server:
                     self._answer(301, b"", {"Location": "photo"})
                 elif path == "/loop":
                     self._answer(302, b"", {"Location": "/loop"})
+                elif path == "/malformed-redirect":  # urljoin raises on it (a bracketed IPv4 host)
+                    self._answer(302, b"", {"Location": "http://[127.0.0.1]/x.jpg"})
                 elif path == "/nolocation":
                     self._answer(302, b"", {})
                 elif path == "/big":
@@ -137,6 +146,8 @@ def fetch(uri: str, policy: FetchPolicy, *, max_bytes: int = 10_000, timeout_s: 
         ("::ffff:10.0.0.1", "private"),
         ("2002:a00:1::", "private"),  # 6to4 wrapping 10.0.0.1
         ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64 of 169.254.169.254
+        ("fec0::1", "site-local"),  # issue 26: deprecated site-local, "global" to Python 3.11
+        ("fefe::1", "site-local"),
     ],
 )
 def test_default_policy_refuses_non_public_addresses(server, address, reason):
@@ -293,8 +304,9 @@ def test_http_errors_and_unresolvable_names(server):
     policy = FetchPolicy(allowed_networks=LOOPBACK, resolver=resolver({"ok.test": ["127.0.0.1"]}))
     with pytest.raises(FetchError, match="HTTP 404"):
         fetch(server.url("/missing", "ok.test"), policy)
-    with pytest.raises(FetchError, match=r"cannot resolve host 'nowhere\.test'"):
+    with pytest.raises(FetchRefused, match="not a public address or does not resolve") as info:
         fetch("http://nowhere.test/a.jpg", policy)
+    assert info.value.reason == "unresolvable"
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
@@ -311,12 +323,50 @@ def test_http_errors_and_unresolvable_names(server):
         ("gopher://example.com/", "scheme 'gopher'"),
         ("http://user:pw@example.com/a.jpg", "credentials"),
         ("http:///a.jpg", "no host"),
-        ("http://example.com:99999/a.jpg", "invalid port"),
     ],
 )
 def test_bad_uris(uri, match):
     with pytest.raises(FetchError, match=match):
         fetch(uri, FetchPolicy(resolver=resolver({})))
+
+
+@pytest.mark.parametrize(
+    "uri, match",
+    [
+        ("http://example.com:99999/a.jpg", "Port out of range"),
+        ("http://example.com:x/a.jpg", "Port could not be cast"),
+        # issue 26: urlsplit raises a bare ValueError for these (the ingress answered 500)
+        ("http://[127.0.0.1]/x.jpg", "An IPv4 address cannot be in brackets"),
+        ("http://[::1/x.jpg", "Invalid IPv6 URL"),
+        ("http://ex\uff0fample.com/x.jpg", "NFKC"),
+        ("s3://[bucket/x.jpg", "Invalid IPv6 URL"),
+    ],
+)
+def test_malformed_uris_are_fetch_errors_before_any_fetch(uri, match):
+    policy = FetchPolicy(resolver=resolver({}), object_store_allowed={"s3": ("bucket",)})
+    with pytest.raises(FetchError, match=f"malformed URI: .*{match}"):
+        check_uri(uri, policy=policy)  # what the ingress checks first (a 400)
+    with pytest.raises(FetchError, match=f"malformed URI: .*{match}"):
+        fetch(uri, policy)
+
+
+def test_an_unknown_name_and_an_internal_one_are_refused_alike(server):
+    """Issue 26: "cannot resolve host" against "not a public address" told a client which internal
+    names exist."""
+    policy = FetchPolicy(resolver=resolver({"intranet.test": ["10.0.0.7"]}))
+    messages = set()
+    for host in ("intranet.test", "nowhere.test"):
+        with pytest.raises(FetchRefused) as info:
+            fetch(server.url("/photo", host), policy)
+        messages.add(str(info.value))
+    assert len(messages) == 1 and "intranet" not in messages.pop()
+    assert server.hits == 0
+
+
+def test_a_redirect_to_a_malformed_uri_is_a_fetch_error(server):
+    policy = FetchPolicy(allowed_networks=LOOPBACK)
+    with pytest.raises(FetchError, match="malformed URI"):
+        fetch(server.url("/malformed-redirect"), policy)
 
 
 def test_tls_certificate_is_checked_against_the_name(tmp_path):
@@ -383,7 +433,16 @@ def test_file_uris_only_under_allowed_roots(tmp_path):
     assert fetch(f"file://{root}/a.jpg", policy) == PAYLOAD
     with pytest.raises(FetchRefused, match="disabled"):
         fetch(f"file://{root}/a.jpg", FetchPolicy())
-    for escape in (f"file://{root}/../secret", f"file://{root}/link.jpg", "file:///etc/passwd"):
+    escapes = (
+        f"file://{root}/../secret",
+        f"file://{root}/%2e%2e/secret",  # percent-encoded: decoded before the path is resolved
+        f"file://{root}/%2E%2E/secret",
+        f"file://{root}/link.jpg",
+        "file:///etc/passwd",
+        "file:///proc/self/environ",
+        f"file://{root}/../../../../proc/self/environ",
+    )
+    for escape in escapes:
         with pytest.raises(FetchRefused, match="outside the allowed"):
             fetch(escape, policy)
     with pytest.raises(FetchRefused, match="host"):
@@ -392,6 +451,15 @@ def test_file_uris_only_under_allowed_roots(tmp_path):
         fetch(f"file://{root}/a.jpg", policy, max_bytes=10)
     with pytest.raises(FetchError, match="cannot read"):
         fetch(f"file://{root}/missing.jpg", policy)
+
+
+def test_proxies_from_the_environment_are_not_used(server, monkeypatch):
+    """The review found this sound (issue 26); pinned: a proxy would resolve and connect past the check."""
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://10.9.9.9:3128")
+    policy = FetchPolicy(allowed_networks=LOOPBACK, resolver=resolver({"ok.test": ["127.0.0.1"]}))
+    assert fetch(server.url("/photo", "ok.test"), policy) == PAYLOAD
+    assert server.hits == 1 and server.hosts == [f"ok.test:{server.port}"]
 
 
 def test_a_resolver_answer_that_is_not_an_address_is_refused(server):

@@ -14,14 +14,14 @@ import pydantic
 import pytest
 
 from filters import TagLimits
-from index.catalog import Catalog
 from index.errors import InvalidParameter, LibraryNotFound, Overloaded, TaskNotFound
 from index.ingest.fetch import FetchPolicy
 from index.ingest.importer import ImportRunner, ImportSettings
-from index.ingest.lines import LineReader, parse_line
-from index.ingest.tasks import TaskStore
+from index.ingest.lines import ByteBudget, LineReader, parse_line
 from index.model.imaging import ImageLimits
-from index.store import LibraryStore
+from index.storage.embedded.catalog import Catalog
+from index.storage.embedded.store import LibraryStore
+from index.storage.embedded.tasks import TaskStore
 from index.writer import LibraryWriter
 from tests.images import image_b64
 from tests.loopback import closed_port_url, loopback_server
@@ -131,7 +131,7 @@ class Env:
             policy=policy
             or FetchPolicy(
                 import_roots=(str(self.inbox),),
-                object_store_protocols=("memory",),
+                object_store_allowed={"memory": ("imports",)},
                 allowed_networks=("127.0.0.0/8",),
             ),
         )
@@ -418,7 +418,7 @@ def test_object_store_source(env):
 
     import fsspec
 
-    path = f"/imp-{uuid.uuid4().hex}/s.jsonl"
+    path = f"/imports/{uuid.uuid4().hex}/s.jsonl"
     fsspec.filesystem("memory").pipe(path, "\n".join(json.dumps(good(i)) for i in range(3)).encode())
     d = asyncio.run(run_task(env.runner(), f"memory://{path}", uid=env.uid))
     assert (d["state"], d["succeeded"]) == ("SUCCEEDED", 3)
@@ -510,3 +510,251 @@ def test_finished_tasks_past_their_retention_are_deleted_when_the_runner_starts(
 def test_retention_must_be_positive():
     with pytest.raises(pydantic.ValidationError, match="finished_task_retention_days"):
         ImportSettings(finished_task_retention_days=0)
+
+
+# -- hardening: bounded bytes, stalls, cancel, one log line per task --------------------------------
+
+
+def watch_peak(monkeypatch: pytest.MonkeyPatch, runner: ImportRunner) -> list[int]:
+    """``[the most bytes the runner's budget held]``, looked at after every take."""
+    peak = [0]
+    take = ByteBudget.try_take
+
+    def watched(self: ByteBudget, n: int) -> bool:
+        ok = take(self, n)
+        peak[0] = max(peak[0], runner._budget.used)
+        return ok
+
+    monkeypatch.setattr(ByteBudget, "try_take", watched)
+    return peak
+
+
+def test_a_gzip_bomb_of_long_lines_never_holds_more_than_the_budget(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue's bomb: 3 chunks of 256 lines of up to max_line_bytes each were held at once (a 66 KB
+    gzip held 64 MiB in one chunk). Now lines wait for room in the task's budget."""
+    import gzip
+
+    limit = 1024 * 1024
+    line = b'{"image_id": "b", "image_uri": "u", "image_base64": "' + b"A" * (limit - 60) + b'"}\n'
+    path = env.inbox / "bomb.jsonl.gz"
+    with gzip.open(path, "wb") as f:
+        for _ in range(40):
+            f.write(line)
+    runner = env.runner(
+        max_line_bytes=limit,
+        max_task_bytes_in_flight=4 * limit,
+        max_bytes_in_flight=4 * limit,
+        chunk_lines=256,
+        chunks_in_flight=3,
+        max_gzip_ratio=100_000,  # the ratio limit alone would stop this bomb: see test_sources.py
+    )
+    peak = watch_peak(monkeypatch, runner)
+    d = asyncio.run(run_task(runner, str(path), uid=env.uid))
+    assert (d["state"], d["failed"]) == ("FAILED", 40), d
+    assert "image_base64" in d["errors"][0]["reason"]
+    assert 2 * limit < peak[0] <= 4 * limit
+    assert runner._budget.used == 0  # everything given back
+
+
+def test_two_tasks_share_the_runners_budget_without_deadlock(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limit = 256 * 1024
+    line = b'{"image_id": "b", "image_uri": "u", "image_base64": "' + b"A" * (limit - 60) + b'"}\n'
+    sources = []
+    for k in range(2):
+        path = env.inbox / f"bomb{k}.jsonl"
+        path.write_bytes(line * 30)
+        sources.append(str(path))
+    runner = env.runner(
+        max_line_bytes=limit,
+        max_task_bytes_in_flight=4 * limit,
+        max_bytes_in_flight=6 * limit,  # less than two tasks' budgets: they wait on each other
+        max_running_tasks=2,
+        chunk_lines=256,
+    )
+    peak = watch_peak(monkeypatch, runner)
+
+    async def scenario():
+        await runner.start()
+        try:
+            ids = [(await runner.create("lib", env.uid, src, True)).task_id for src in sources]
+            return [await wait_done(runner, t, timeout_s=60) for t in ids]
+        finally:
+            await runner.close()
+
+    for d in asyncio.run(scenario()):
+        assert (d["state"], d["failed"]) == ("FAILED", 30), d
+    assert 4 * limit < peak[0] <= 6 * limit and runner._budget.used == 0
+
+
+@pytest.mark.parametrize("save_image", [True, False])
+def test_fetched_images_count_in_the_budget_only_while_they_are_kept(
+    env: Env, monkeypatch: pytest.MonkeyPatch, save_image: bool
+) -> None:
+    charged: list[int] = []
+    charge = ByteBudget.charge
+
+    def watched(self: ByteBudget, n: int) -> None:
+        charged.append(n)
+        charge(self, n)
+
+    monkeypatch.setattr(ByteBudget, "charge", watched)
+    with loopback_server() as srv:
+        source = env.jsonl([{"image_id": f"u{i}", "image_uri": srv.img(i)} for i in range(4)])
+        runner = env.runner()
+        d = asyncio.run(run_task(runner, source, uid=env.uid, save_image=save_image))
+    assert (d["state"], d["succeeded"]) == ("SUCCEEDED", 4)
+    assert len(charged) == (4 if save_image else 0) and all(n > 100 for n in charged)
+    assert runner._budget.used == 0
+
+
+def test_a_gzip_of_newlines_fails_fast_on_the_blank_line_limit(env: Env) -> None:
+    import gzip
+    import time
+
+    path = env.inbox / "nl.jsonl.gz"
+    path.write_bytes(gzip.compress(b"\n" * (4 * 1024 * 1024)))  # 4 KB of gzip
+    start = time.process_time()
+    d = asyncio.run(run_task(env.runner(), str(path), uid=env.uid))
+    assert d["state"] == "FAILED" and "more than 1000000 blank lines (imports.max_blank_lines)" in d["error"]
+    assert time.process_time() - start < 2.0
+
+
+def test_a_source_over_its_gzip_ratio_fails_the_task_with_the_limit_named(env: Env) -> None:
+    import gzip
+
+    path = env.inbox / "r.jsonl.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(json.dumps(good(1)).encode() + b"\n")
+        for _ in range(40):
+            f.write(b" " * 1024 * 1024)
+    d = asyncio.run(run_task(env.runner(max_gzip_ratio=50), str(path), uid=env.uid))
+    assert d["state"] == "FAILED" and "imports.max_gzip_ratio" in d["error"], d
+
+
+def test_a_dripping_http_source_fails_the_task(env: Env) -> None:
+    """A server that sends a byte at a time, each within the read timeout, is cut off (scaled down)."""
+    from tests.index.ingest.test_sources import drip_server
+
+    with drip_server(0.1) as url:
+        runner = env.runner(min_source_bytes_per_s=100, source_rate_window_s=1.0)
+        d = asyncio.run(run_task(runner, url, uid=env.uid))
+    assert d["state"] == "FAILED" and "imports.min_source_bytes_per_s" in d["error"], d
+
+
+def test_cancel_stops_a_running_task_frees_its_slot_and_is_idempotent(env: Env) -> None:
+    with loopback_server() as srv:
+        gated = [{"image_id": f"g{i}", "image_uri": srv.img(i, gated=True)} for i in range(6)]
+        slow = env.jsonl([good(1), good(2), good(3), *gated], "slow.jsonl")
+        after = env.jsonl([good(10), good(11)], "after.jsonl")
+
+        async def scenario():
+            runner = env.runner(max_running_tasks=1)
+            await runner.start()
+            try:
+                first = await runner.create("lib", env.uid, slow, True)
+                second = await runner.create("lib", env.uid, after, True)
+                pending = await runner.create("lib", env.uid, after, True)
+                async with asyncio.timeout(30):
+                    while (await runner.describe(first.task_id))["succeeded"] < 3:
+                        await asyncio.sleep(0.02)
+                assert (await runner.describe(second.task_id))["state"] == "PENDING"
+                cancelled_pending = await runner.cancel(pending.task_id)
+                d = await runner.cancel(first.task_id)  # its gated fetches never answer
+                assert first.task_id not in runner._running
+                done = await wait_done(runner, second.task_id, timeout_s=30)  # the slot is free
+                again = await runner.cancel(first.task_id)
+                finished = await runner.cancel(second.task_id)
+                return cancelled_pending, d, done, again, finished
+            finally:
+                await runner.close()
+
+        cancelled_pending, d, done, again, finished = asyncio.run(scenario())
+    assert cancelled_pending["state"] == "CANCELLED" and cancelled_pending["started_at"] is None
+    assert (d["state"], d["succeeded"], d["failed"], d["error"]) == ("CANCELLED", 3, 0, None)
+    assert d["finished_at"] is not None
+    assert done["state"] == "SUCCEEDED"
+    assert again == d and finished == done  # idempotent: a finished task is answered unchanged
+    assert {r[0] for r in env.records()} == {"id1", "id2", "id3", "id10", "id11"}
+
+
+def test_cancel_lets_a_commit_in_progress_finish_so_every_written_record_is_counted(env: Env) -> None:
+    async def scenario():
+        writing, release = asyncio.Event(), asyncio.Event()
+
+        async def slow_write(name, uid, records):
+            writing.set()
+            await release.wait()
+            return await env.write(name, uid, records)
+
+        runner = env.runner(write=slow_write)
+        await runner.start()
+        try:
+            task = await runner.create("lib", env.uid, env.jsonl([good(i) for i in range(9)]), True)
+            await asyncio.wait_for(writing.wait(), 30)
+            cancel = asyncio.create_task(runner.cancel(task.task_id))
+            await asyncio.sleep(0.3)
+            assert not cancel.done()  # it waits for the write of the first chunk
+            assert (await runner.describe(task.task_id))["state"] == "RUNNING"
+            release.set()
+            return await asyncio.wait_for(cancel, 30)
+        finally:
+            await runner.close()
+
+    d = asyncio.run(scenario())
+    assert (d["state"], d["succeeded"], d["failed"]) == ("CANCELLED", 3, 0), d
+    assert len(env.records()) == 3 and env.write_calls == 1  # no chunk started after the cancel
+
+
+def test_cancel_of_an_unknown_task_is_task_not_found(env: Env) -> None:
+    async def scenario():
+        runner = env.runner()
+        with pytest.raises(TaskNotFound):
+            await runner.cancel("0" * 32)
+
+    asyncio.run(scenario())
+
+
+def test_line_errors_are_logged_once_per_task_as_a_count(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """Malformed URIs and deeply nested JSON lines each logged a traceback at ERROR; now one INFO line
+    per task counts the line errors."""
+    import logging
+
+    lines = [good(1)] + [{"image_id": f"m{i}", "image_uri": "http://[127.0.0.1]/x.jpg"} for i in range(5)]
+    lines += ["[" * 5000 + "]" * 5000] * 3
+    with caplog.at_level(logging.INFO, logger="index.ingest.importer"):
+        d = asyncio.run(run_task(env.runner(), env.jsonl(lines), uid=env.uid))
+    assert (d["state"], d["succeeded"], d["failed"]) == ("PARTIALLY_SUCCEEDED", 1, 8), d
+    reasons = [e["reason"] for e in d["errors"]]
+    assert all(r.startswith("image_uri:") for r in reasons[:5]), reasons
+    assert reasons[5:] == ["not valid JSON: nested too deeply"] * 3
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    (summary,) = [r.getMessage() for r in caplog.records if "line errors" in r.getMessage()]
+    assert "8 line errors" in summary and "image_uri: 5" in summary and "not valid JSON: 3" in summary
+
+
+def test_an_internal_error_is_logged_in_full_once_per_task(
+    env: Env, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    def broken(data):
+        raise RuntimeError("bug")
+
+    runner = env.runner()
+    monkeypatch.setattr(runner, "_pixels", broken)
+    with caplog.at_level(logging.INFO, logger="index.ingest.importer"):
+        d = asyncio.run(run_task(runner, env.jsonl([good(i) for i in range(4)]), uid=env.uid))
+    assert d["failed"] == 4 and all("internal error (incident" in e["reason"] for e in d["errors"])
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+
+
+def test_byte_budgets_must_fit_a_line() -> None:
+    with pytest.raises(pydantic.ValidationError, match="more than max_line_bytes"):
+        ImportSettings(max_line_bytes=64 * 1024 * 1024, max_task_bytes_in_flight=32 * 1024 * 1024)
+    with pytest.raises(pydantic.ValidationError, match="at least max_task_bytes_in_flight"):
+        ImportSettings(max_task_bytes_in_flight=512 * 1024 * 1024, max_bytes_in_flight=256 * 1024 * 1024)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import tracemalloc
 import warnings
 from typing import Literal
 
@@ -18,6 +19,7 @@ from index.model.imaging import (
     ImageDecodeError,
     ImageLimits,
     ImageTooLarge,
+    MiB,
     decode_base64,
     decode_image,
     prepare_for_model,
@@ -278,6 +280,42 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped() -> None:
     grey = np.full((4, 4), 0x8000, dtype=np.uint16)
     image = decode_image(_encode(grey, "PNG"), LIMITS)
     np.testing.assert_array_equal(np.asarray(image)[0, 0], (128, 128, 128))
+
+
+@pytest.mark.parametrize(("mode", "image_format"), [("I;16", "PNG"), ("I;16", "TIFF"), ("I;16B", "TIFF")])
+def test_sixteen_bit_greyscale_keeps_its_top_byte_in_every_band(mode: str, image_format: str) -> None:
+    """Every band of rows of the conversion (issue 26) lands in its place, in either byte order: a ramp
+    over more rows than one band holds."""
+    height, width = 700, 1000  # 700k pixels: three bands of 262 rows
+    ramp = ((np.arange(height * width, dtype=np.uint32) * 7) % 65536).astype(np.uint16).reshape(height, width)
+    stored = ramp.astype(">u2" if mode == "I;16B" else "<u2")
+    data = _save(Image.frombytes(mode, (width, height), stored.tobytes()), image_format)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    image = decode_image(data, LIMITS)
+    np.testing.assert_array_equal(np.asarray(image)[..., 0], (ramp >> 8).astype(np.uint8))
+
+
+def test_32_bit_greyscale_is_clipped_to_16_bits_then_scaled() -> None:
+    values = np.array([[-5, 0, 255, 256, 0x8000, 65535, 70000, 2**31 - 1]], dtype=np.int32)
+    data = _save(Image.fromarray(values, mode="I"), "TIFF")
+    image = decode_image(data, LIMITS)
+    np.testing.assert_array_equal(np.asarray(image)[0, :, 0], [0, 0, 0, 1, 128, 255, 255, 255])
+
+
+def test_sixteen_bit_greyscale_makes_no_wide_copy_of_the_image() -> None:
+    """Issue 26: an int64 copy (and its clipped and shifted copies) of every pixel raised peak memory by
+    65 MiB on a 4-megapixel PNG of a few KB; now only the 8-bit result and one band of rows are made."""
+    data = _encode(np.full((2000, 2000), 0x8000, dtype=np.uint16), "PNG")
+    decode_image(data, LIMITS)  # first-use imports and caches out of the measurement
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        image = decode_image(data, LIMITS)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert image.size == (2000, 2000)
+    assert peak < 8 * MiB, f"peak {peak / MiB:.1f} MiB"  # 4 MB of 8-bit result, 0.5 MB per band
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "1"])

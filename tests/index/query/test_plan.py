@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from filters import parse_filter
-from index.ann import IndexConfig
 from index.errors import ImageNotFound, LibraryNotFound, Unavailable
 from index.query import (
     QueryVector,
@@ -27,9 +26,10 @@ from index.query import (
 )
 from index.query.merge import RANK_KEY
 from index.query.reader import LibraryReader
-from index.shards import shard_of
-from index.storage import Storage, StorageSettings, open_storage
-from index.store import NewRecord
+from index.search.ann import IndexConfig
+from index.search.sharding import shard_of
+from index.storage.backends import Storage, StorageSettings, open_storage
+from index.storage.embedded.store import NewRecord
 from index.writer import LibraryWriter
 
 MODEL = {"model": "m", "pretrained": "p", "identity": "m/p", "dim": 16}

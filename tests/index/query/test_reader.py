@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from filters import parse_filter
-from index.ann import IndexConfig
 from index.errors import LibraryAlreadyExists, LibraryNotFound
 from index.query.reader import LibraryReader
-from index.snapshot import load_snapshot, snapshot_seq
-from index.store import NewRecord
+from index.search.ann import IndexConfig
+from index.storage.embedded.snapshot import load_snapshot, snapshot_seq
+from index.storage.embedded.store import NewRecord
 from index.writer import LibraryWriter
 
 DIM = 8
@@ -130,7 +130,7 @@ def test_commit_during_load_is_not_skipped(writer, monkeypatch):
     """A write committed while a table is being loaded must still reach the table (regression: the
     loader used to read last_seq after replaying, claiming a seq whose row it never saw)."""
     from index.query import reader as reader_mod
-    from index.store import LibraryStore
+    from index.storage.embedded.store import LibraryStore
 
     info, d = make(writer)
     add(writer, info, 0)
@@ -179,7 +179,7 @@ def test_library_switches_from_flat_to_hnsw_when_it_crosses_the_threshold(tmp_pa
         assert (manifest.index_kind, manifest.count) == ("hnsw", 200)
         described = w.storage.describe(info, w.config)["index"]
         assert (described["kind"], described["configured"]) == ("hnsw", "auto")
-        # what the writer measured on the library's own vectors (index.calibration)
+        # what the writer measured on the library's own vectors (index.search.calibration)
         assert described["search_calibration"]["recall_target"] == w.config.recall_target
         assert described["search_calibration"]["queries"] == 20  # a tenth of the 200 rows held out
         assert [top(reader, s) for s in range(5)] == before  # the search picked up the new snapshot

@@ -359,7 +359,8 @@ def missing_text_packages(spec: ModelSpec) -> str | None:
     return (
         f"model {spec.model!r} uses a Hugging Face text tower or tokenizer ({hf_names[0]}) and needs the "
         f"'transformers' package: pip install 'image-search[multilingual]'. Its text config and tokenizer "
-        f"files are downloaded from the Hugging Face hub on first start (docs/operations.md: Multilingual text)"
+        f"files are downloaded from the Hugging Face hub on first start "
+        f"(docs/operations.md: Multilingual text)"
     )
 
 

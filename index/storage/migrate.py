@@ -285,7 +285,8 @@ def parser() -> argparse.ArgumentParser:
         "cluster mode the Writer writes one to the object store at a library's first write after the "
         "copy; until then index replicas build the index from the library's PostgreSQL rows). Stop the "
         "embedded service first: changes made to it during or after the copy are not carried over "
-        "unless the command is run again, and deletes never are. docs/operations.md: 'Running on a Ray cluster'.",
+        "unless the command is run again, and deletes never are. "
+        "docs/operations.md: 'Running on a Ray cluster'.",
     )
     p.add_argument(
         "--from",

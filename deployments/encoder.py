@@ -284,4 +284,3 @@ def _check_image_batch(method: str, images: Any, shape: tuple[int, ...]) -> None
         raise ValueError(
             f"{method} expects a non-empty uint8 array of shape (B, {dims}); got {describe_input(images)}"
         )
-

@@ -129,6 +129,7 @@ def install_error_handlers(app: FastAPI) -> None:
     # answers such errors before they leave the app; this one covers errors of the middlewares above it.
     app.add_exception_handler(Exception, _error)
 
+
 async def send_envelope(
     send: Send, http: int, status: str, message: str, extra_headers: tuple[tuple[bytes, bytes], ...] = ()
 ) -> None:

@@ -117,7 +117,6 @@ def to_image_coords(
     )
 
 
-
 def square_crop(image: Image.Image | np.ndarray, box: Box, margin: float) -> np.ndarray:
     """The square around ``box`` grown by ``margin`` (a fraction of its longer side, each side).
 
@@ -146,5 +145,3 @@ def _fit(start: int, side: int, limit: int) -> int:
     if side >= limit:
         return (limit - side) // 2
     return min(max(0, start), limit - side)
-
-

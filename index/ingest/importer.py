@@ -154,7 +154,6 @@ class ImportSettings(BaseModel):
         description="finished tasks are deleted this long after they finished (then TASK_NOT_FOUND)",
     )
 
-
     @model_validator(mode="after")
     def _budgets_fit(self) -> ImportSettings:
         if self.max_task_bytes_in_flight <= self.max_line_bytes + 2:
@@ -607,9 +606,7 @@ class ImportRunner:
             errors=errors,
         )
 
-    async def _process(
-        self, task: Task, chunk: Chunk, run: Run
-    ) -> tuple[list[Prepared], list[LineError]]:
+    async def _process(self, task: Task, chunk: Chunk, run: Run) -> tuple[list[Prepared], list[LineError]]:
         """Prepare every line of a chunk; encode the good ones in batches as they become ready."""
         loop = asyncio.get_running_loop()
         prepares = [loop.create_task(self._prepare_slot(line, raw, chunk, run)) for line, raw in chunk.lines]

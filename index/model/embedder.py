@@ -34,6 +34,7 @@ _WHAT_TO_DO = (
     "random weights (search results are then meaningless)."
 )
 
+
 class ModelLoadError(RuntimeError):
     """The model's weights could not be obtained or read.
 

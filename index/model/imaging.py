@@ -73,6 +73,7 @@ class ImageLimits(BaseModel):
             raise ValueError(f"names formats Pillow cannot read: {unknown}")
         return formats
 
+
 def decode_base64(text: str, *, max_bytes: int) -> bytes:
     """Decode base64 image text, as sent in ``image_base64``.
 

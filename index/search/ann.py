@@ -611,7 +611,9 @@ class _IvfLists:
             return lens
         ends = np.cumsum(lens)
         # Positions of every id of the chosen lists in ``ids``, list after list (no Python loop).
-        pos = np.repeat(self.offsets[lists] - (ends - lens), lens) + np.arange(int(ends[-1]) if len(ends) else 0)
+        pos = np.repeat(self.offsets[lists] - (ends - lens), lens) + np.arange(
+            int(ends[-1]) if len(ends) else 0
+        )
         ids = self.ids[pos]
         passed = np.concatenate([[0], np.cumsum((bitmap[ids >> 3] >> (ids & 7)) & 1)])
         return passed[ends] - passed[ends - lens]
@@ -745,7 +747,9 @@ class IvfPqBase(AnnBase):
 
     def default_plan(self, k: int, selectivity: float, filtered: bool, config: IndexConfig) -> Plan:
         # nprobe ivf_nprobe / s, capped at ivf_nprobe_max, as candidates: what those lists hold that passes.
-        nprobe = min(max(config.ivf_nprobe / max(selectivity, 1e-9), config.ivf_nprobe), config.ivf_nprobe_max)
+        nprobe = min(
+            max(config.ivf_nprobe / max(selectivity, 1e-9), config.ivf_nprobe), config.ivf_nprobe_max
+        )
         return Plan("ivf", max(1, int(nprobe * selectivity * self.ntotal / max(self.index.nlist, 1))))
 
     def ladder(self, method: str, k: int, config: IndexConfig) -> list[int]:

@@ -80,7 +80,12 @@ def raw(
 
 DROP = object()
 #: URIs ``urlsplit`` raises a bare ValueError for (issue 26: they were answered 500).
-MALFORMED_URIS = ("http://[127.0.0.1]/x.jpg", "http://[::1/x.jpg", "https://example.com:99999/x", "http://a\uff03b/x")
+MALFORMED_URIS = (
+    "http://[127.0.0.1]/x.jpg",
+    "http://[::1/x.jpg",
+    "https://example.com:99999/x",
+    "http://a\uff03b/x",
+)
 
 
 def nested_filter(depth: int) -> Any:
@@ -170,8 +175,15 @@ SPECIFIC: list[Case] = [
     bad("/image/add", names="not a public address", image_base64=DROP, image_uri="http://[fec0::1]/a.jpg"),
     bad("/image/add", names="not a public address", image_base64=DROP, image_uri="http://nowhere.invalid/a"),
     # issue 26: no client-named object-store URI unless object_store_allowed lists it (it is empty here)
-    bad("/image/add", names="image_uri: cannot fetch a URI with scheme 's3'", image_base64=DROP, image_uri="s3://b/x"),
-    bad("/image/add", names="image_uri: chained fsspec", image_base64=DROP, image_uri="simplecache::s3://b/x"),
+    bad(
+        "/image/add",
+        names="image_uri: cannot fetch a URI with scheme 's3'",
+        image_base64=DROP,
+        image_uri="s3://b/x",
+    ),
+    bad(
+        "/image/add", names="image_uri: chained fsspec", image_base64=DROP, image_uri="simplecache::s3://b/x"
+    ),
     bad("/image/add", 404, "LIBRARY_NOT_FOUND", names=MISSING, library_name=MISSING),
     # -- image/tasks/create: the source is checked before the library is looked up
     *(bad("/image/tasks/create", names="source: malformed URI", source=uri) for uri in MALFORMED_URIS),

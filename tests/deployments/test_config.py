@@ -104,11 +104,11 @@ def test_object_store_allowed_is_empty_by_default_and_reaches_the_policy():
     )  # the serve run command-line form
     assert args.fetch_policy().object_store_allowed == {"s3": ("photos/public", "shared")}
 
+
 def test_the_replaced_object_store_protocols_arg_names_its_successor():
     """A config from before issue 26 fails the build saying what to write instead, not just 'extra field'."""
     with pytest.raises(ValidationError, match="object_store_protocols: replaced by object_store_allowed"):
         AppArgs(model="tiny-random", object_store_protocols=["s3"])
-
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from tests.images import product, scene
 
 CLIP_REGIONS = DetectionConfig(item_detector=ItemDetectorConfig(kind="clip-regions"))
 
+
 @pytest.fixture(scope="module")
 def pipeline(tiny_embedder: ClipEmbedder) -> ModePipeline:
     return ModePipeline(tiny_embedder.spec.preprocess)

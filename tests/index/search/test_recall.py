@@ -67,9 +67,7 @@ def library(shape: str, seed: int) -> tuple[VectorTable, np.ndarray, np.ndarray,
     p = np.random.default_rng(seed + 1).integers(0, 1000, N)
     c = cluster % 10
     table = VectorTable(DIM, CONFIG)
-    table.apply(
-        Change(i + 1, 1, False, x[i], "whole", {"p": int(p[i]), "c": int(c[i])}) for i in range(N)
-    )
+    table.apply(Change(i + 1, 1, False, x[i], "whole", {"p": int(p[i]), "c": int(c[i])}) for i in range(N))
     return table.rebuilt("hnsw"), x, p, c
 
 

@@ -28,7 +28,9 @@ ANN = dict(
     calibration_queries=0,  # the fixed efforts above, not the calibrated ones (search/test_recall.py)
 )
 EXACT_ONLY = IndexConfig(exact_max_candidates=10**9, exact_max_fraction=1.0, **ANN)  # every filter exact
-INDEX_ONLY = IndexConfig(exact_max_candidates=0, exact_max_fraction=0.0, exact_by_cost=False, **ANN)  # never gather
+INDEX_ONLY = IndexConfig(
+    exact_max_candidates=0, exact_max_fraction=0.0, exact_by_cost=False, **ANN
+)  # never gather
 DEFAULT = IndexConfig(**ANN)
 KINDS = [None, "flat", "hnsw", "ivfpq"]  # None: no base index, every row in the exact tail
 

@@ -121,7 +121,11 @@ def test_settings_pick_the_backend_and_refuse_half_a_cluster() -> None:
     described = StorageSettings(
         database_url="postgresql://u:s3cr#t@h/db?passwor%64=x", object_store_url="s3://AKID:s3cr?t@b/p"
     ).describe()
-    assert described == {"mode": "cluster", "database": "postgresql://u:***@h/db", "object_store": "s3://***@b/p"}
+    assert described == {
+        "mode": "cluster",
+        "database": "postgresql://u:***@h/db",
+        "object_store": "s3://***@b/p",
+    }
 
 
 def test_snapshots_written_at_once_by_two_threads_leave_a_loadable_current(settings: StorageSettings) -> None:

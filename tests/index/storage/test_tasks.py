@@ -110,7 +110,7 @@ def test_finished_tasks_cannot_be_committed_to(store):
 
 
 def test_cancel_ends_unfinished_tasks_with_their_counters_and_leaves_finished_ones(
-    store: TaskStorage
+    store: TaskStorage,
 ) -> None:
     running, pending, done = (new(store).task_id for _ in range(3))
     store.start(running, "A")

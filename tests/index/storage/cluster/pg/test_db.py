@@ -39,8 +39,14 @@ from tests.pg_server import free_port
         ("postgresql://svc:a%40b%2Fc@db/images", "postgresql://svc:***@db/images"),
         # ... and reads query parameters with percent-encoded names
         ("postgresql://svc@db/images?passwor%64=s3cret", "postgresql://svc:***@db/images"),
-        ("postgresql://db/images?%70assword=s3cret&sslpassword=k3y", "postgresql://:***@db/images?sslpassword=***"),
-        ("postgresql://svc@h1:5432,h2:5433/x?application_name=a%20b", "postgresql://svc@h1:5432,h2:5433/x?application_name=a%20b"),
+        (
+            "postgresql://db/images?%70assword=s3cret&sslpassword=k3y",
+            "postgresql://:***@db/images?sslpassword=***",
+        ),
+        (
+            "postgresql://svc@h1:5432,h2:5433/x?application_name=a%20b",
+            "postgresql://svc@h1:5432,h2:5433/x?application_name=a%20b",
+        ),
         ("postgresql://svc@%2Fvar%2Frun%2Fpostgresql/x", "postgresql://svc@%2Fvar%2Frun%2Fpostgresql/x"),
         ("postgresql://svc:s3cret@[::1]:5432/x", "postgresql://svc:***@[::1]:5432/x"),
         # an unencoded '@' or '/' in the password: libpq reads its rest as host, port or database name

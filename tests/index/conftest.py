@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import faiss
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import skimage.data
 
 from index.model.embedder import ClipEmbedder
 from index.model.spec import ModelSpec, resolve_model_spec
+from index.storage.backends import StorageSettings
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -114,3 +117,21 @@ def blob_root(request, tmp_path):
         return BlobStore.open(f"file://{tmp_path}/store")
     s3 = request.getfixturevalue("s3_server")
     return BlobStore.open(f"s3://{s3.new_bucket()}/service", s3.storage_options)
+
+
+@pytest.fixture(params=["embedded", "cluster"])
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> StorageSettings:
+    """Storage on both backends: SQLite + files, and PostgreSQL + a file:// object store."""
+    if request.param == "embedded":
+        return StorageSettings(storage_root=str(tmp_path / "root"))
+    return StorageSettings(
+        database_url=request.getfixturevalue("pg_url"),
+        object_store_url=f"file://{tmp_path}/bucket",
+        cache_dir=str(tmp_path / "cache"),
+    )
+
+
+def unit_vectors(n: int, seed: int = 0, dim: int = 16) -> np.ndarray:
+    """``n`` random unit vectors of ``dim`` float32s (seeded)."""
+    v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from index.errors import InvalidParameter
@@ -18,6 +17,7 @@ from index.storage.backends import StorageSettings, open_storage
 from index.storage.embedded.catalog import Catalog
 from index.storage.embedded.store import NewRecord
 from index.writer import LibraryWriter
+from tests.index.conftest import unit_vectors
 
 MODEL = {"model": "m", "pretrained": "p", "identity": "m/p", "dim": 16}
 #: Snapshots after a few rows, so that shards answer from a snapshot plus a tail; flat throughout
@@ -28,27 +28,11 @@ CONFIG = IndexConfig(snapshot_min_rows=8, snapshot_max_tail_rows=8, hnsw_min_row
 # -- sharded storage --------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["embedded", "cluster"])
-def settings(request: Any, tmp_path: Path) -> StorageSettings:
-    if request.param == "embedded":
-        return StorageSettings(storage_root=str(tmp_path / "root"))
-    return StorageSettings(
-        database_url=request.getfixturevalue("pg_url"),
-        object_store_url=f"file://{tmp_path}/bucket",
-        cache_dir=str(tmp_path / "cache"),
-    )
-
-
-def _vectors(n: int, seed: int = 0) -> np.ndarray:
-    v = np.random.default_rng(seed).standard_normal((n, 16)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
 def test_sharded_seqs_are_per_shard_and_snapshots_per_shard(settings: StorageSettings) -> None:
     writer = LibraryWriter(open_storage(settings), config=CONFIG)
     writer.create_library("lib", "general_search", None, MODEL, shards=3)
     info = writer.catalog.get("lib")
-    vecs = _vectors(30)
+    vecs = unit_vectors(30)
     # ids of shard 2 only: shards 0 and 1 never move
     ids = [f"x{i}" for i in range(200) if shard_of(f"x{i}", 3) == 2][:10]
     for i, image_id in enumerate(ids):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,7 @@ from index.search.sharding import shard_of
 from index.storage.backends import Storage, StorageSettings, open_storage
 from index.storage.embedded.store import NewRecord
 from index.writer import LibraryWriter
+from tests.index.conftest import unit_vectors
 
 MODEL = {"model": "m", "pretrained": "p", "identity": "m/p", "dim": 16}
 #: Snapshots after a few rows, so that shards answer from a snapshot plus a tail; flat throughout
@@ -44,22 +44,6 @@ TWIN = 7
 
 
 # -- sharded library == unsharded library --------------------------------------------------------
-
-
-@pytest.fixture(params=["embedded", "cluster"])
-def settings(request: Any, tmp_path: Path) -> StorageSettings:
-    if request.param == "embedded":
-        return StorageSettings(storage_root=str(tmp_path / "root"))
-    return StorageSettings(
-        database_url=request.getfixturevalue("pg_url"),
-        object_store_url=f"file://{tmp_path}/bucket",
-        cache_dir=str(tmp_path / "cache"),
-    )
-
-
-def _vectors(n: int, seed: int = 0) -> np.ndarray:
-    v = np.random.default_rng(seed).standard_normal((n, 16)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 def _fill(writer: LibraryWriter, name: str, vecs: np.ndarray) -> None:
@@ -101,7 +85,7 @@ def _shards(storage: Storage, name: str) -> ReaderShards:
 def libraries(settings: StorageSettings) -> Iterator[tuple[ReaderShards, dict[int, ReaderShards]]]:
     """One unsharded library and one of each of SHARD_COUNTS, with the same history, read by another
     storage object than the writer's ("another replica")."""
-    vecs = _vectors(N + 5)
+    vecs = unit_vectors(N + 5)
     writer = LibraryWriter(open_storage(settings), config=CONFIG)
     writer.create_library("one", "general_search", None, MODEL)
     _fill(writer, "one", vecs)
@@ -146,7 +130,7 @@ def test_a_sharded_library_answers_as_an_unsharded_one(
     assert sharded[4].readers[0].snapshot is not None  # answered from a snapshot plus a tail
     for s, shards in sharded.items():
         assert sum(r.live_count for r in shards.readers) == one.readers[0].live_count, s
-    queries = _vectors(6, seed=1)
+    queries = unit_vectors(6, seed=1)
     for raw in FILTERS:
         node = parse_filter(raw)
         for query_kind in ("image", "text"):
@@ -170,7 +154,7 @@ def test_equal_cosines_are_ordered_by_id_then_uri_on_any_shard_count(
     however they are spread over shards. (At the cut, which of several tied records a shard keeps is
     the index's choice, sharded or not.)"""
     one, sharded = libraries
-    vecs = _vectors(N + 5)
+    vecs = unit_vectors(N + 5)
     request = ShardRequest(
         top_k=len(TWINS) + 3, node=parse_filter({"field": "twin", "op": "=", "value": True})
     )

@@ -93,8 +93,9 @@ class ImportSettings(BaseModel):
         256 * MiB,
         gt=0,
         le=64 * GiB,
-        description="bytes of lines (and fetched images) one task holds between reading and committing; "
-        "more than max_line_bytes; the reader waits while they are taken",
+        description="bytes of lines and fetched images one task holds between reading and committing: "
+        "each line is read with room for itself and for an image of limits.max_image_bytes, so it must be "
+        "more than max_line_bytes + limits.max_image_bytes; the reader waits while they are taken",
     )
     max_bytes_in_flight: int = Field(
         512 * MiB,
@@ -612,7 +613,12 @@ class ImportRunner:
                 held += more_held
                 if reader.records > self.settings.max_task_lines:
                     raise TaskFailed(self._too_many_lines())
-                if reader.starved and not reader.eof and run.pending_fetches > 0:
+                if (
+                    reader.starved
+                    and not reader.eof
+                    and run.pending_fetches > 0
+                    and not (inflight and inflight[0][1].done())  # else commit the oldest chunk first
+                ):
                     await run.released.wait()  # a fetch gave back part of its reservation: read on
                     continue
                 if lines:

@@ -897,3 +897,35 @@ def test_a_budget_that_cannot_hold_a_line_and_its_image_is_refused(env: Env) -> 
     with pytest.raises(ValueError, match=r"max_task_bytes_in_flight .* plus limits.max_image_bytes"):
         env.runner(max_line_bytes=4096, max_task_bytes_in_flight=1_000_000 + 4096, image_bytes=1_000_000)
     env.runner(max_line_bytes=4096, max_task_bytes_in_flight=1_000_000 + 4096 + 3, image_bytes=1_000_000)
+
+
+def test_fetches_in_flight_fill_the_budgets_room_and_no_more(env: Env) -> None:
+    """4 MiB, a 1 MB image limit and 4 KB lines: 4 fetches at once (not 1, not the 8 fetch threads)."""
+    with loopback_server() as srv:
+        source = env.jsonl([{"image_id": f"g{i}", "image_uri": srv.img(i, gated=True)} for i in range(12)])
+        runner = env.runner(
+            max_line_bytes=4096,
+            max_task_bytes_in_flight=4 * 1024 * 1024,
+            max_bytes_in_flight=4 * 1024 * 1024,
+            chunk_lines=256,
+            fetch_threads=8,
+        )
+
+        async def scenario() -> tuple[int, dict]:
+            await runner.start()
+            try:
+                task = await runner.create("lib", env.uid, source, True)
+                async with asyncio.timeout(30):
+                    while sum(srv.hits.values()) < 4:
+                        await asyncio.sleep(0.02)
+                await asyncio.sleep(0.5)  # a fifth fetch would have started by now
+                waiting = sum(srv.hits.values())
+                srv.gate.set()
+                return waiting, await wait_done(runner, task.task_id)
+            finally:
+                await runner.close()
+
+        waiting, d = asyncio.run(scenario())
+    assert waiting == 4, waiting
+    assert (d["state"], d["succeeded"]) == ("SUCCEEDED", 12), d
+    assert runner._budget.used == 0

@@ -21,7 +21,7 @@ from filters.tree import COST_UNITS, DEFAULT_MAX_COST, MAX_COST_BOUND
 from index.detect.faces import FaceConfig
 from index.detect.modes import DetectionConfig, ItemDetectorConfig
 from index.ingest.fetch import FetchPolicy
-from index.ingest.importer import ImportSettings
+from index.ingest.importer import ImportSettings, budget_too_small
 from index.model.imaging import ImageLimits
 from index.search.ann import IndexConfig
 from index.search.scores import ScoreCalibration
@@ -467,6 +467,14 @@ class AppArgs(BaseModel):
                 if (entry.library, k) in seen:
                     raise ValueError(f"dedicated_shards[{i}]: shard {k} of {entry.library!r} is listed twice")
                 seen.add((entry.library, k))
+        return self
+
+    @model_validator(mode="after")
+    def _import_budget_fits(self) -> AppArgs:
+        # the Importer reads a line only with room for it and for the image it may fetch
+        imports = self.imports
+        if imports.max_task_bytes_in_flight <= imports.max_line_bytes + 2 + self.limits.max_image_bytes:
+            raise ValueError(budget_too_small(imports.max_task_bytes_in_flight, imports.max_line_bytes))
         return self
 
     @model_validator(mode="after")

@@ -30,7 +30,7 @@ from index.ingest.fetch import (
     check_source,
     is_local_source,
 )
-from index.ingest.lines import ByteBudget, LineReader, TooManyBlankLines, parse_line
+from index.ingest.lines import ByteBudget, LineReader, ParsedLine, TooManyBlankLines, parse_line
 from index.ingest.sources import SourceLimitExceeded, SourceLimits, SourceStopped, open_source
 from index.model.imaging import (
     ImageDecodeError,
@@ -93,8 +93,9 @@ class ImportSettings(BaseModel):
         256 * MiB,
         gt=0,
         le=64 * GiB,
-        description="bytes of lines (and fetched images) one task holds between reading and committing; "
-        "more than max_line_bytes; the reader waits while they are taken",
+        description="bytes of lines and fetched images one task holds between reading and committing: "
+        "each line is read with room for itself and for an image of limits.max_image_bytes, so it must be "
+        "more than max_line_bytes + limits.max_image_bytes; the reader waits while they are taken",
     )
     max_bytes_in_flight: int = Field(
         512 * MiB,
@@ -172,6 +173,14 @@ class ImportSettings(BaseModel):
         )
 
 
+def budget_too_small(task_bytes: int, max_line_bytes: int) -> str:
+    return (
+        f"imports.max_task_bytes_in_flight ({task_bytes}) must be more than imports.max_line_bytes "
+        f"({max_line_bytes}) plus limits.max_image_bytes: a task reads a line only when it has room for "
+        "the line and for the image the line may fetch"
+    )
+
+
 class TaskFailed(Exception):
     """The task cannot go on; the message is the task's ``error``."""
 
@@ -189,11 +198,19 @@ class Prepared:
 
 @dataclass
 class Chunk:
-    """Lines read together and committed together; ``held``: bytes they took from the budgets."""
+    """Lines read (and parsed) together and committed together; ``held``: bytes they hold in the
+    budgets (each line's length, plus for a line that fetches its image the reservation, then the
+    image's real size while it is kept)."""
 
     end_line: int
-    lines: list[tuple[int, bytes | None]]
+    lines: list[ParsedLine | LineError]
     held: int
+
+    def release(self, run: Run, n: int) -> None:
+        """Give ``n`` of the chunk's bytes back before its commit (the unused part of a reservation)."""
+        run.budget.give(n)
+        self.held -= n
+        run.released.set()
 
 
 @dataclass
@@ -206,6 +223,10 @@ class Run:
     cancelled: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no chunk is being committed
     save_image: bool = True  # the task's: else an image is dropped once decoded
+    # Lines of dispatched chunks whose image reservation is not settled yet (fetching, or decoding a
+    # fetched image that is not kept); ``released`` is set whenever a chunk gives bytes back early.
+    pending_fetches: int = 0
+    released: asyncio.Event = field(default_factory=asyncio.Event)
     line_errors: collections.Counter[str] = field(default_factory=collections.Counter)
     internal_errors: int = 0
 
@@ -258,6 +279,11 @@ class ImportRunner:
         self.image_limits = image_limits
         self.tag_limits = tag_limits
         self.policy = policy
+        # Taken with every line the reader reads, kept by a line that fetches its image until the fetch
+        # says how much of it the image needs (see _pipeline).
+        self.image_reservation = image_limits.max_bytes
+        if settings.max_task_bytes_in_flight <= settings.max_line_bytes + 2 + self.image_reservation:
+            raise ValueError(budget_too_small(settings.max_task_bytes_in_flight, settings.max_line_bytes))
         self.owner = uuid.uuid4().hex[:16]
         self._fetch_pool = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="import-fetch")
         # Keep-alive connections shared by the imports' image fetches (one per fetch thread and host).
@@ -491,7 +517,34 @@ class ImportRunner:
             max_line_bytes=self.settings.max_line_bytes,
             max_blank_lines=self.settings.max_blank_lines,
             budget=budget,
+            extra_bytes=self.image_reservation if budget is not None else 0,
         )
+
+    def _read_lines(self, reader: LineReader, n: int, run: Run) -> tuple[list[ParsedLine | LineError], int]:
+        """Up to ``n`` lines, parsed here (in the reader's thread) so that the image reservation the
+        reader took with each line is given back at once by every line that will not fetch (an error,
+        ``image_base64``). Returns the lines and the bytes they hold."""
+        out: list[ParsedLine | LineError] = []
+        held = 0
+        for line, raw in reader.read_chunk(n):
+            if raw is None:  # over-long: the reader kept nothing for it
+                out.append(LineError(line, self._too_long()))
+                continue
+            try:
+                item = parse_line(
+                    raw, line, tag_limits=self.tag_limits, max_image_bytes=self.image_limits.max_bytes
+                )
+            except Exception as exc:  # a bug must cost one line, not the task
+                item = self._internal_error(run, line, exc)
+            fetches = isinstance(item, ParsedLine) and item.data is None
+            if not fetches:
+                run.budget.give(self.image_reservation)
+            held += len(raw) + (self.image_reservation if fetches else 0)
+            out.append(item)
+        return out, held
+
+    def _too_long(self) -> str:
+        return f"line is longer than {self.settings.max_line_bytes} bytes (imports.max_line_bytes)"
 
     def _count(self, source: str, stop: threading.Event) -> int:
         stream = self._open(source, stop)
@@ -528,23 +581,50 @@ class ImportRunner:
     async def _pipeline(self, task: Task, reader: LineReader, run: Run) -> None:
         """Read chunks, process up to ``chunks_in_flight`` of them at once, commit them in order.
 
-        The reader takes each line's bytes from the task's budget (and the runner's); a commit gives
-        its chunk's bytes back. When the budget has no room the chunk ends early and the oldest chunk
-        in flight is committed; with nothing in flight the task waits for other tasks' commits.
+        Every byte a task holds between reading and committing is in the task's budget (and the
+        runner's), so fetched images stay inside it too. The reader takes each line's bytes, and with
+        them ``image_reservation`` (``limits.max_image_bytes``, the most a fetched image may have)
+        before reading it: the line is parsed at once, in the reader's thread, and a line that will
+        not fetch gives the reservation back there. A line that fetches keeps it until its fetch
+        ends, then gives back what the image does not need (all of it after a failed fetch, or once
+        decoded when ``save_image`` is false); a kept image holds its real size until the commit,
+        which gives the rest of its chunk's bytes back. The reservation is taken before the line
+        joins a chunk, not when the fetch starts: a fetch that waited for room could wait for bytes
+        that only a later chunk's commit frees, and later chunks commit after its own (a deadlock).
+
+        When the budget has no room: while lines of earlier chunks are still fetching (their unused
+        reservations come back without a commit) the chunk waits for them and goes on filling;
+        otherwise it ends early and the oldest chunk in flight is committed; with nothing in flight
+        the task waits for other tasks' commits. A line always fits an empty task budget
+        (``max_task_bytes_in_flight`` is more than ``max_line_bytes`` plus the image reservation).
         """
         inflight: collections.deque[tuple[Chunk, asyncio.Task[tuple[list[Prepared], list[LineError]]]]]
         inflight = collections.deque()
+        lines: list[ParsedLine | LineError] = []  # the chunk being filled
+        held = 0
         try:
             while True:
-                lines = await asyncio.to_thread(
-                    self._guarded_read, reader.read_chunk, self.settings.chunk_lines
+                run.released.clear()
+                more, more_held = await asyncio.to_thread(
+                    self._guarded_read, self._read_lines, reader, self.settings.chunk_lines - len(lines), run
                 )
+                lines += more
+                held += more_held
                 if reader.records > self.settings.max_task_lines:
                     raise TaskFailed(self._too_many_lines())
+                if (
+                    reader.starved
+                    and not reader.eof
+                    and run.pending_fetches > 0
+                    and not (inflight and inflight[0][1].done())  # else commit the oldest chunk first
+                ):
+                    await run.released.wait()  # a fetch gave back part of its reservation: read on
+                    continue
                 if lines:
-                    held = sum(len(raw) for _, raw in lines if raw is not None)
                     chunk = Chunk(reader.line_no, lines, held)
+                    run.pending_fetches += sum(isinstance(x, ParsedLine) and x.data is None for x in lines)
                     inflight.append((chunk, asyncio.create_task(self._process(task, chunk, run))))
+                    lines, held = [], 0
                 while inflight and (
                     reader.eof or reader.starved or len(inflight) >= self.settings.chunks_in_flight
                 ):
@@ -609,7 +689,7 @@ class ImportRunner:
     async def _process(self, task: Task, chunk: Chunk, run: Run) -> tuple[list[Prepared], list[LineError]]:
         """Prepare every line of a chunk; encode the good ones in batches as they become ready."""
         loop = asyncio.get_running_loop()
-        prepares = [loop.create_task(self._prepare_slot(line, raw, chunk, run)) for line, raw in chunk.lines]
+        prepares = [loop.create_task(self._prepare_slot(item, chunk, run)) for item in chunk.lines]
         encodes: list[asyncio.Task[list[Prepared]]] = []
         errors: list[LineError] = []
         batch: list[Prepared] = []
@@ -634,44 +714,43 @@ class ImportRunner:
         return ready, errors
 
     async def _prepare_slot(
-        self, line: int, raw: bytes | None, chunk: Chunk, run: Run
+        self, item: ParsedLine | LineError, chunk: Chunk, run: Run
     ) -> Prepared | LineError:
-        async with self._prepare_slots:
-            try:
-                return await self._prepare(line, raw, chunk, run)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a bug must cost one line, not the task
-                incident = uuid.uuid4().hex[:12]
-                run.internal_errors += 1
-                if run.internal_errors == 1:  # in full once per task; the rest are in the task's tally
-                    logger.error(
-                        "import task %s line %d: internal error %s (further ones are only counted)",
-                        run.task_id,
-                        line,
-                        incident,
-                        exc_info=exc,
-                    )
-                return LineError(line, f"internal error (incident {incident})")
+        if isinstance(item, LineError):
+            return item
+        fetches = item.data is None
+        try:
+            async with self._prepare_slots:
+                return await self._prepare(item, chunk, run)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must cost one line, not the task
+            return self._internal_error(run, item.line, exc)
+        finally:
+            if fetches:  # its reservation is settled (given back, or the kept image's size)
+                run.pending_fetches -= 1
+                run.released.set()
 
-    async def _prepare(self, line: int, raw: bytes | None, chunk: Chunk, run: Run) -> Prepared | LineError:
-        loop = asyncio.get_running_loop()
-        if raw is None:
-            return LineError(
-                line, f"line is longer than {self.settings.max_line_bytes} bytes (imports.max_line_bytes)"
+    def _internal_error(self, run: Run, line: int, exc: Exception) -> LineError:
+        incident = uuid.uuid4().hex[:12]
+        run.internal_errors += 1
+        if run.internal_errors == 1:  # in full once per task; the rest are in the task's tally
+            logger.error(
+                "import task %s line %d: internal error %s (further ones are only counted)",
+                run.task_id,
+                line,
+                incident,
+                exc_info=exc,
             )
-        parsed = await loop.run_in_executor(
-            self._cpu_pool,
-            lambda: parse_line(
-                raw, line, tag_limits=self.tag_limits, max_image_bytes=self.image_limits.max_bytes
-            ),
-        )
-        if isinstance(parsed, LineError):
-            return parsed
-        field_name = "image_base64"
-        data = parsed.data
-        if data is None:
-            field_name = "image_uri"
+        return LineError(line, f"internal error (incident {incident})")
+
+    async def _prepare(self, parsed: ParsedLine, chunk: Chunk, run: Run) -> Prepared | LineError:
+        loop = asyncio.get_running_loop()
+        line = parsed.line
+        if parsed.data is not None:
+            return await self._decode(parsed, parsed.data, "image_base64", run)
+        reserved = self.image_reservation  # taken by the reader with the line (see _pipeline)
+        try:
             try:
                 data = await loop.run_in_executor(
                     self._fetch_pool,
@@ -686,15 +765,24 @@ class ImportRunner:
                 return LineError(line, f"image_uri: {exc}", parsed.image_id, parsed.image_uri)
             except ValueError:  # urlsplit on a malformed URI, e.g. http://[127.0.0.1]/x.jpg
                 return LineError(line, "image_uri: not a valid URI", parsed.image_id, parsed.image_uri)
-            if run.save_image:  # held for the commit (the frame): the reader waits while it fills the budget
-                run.budget.charge(len(data))
-                chunk.held += len(data)
+            if run.save_image:  # kept for the commit (the frame): it holds its real size until then
+                chunk.release(run, reserved - len(data))
+                reserved = 0
+            return await self._decode(parsed, data, "image_uri", run)
+        finally:
+            if reserved:  # failed, or not kept: the whole reservation comes back at once
+                chunk.release(run, reserved)
+
+    async def _decode(
+        self, parsed: ParsedLine, data: bytes, field_name: str, run: Run
+    ) -> Prepared | LineError:
+        loop = asyncio.get_running_loop()
         try:
             pixels = await loop.run_in_executor(self._cpu_pool, self._pixels, data)
         except (ImageDecodeError, ImageTooLarge) as exc:
-            return LineError(line, f"{field_name}: {exc}", parsed.image_id, parsed.image_uri)
+            return LineError(parsed.line, f"{field_name}: {exc}", parsed.image_id, parsed.image_uri)
         kept = data if run.save_image else b""
-        return Prepared(line, parsed.image_id, parsed.image_uri, parsed.tags, kept, pixels)
+        return Prepared(parsed.line, parsed.image_id, parsed.image_uri, parsed.tags, kept, pixels)
 
     def _pixels(self, data: bytes) -> np.ndarray:
         img = decode_image(data, self.image_limits, min_side_hint=max(self.preprocess.size))

@@ -111,13 +111,6 @@ class ByteBudget:
                 b.used += n
             return True
 
-    def charge(self, n: int) -> None:
-        """Take ``n`` bytes that are already held, room or not (the reader then waits for room)."""
-        with self._lock:
-            if not self.closed:
-                for b in self._chain():
-                    b.used += n
-
     def give(self, n: int) -> None:
         with self._lock:
             if not self.closed:
@@ -142,10 +135,11 @@ class LineReader:
 
     Blank lines are skipped but counted in line numbers (which are what an editor shows, 1-based), and
     at most ``max_blank_lines`` of them are read (beyond: :class:`TooManyBlankLines`). With a
-    ``budget``, a line is read only once ``max_line_bytes`` can be taken from it (the unused part is
-    given back once the line's length is known): the bytes of the lines handed out stay taken until
-    the caller gives them back, and :meth:`read_chunk` ends early, setting ``starved``, when there is
-    no room.
+    ``budget``, a line is read only once ``max_line_bytes + extra_bytes`` can be taken from it (the
+    unused part of ``max_line_bytes`` is given back once the line's length is known): each line handed
+    out keeps its length plus ``extra_bytes`` (room for an image it may name: the caller gives back what
+    the line turns out not to need) taken until the caller gives them back, and :meth:`read_chunk`
+    ends early, setting ``starved``, when there is no room. An over-long line keeps nothing.
 
     Attributes:
         line_no: physical lines consumed so far.
@@ -162,9 +156,11 @@ class LineReader:
         max_line_bytes: int,
         max_blank_lines: int | None = None,
         budget: ByteBudget | None = None,
+        extra_bytes: int = 0,
     ) -> None:
         self.stream = stream
         self.max_line_bytes = max_line_bytes
+        self.extra_bytes = extra_bytes
         self.max_blank_lines = max_blank_lines
         self.budget = budget
         self.line_no = 0
@@ -176,7 +172,7 @@ class LineReader:
     @property
     def reservation(self) -> int:
         """Bytes taken from the budget while one line is read."""
-        return self.max_line_bytes + 2
+        return self.max_line_bytes + 2 + self.extra_bytes
 
     def _count_blank(self) -> None:
         self.blank += 1
@@ -196,7 +192,7 @@ class LineReader:
             item = self._read_one()
             while item is not None and item[0] == -1:  # blank lines hold nothing
                 item = self._read_one()
-            kept = len(item[1]) if item is not None and item[1] is not None else 0
+            kept = len(item[1]) + self.extra_bytes if item is not None and item[1] is not None else 0
             return item
         finally:
             if self.budget is not None:

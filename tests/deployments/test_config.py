@@ -230,3 +230,17 @@ def test_build_app_binds_a_deployment_per_dedicated_shard(tmp_path):
     }
     assert [by_shard["photos", k].num_replicas for k in (0, 2)] == [2, 3]
     assert [by_shard["photos", k].init_args[-1] for k in (0, 2)] == [("photos", 0), ("photos", 2)]
+
+
+def test_an_import_budget_that_cannot_hold_a_line_and_its_image_is_refused():
+    """The Importer reads a line only with room for it and for the image it may fetch."""
+    mib = 1024 * 1024
+    with pytest.raises(ValidationError, match=r"max_task_bytes_in_flight .* plus limits.max_image_bytes"):
+        AppArgs(
+            limits={"max_image_bytes": 64 * mib},
+            imports={"max_line_bytes": 8 * mib, "max_task_bytes_in_flight": 72 * mib},
+        )
+    AppArgs(
+        limits={"max_image_bytes": 64 * mib},
+        imports={"max_line_bytes": 8 * mib, "max_task_bytes_in_flight": 72 * mib + 3},
+    )

@@ -16,7 +16,7 @@ import pytest
 from filters import TagLimits
 from index.errors import InvalidParameter, LibraryNotFound, Overloaded, TaskNotFound
 from index.ingest.fetch import FetchPolicy
-from index.ingest.importer import ImportRunner, ImportSettings
+from index.ingest.importer import ImportRunner, ImportSettings, Run
 from index.ingest.lines import ByteBudget, LineReader, parse_line
 from index.model.imaging import ImageLimits
 from index.storage.embedded.catalog import Catalog
@@ -116,7 +116,9 @@ class Env:
         self.write_calls += 1
         return await asyncio.to_thread(self.writer.add_images, name, uid, records)
 
-    def runner(self, write=None, policy: FetchPolicy | None = None, **settings: Any) -> ImportRunner:
+    def runner(
+        self, write=None, policy: FetchPolicy | None = None, image_bytes: int = 1_000_000, **settings: Any
+    ) -> ImportRunner:
         base = {"chunk_lines": 3, "encode_batch_size": 2, "chunks_in_flight": 2, "fetch_retries": 0}
         return ImportRunner(
             tasks=self.tasks,
@@ -125,7 +127,7 @@ class Env:
             write=write or self.write,
             preprocess=self.embedder.spec.preprocess,
             settings=ImportSettings(**(base | settings)),
-            image_limits=ImageLimits(max_bytes=1_000_000),
+            image_limits=ImageLimits(max_bytes=image_bytes),
             tag_limits=TagLimits(),
             # the loopback image server is allowed explicitly: the default policy refuses non-public addresses
             policy=policy
@@ -574,6 +576,7 @@ def test_two_tasks_share_the_runners_budget_without_deadlock(
         max_bytes_in_flight=6 * limit,  # less than two tasks' budgets: they wait on each other
         max_running_tasks=2,
         chunk_lines=256,
+        image_bytes=limit,  # a line and its image reservation fit a task's budget
     )
     peak = watch_peak(monkeypatch, runner)
 
@@ -588,27 +591,6 @@ def test_two_tasks_share_the_runners_budget_without_deadlock(
     for d in asyncio.run(scenario()):
         assert (d["state"], d["failed"]) == ("FAILED", 30), d
     assert 4 * limit < peak[0] <= 6 * limit and runner._budget.used == 0
-
-
-@pytest.mark.parametrize("save_image", [True, False])
-def test_fetched_images_count_in_the_budget_only_while_they_are_kept(
-    env: Env, monkeypatch: pytest.MonkeyPatch, save_image: bool
-) -> None:
-    charged: list[int] = []
-    charge = ByteBudget.charge
-
-    def watched(self: ByteBudget, n: int) -> None:
-        charged.append(n)
-        charge(self, n)
-
-    monkeypatch.setattr(ByteBudget, "charge", watched)
-    with loopback_server() as srv:
-        source = env.jsonl([{"image_id": f"u{i}", "image_uri": srv.img(i)} for i in range(4)])
-        runner = env.runner()
-        d = asyncio.run(run_task(runner, source, uid=env.uid, save_image=save_image))
-    assert (d["state"], d["succeeded"]) == ("SUCCEEDED", 4)
-    assert len(charged) == (4 if save_image else 0) and all(n > 100 for n in charged)
-    assert runner._budget.used == 0
 
 
 def test_a_gzip_of_newlines_fails_fast_on_the_blank_line_limit(env: Env) -> None:
@@ -758,3 +740,192 @@ def test_byte_budgets_must_fit_a_line() -> None:
         ImportSettings(max_line_bytes=64 * 1024 * 1024, max_task_bytes_in_flight=32 * 1024 * 1024)
     with pytest.raises(pydantic.ValidationError, match="at least max_task_bytes_in_flight"):
         ImportSettings(max_task_bytes_in_flight=512 * 1024 * 1024, max_bytes_in_flight=256 * 1024 * 1024)
+
+
+# -- fetched images inside the byte budget --------------------------------------------------------
+
+
+def big_png(seed: int, side: int = 500) -> bytes:
+    """A noise PNG stored uncompressed: about ``3 * side**2`` bytes (750 KB at 500), and it decodes."""
+    import io as _io
+
+    from PIL import Image
+
+    noise = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = _io.BytesIO()
+    Image.fromarray(noise).save(buf, "PNG", compress_level=0)
+    return buf.getvalue()
+
+
+class Held:
+    """Image bytes really held by an import: fetched and not yet committed (as frames) or dropped, the
+    fetches in flight, and their peaks. Counted beside the budget, so a budget that forgets bytes
+    shows."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, env: Env, *, save_image: bool) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.live = self.peak = self.fetching = self.peak_fetching = 0
+        fetch = FetchPolicy.fetch_image
+
+        def counted_fetch(policy: FetchPolicy, uri: str, **kw: Any) -> bytes:
+            with self.lock:
+                self.fetching += 1
+                self.peak_fetching = max(self.peak_fetching, self.fetching)
+            try:
+                data = fetch(policy, uri, **kw)
+            finally:
+                with self.lock:
+                    self.fetching -= 1
+            with self.lock:
+                self.live += len(data)
+                self.peak = max(self.peak, self.live)
+            return data
+
+        monkeypatch.setattr(FetchPolicy, "fetch_image", counted_fetch)
+        if save_image:  # kept until the write of its chunk
+            write = env.write
+
+            async def counted_write(name, uid, records):
+                out = await write(name, uid, records)
+                with self.lock:
+                    self.live -= sum(len(r.frame or b"") for r in records)
+                return out
+
+            env.write = counted_write  # type: ignore[method-assign]
+        else:  # dropped once decoded
+            pixels = ImportRunner._pixels
+
+            def counted_pixels(runner: ImportRunner, data: bytes) -> np.ndarray:
+                try:
+                    return pixels(runner, data)
+                finally:
+                    with self.lock:
+                        self.live -= len(data)
+
+            monkeypatch.setattr(ImportRunner, "_pixels", counted_pixels)
+
+
+def fetch_lines(srv: Any, n: int, images: int = 4) -> list[dict]:
+    for k in range(images):
+        srv.files[f"big{k}.png"] = big_png(k)
+    return [{"image_id": f"u{i}", "image_uri": f"{srv.base}/files/big{i % images}.png"} for i in range(n)]
+
+
+@pytest.mark.parametrize("save_image", [True, False])
+def test_fetched_images_stay_inside_the_task_budget(
+    env: Env, monkeypatch: pytest.MonkeyPatch, save_image: bool
+) -> None:
+    """24 lines of ~150 bytes naming 750 KB images, a 4 MiB budget: before, all 24 were read into one
+    chunk and fetched at once (18 MB held, the budget counting the images only as they arrived).
+    Now each line reserves an image's limit before it joins a chunk."""
+    budget = 4 * 1024 * 1024
+    held = Held(monkeypatch, env, save_image=save_image)
+    with loopback_server() as srv:
+        source = env.jsonl(fetch_lines(srv, 24))
+        runner = env.runner(
+            max_line_bytes=4096,
+            max_task_bytes_in_flight=budget,
+            max_bytes_in_flight=budget,
+            chunk_lines=256,
+            chunks_in_flight=3,
+            encode_batch_size=8,
+        )
+        peak = watch_peak(monkeypatch, runner)
+        d = asyncio.run(run_task(runner, source, uid=env.uid, save_image=save_image))
+    assert (d["state"], d["succeeded"]) == ("SUCCEEDED", 24), d
+    assert len(srv.files["big0.png"]) > 750_000
+    assert 3 * 750_000 < held.peak <= peak[0] <= budget, (held.peak, peak[0])
+    # 4 reservations of 1 MB (with the 4 KB one of a line being read) fit 4 MiB: up to 4 fetches at once
+    assert held.peak_fetching <= 4
+    assert held.live == 0 and runner._budget.used == 0
+    assert len(env.records()) == 24 and all(r[3] == save_image for r in env.records())
+
+
+def test_two_tasks_fetching_share_the_runners_budget_without_deadlock(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two tasks of 4 MiB each under a runner budget of 6 MiB: a task whose line cannot be covered
+    waits for the other's commits (or its own chunks' fetches), and both finish."""
+    task_budget, total = 4 * 1024 * 1024, 6 * 1024 * 1024
+    held = Held(monkeypatch, env, save_image=True)
+    with loopback_server() as srv:
+        sources = [env.jsonl(fetch_lines(srv, 16), name=f"src{k}.jsonl") for k in range(2)]
+        runner = env.runner(
+            max_line_bytes=4096,
+            max_task_bytes_in_flight=task_budget,
+            max_bytes_in_flight=total,
+            max_running_tasks=2,
+            chunk_lines=256,
+            chunks_in_flight=3,
+        )
+        peak = watch_peak(monkeypatch, runner)
+
+        async def scenario() -> list[dict]:
+            await runner.start()
+            try:
+                ids = [(await runner.create("lib", env.uid, src, True)).task_id for src in sources]
+                return [await wait_done(runner, t, timeout_s=60) for t in ids]
+            finally:
+                await runner.close()
+
+        results = asyncio.run(scenario())
+    for d in results:
+        assert (d["state"], d["succeeded"]) == ("SUCCEEDED", 16), d
+    assert held.peak <= peak[0] <= total and runner._budget.used == 0
+
+
+def test_a_line_that_will_not_fetch_gives_its_image_reservation_back_when_read(env: Env) -> None:
+    """The reader parses each line as it reads it: only a line that fetches keeps the reservation."""
+    runner = env.runner(max_line_bytes=65536, max_task_bytes_in_flight=4 * 1024 * 1024)
+    fetching = json.dumps({"image_id": "a", "image_uri": "https://example.com/a.png"}).encode()
+    inline = json.dumps(good(1)).encode()
+    data = b"\n".join([fetching, inline, b"{not json", b"x" * 70_000, fetching]) + b"\n"
+    budget = ByteBudget(4 * 1024 * 1024)
+    reader = runner._reader(io.BytesIO(data), budget)
+    run = Run("t", budget)
+    items, held = runner._read_lines(reader, 10, run)
+    kinds = [type(x).__name__ for x in items]
+    assert kinds == ["ParsedLine", "ParsedLine", "LineError", "LineError", "ParsedLine"]
+    assert items[1].data is not None and items[3].reason.startswith("line is longer than 65536 bytes")
+    expected = 2 * (len(fetching) + 1_000_000) + len(inline) + len(b"{not json")
+    assert held == budget.used == expected
+
+
+def test_a_budget_that_cannot_hold_a_line_and_its_image_is_refused(env: Env) -> None:
+    with pytest.raises(ValueError, match=r"max_task_bytes_in_flight .* plus limits.max_image_bytes"):
+        env.runner(max_line_bytes=4096, max_task_bytes_in_flight=1_000_000 + 4096, image_bytes=1_000_000)
+    env.runner(max_line_bytes=4096, max_task_bytes_in_flight=1_000_000 + 4096 + 3, image_bytes=1_000_000)
+
+
+def test_fetches_in_flight_fill_the_budgets_room_and_no_more(env: Env) -> None:
+    """4 MiB, a 1 MB image limit and 4 KB lines: 4 fetches at once (not 1, not the 8 fetch threads)."""
+    with loopback_server() as srv:
+        source = env.jsonl([{"image_id": f"g{i}", "image_uri": srv.img(i, gated=True)} for i in range(12)])
+        runner = env.runner(
+            max_line_bytes=4096,
+            max_task_bytes_in_flight=4 * 1024 * 1024,
+            max_bytes_in_flight=4 * 1024 * 1024,
+            chunk_lines=256,
+            fetch_threads=8,
+        )
+
+        async def scenario() -> tuple[int, dict]:
+            await runner.start()
+            try:
+                task = await runner.create("lib", env.uid, source, True)
+                async with asyncio.timeout(30):
+                    while sum(srv.hits.values()) < 4:
+                        await asyncio.sleep(0.02)
+                await asyncio.sleep(0.5)  # a fifth fetch would have started by now
+                waiting = sum(srv.hits.values())
+                srv.gate.set()
+                return waiting, await wait_done(runner, task.task_id)
+            finally:
+                await runner.close()
+
+        waiting, d = asyncio.run(scenario())
+    assert waiting == 4, waiting
+    assert (d["state"], d["succeeded"]) == ("SUCCEEDED", 12), d
+    assert runner._budget.used == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -203,11 +204,15 @@ class Prepared:
 class Chunk:
     """Lines read (and parsed) together and committed together; ``held``: bytes they hold in the
     budgets (each line's length, plus for a line that fetches its image the reservation, then the
-    image's real size while it is kept)."""
+    image's real size while it is kept). ``prepares``: one task per line, started as the reader hands
+    the line on, while the chunk still fills; ``open`` is cleared when the task's pipeline ends, so
+    that a line the reader's thread hands on afterwards starts nothing."""
 
-    end_line: int
-    lines: list[ParsedLine | LineError]
-    held: int
+    end_line: int = 0
+    lines: list[ParsedLine | LineError] = field(default_factory=list)
+    held: int = 0
+    prepares: list[asyncio.Task[Prepared | LineError]] = field(default_factory=list)
+    open: bool = True
 
     def release(self, run: Run, n: int) -> None:
         """Give ``n`` of the chunk's bytes back before its commit (the unused part of a reservation)."""
@@ -226,7 +231,7 @@ class Run:
     cancelled: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no chunk is being committed
     save_image: bool = True  # the task's: else an image is dropped once decoded
-    # Lines of dispatched chunks whose image reservation is not settled yet (fetching, or decoding a
+    # Lines handed to the fetchers whose image reservation is not settled yet (fetching, or decoding a
     # fetched image that is not kept); ``released`` is set whenever a chunk gives bytes back early.
     pending_fetches: int = 0
     released: asyncio.Event = field(default_factory=asyncio.Event)
@@ -523,15 +528,24 @@ class ImportRunner:
             extra_bytes=self.image_reservation if budget is not None else 0,
         )
 
-    def _read_lines(self, reader: LineReader, n: int, run: Run) -> tuple[list[ParsedLine | LineError], int]:
+    def _read_lines(
+        self,
+        reader: LineReader,
+        n: int,
+        run: Run,
+        hand_on: Callable[[ParsedLine | LineError], None] | None = None,
+    ) -> tuple[list[ParsedLine | LineError], int]:
         """Up to ``n`` lines, parsed here (in the reader's thread) so that the image reservation the
         reader took with each line is given back at once by every line that will not fetch (an error,
-        ``image_base64``). Returns the lines and the bytes they hold."""
+        ``image_base64``); each line is given to ``hand_on`` as soon as it is parsed, before the next
+        one is read. Returns the lines and the bytes they hold."""
         out: list[ParsedLine | LineError] = []
         held = 0
-        for line, raw in reader.read_chunk(n):
+        for line, raw in reader.iter_chunk(n):
             if raw is None:  # over-long: the reader kept nothing for it
                 out.append(LineError(line, self._too_long()))
+                if hand_on is not None:
+                    hand_on(out[-1])
                 continue
             try:
                 item = parse_line(
@@ -544,7 +558,24 @@ class ImportRunner:
                 run.budget.give(self.image_reservation)
             held += len(raw) + (self.image_reservation if fetches else 0)
             out.append(item)
+            if hand_on is not None:
+                hand_on(item)
         return out, held
+
+    def _hand_on(
+        self, loop: asyncio.AbstractEventLoop, chunk: Chunk, run: Run, item: ParsedLine | LineError
+    ) -> None:
+        """From the reader's thread: start preparing (fetching) ``item`` on the event loop at once.
+        The loop runs these in the order they were called, and all of them before the read's result."""
+        if chunk.open:
+            loop.call_soon_threadsafe(self._start_prepare, chunk, run, item)
+
+    def _start_prepare(self, chunk: Chunk, run: Run, item: ParsedLine | LineError) -> None:
+        if not chunk.open:  # the pipeline ended while the line was on its way
+            return
+        if isinstance(item, ParsedLine) and item.data is None:
+            run.pending_fetches += 1
+        chunk.prepares.append(asyncio.create_task(self._prepare_slot(item, chunk, run)))
 
     def _too_long(self) -> str:
         return f"line is longer than {self.settings.max_line_bytes} bytes (imports.max_line_bytes)"
@@ -588,14 +619,17 @@ class ImportRunner:
         runner's), so fetched images stay inside it too. The reader takes each line's bytes, and with
         them ``image_reservation`` (``limits.max_image_bytes``, the most a fetched image may have)
         before reading it: the line is parsed at once, in the reader's thread, and a line that will
-        not fetch gives the reservation back there. A line that fetches keeps it until its fetch
+        not fetch gives the reservation back there. Each line is then handed to the fetch/decode
+        pipeline at once (``_hand_on``), while its chunk still fills, so fetches do not wait for
+        the chunk to be handed on (they ran in waves when they did); encoding and the commit still
+        go chunk by chunk, in order. A line that fetches keeps it until its fetch
         ends, then gives back what the image does not need (all of it after a failed fetch, or once
         decoded when ``save_image`` is false); a kept image holds its real size until the commit,
         which gives the rest of its chunk's bytes back. The reservation is taken before the line
         joins a chunk, not when the fetch starts: a fetch that waited for room could wait for bytes
         that only a later chunk's commit frees, and later chunks commit after its own (a deadlock).
 
-        When the budget has no room: while lines of earlier chunks are still fetching (their unused
+        When the budget has no room: while lines are still fetching (their unused
         reservations come back without a commit) the chunk waits for them and goes on filling;
         otherwise it ends early and the oldest chunk in flight is committed; with nothing in flight
         the task waits for other tasks' commits. A line always fits an empty task budget
@@ -603,16 +637,21 @@ class ImportRunner:
         """
         inflight: collections.deque[tuple[Chunk, asyncio.Task[tuple[list[Prepared], list[LineError]]]]]
         inflight = collections.deque()
-        lines: list[ParsedLine | LineError] = []  # the chunk being filled
-        held = 0
+        loop = asyncio.get_running_loop()
+        chunk = Chunk()  # the chunk being filled: its lines are fetched as they are read
         try:
             while True:
                 run.released.clear()
                 more, more_held = await asyncio.to_thread(
-                    self._guarded_read, self._read_lines, reader, self.settings.chunk_lines - len(lines), run
+                    self._guarded_read,
+                    self._read_lines,
+                    reader,
+                    self.settings.chunk_lines - len(chunk.lines),
+                    run,
+                    functools.partial(self._hand_on, loop, chunk, run),
                 )
-                lines += more
-                held += more_held
+                chunk.lines += more
+                chunk.held += more_held
                 if reader.records > self.settings.max_task_lines:
                     raise TaskFailed(self._too_many_lines())
                 if (
@@ -623,17 +662,20 @@ class ImportRunner:
                 ):
                     await run.released.wait()  # a fetch gave back part of its reservation: read on
                     continue
-                if lines:
-                    chunk = Chunk(reader.line_no, lines, held)
-                    run.pending_fetches += sum(isinstance(x, ParsedLine) and x.data is None for x in lines)
+                if chunk.lines:
+                    if len(chunk.prepares) != len(chunk.lines):  # _hand_on's ordering guarantee
+                        raise RuntimeError(
+                            f"{len(chunk.prepares)} lines handed on for {len(chunk.lines)} read"
+                        )
+                    chunk.end_line = reader.line_no
                     inflight.append((chunk, asyncio.create_task(self._process(task, chunk, run))))
-                    lines, held = [], 0
+                    chunk = Chunk()
                 while inflight and (
                     reader.eof or reader.starved or len(inflight) >= self.settings.chunks_in_flight
                 ):
-                    chunk, work = inflight.popleft()
-                    await self._commit(task, chunk.end_line, *(await work), run)
-                    run.budget.give(chunk.held)
+                    done, work = inflight.popleft()
+                    await self._commit(task, done.end_line, *(await work), run)
+                    run.budget.give(done.held)
                     if reader.starved:
                         break  # room again: read on
                 if reader.eof:
@@ -642,9 +684,13 @@ class ImportRunner:
                     while not run.budget.has_room(reader.reservation):
                         await asyncio.sleep(0.05)
         finally:
-            for _, work in inflight:
-                work.cancel()
-            await asyncio.gather(*(w for _, w in inflight), return_exceptions=True)
+            chunks = [chunk, *(c for c, _ in inflight)]
+            for c in chunks:
+                c.open = False
+            works = [t for c in chunks for t in c.prepares] + [w for _, w in inflight]
+            for t in works:
+                t.cancel()
+            await asyncio.gather(*works, return_exceptions=True)
 
     async def _commit(
         self, task: Task, end_line: int, ready: list[Prepared], errors: list[LineError], run: Run
@@ -692,7 +738,7 @@ class ImportRunner:
     async def _process(self, task: Task, chunk: Chunk, run: Run) -> tuple[list[Prepared], list[LineError]]:
         """Prepare every line of a chunk; encode the good ones in batches as they become ready."""
         loop = asyncio.get_running_loop()
-        prepares = [loop.create_task(self._prepare_slot(item, chunk, run)) for item in chunk.lines]
+        prepares = chunk.prepares  # started while the chunk filled (_start_prepare)
         encodes: list[asyncio.Task[list[Prepared]]] = []
         errors: list[LineError] = []
         batch: list[Prepared] = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -139,7 +140,8 @@ class LineReader:
     unused part of ``max_line_bytes`` is given back once the line's length is known): each line handed
     out keeps its length plus ``extra_bytes`` (room for an image it may name: the caller gives back what
     the line turns out not to need) taken until the caller gives them back, and :meth:`read_chunk`
-    ends early, setting ``starved``, when there is no room. An over-long line keeps nothing.
+    (:meth:`iter_chunk`) ends early, setting ``starved``, when there is no room. An over-long line keeps
+    nothing.
 
     Attributes:
         line_no: physical lines consumed so far.
@@ -222,14 +224,16 @@ class LineReader:
 
     def read_chunk(self, n: int) -> list[tuple[int, bytes | None]]:
         """Up to ``n`` non-blank lines (fewer at the end of the stream, or when starved)."""
+        return list(self.iter_chunk(n))
+
+    def iter_chunk(self, n: int) -> Iterator[tuple[int, bytes | None]]:
+        """:meth:`read_chunk`, one line at a time: each line is read when the caller asks for it."""
         self.starved = False
-        out: list[tuple[int, bytes | None]] = []
-        while len(out) < n:
+        for _ in range(n):
             item = self._next()
             if item is None:
-                break
-            out.append(item)
-        return out
+                return
+            yield item
 
     def skip(self, lines: int) -> None:
         """Consume physical lines up to and including line number ``lines`` (resume)."""

@@ -929,3 +929,69 @@ def test_fetches_in_flight_fill_the_budgets_room_and_no_more(env: Env) -> None:
     assert waiting == 4, waiting
     assert (d["state"], d["succeeded"]) == ("SUCCEEDED", 12), d
     assert runner._budget.used == 0
+
+
+class HeldSource(io.BytesIO):
+    """A source that answers its first ``lines`` lines, then holds the next read until ``go`` is set
+    (a slow remote source, or a long chunk still being read)."""
+
+    def __init__(self, data: bytes, lines: int) -> None:
+        import threading
+
+        super().__init__(data)
+        self.lines = lines
+        self.held = threading.Event()  # a read is waiting
+        self.go = threading.Event()
+
+    def readline(self, size: int | None = -1, /) -> bytes:
+        if self.lines == 0:
+            self.held.set()
+            assert self.go.wait(timeout=60), "the test never released the source"
+        self.lines -= 1
+        return super().readline(size)
+
+
+def test_lines_are_fetched_while_their_chunk_is_still_being_read(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fetches start as lines are read, not when their chunk is handed on (they ran in waves then):
+    the source holds its 7th line, and the first 6 lines' fetches are all at the server meanwhile."""
+    with loopback_server() as srv:
+        source = env.jsonl([{"image_id": f"w{i}", "image_uri": srv.img(i, gated=True)} for i in range(12)])
+        runner = env.runner(chunk_lines=256, fetch_threads=8)
+        held: list[HeldSource] = []
+        opens: list[str] = []
+        opened = runner._open
+
+        def open_held(source: str, stop: Any = None) -> Any:
+            stream = opened(source, stop)
+            opens.append(source)
+            if len(opens) == 1:  # the count of a local source's records, before the import reads it
+                return stream
+            held.append(HeldSource(stream.read(), lines=6))
+            stream.close()
+            return held[-1]
+
+        monkeypatch.setattr(runner, "_open", open_held)
+
+        async def scenario() -> tuple[int, dict]:
+            await runner.start()
+            try:
+                task = await runner.create("lib", env.uid, source, True)
+                async with asyncio.timeout(30):
+                    while not held or not held[0].held.is_set() or sum(srv.hits.values()) < 6:
+                        await asyncio.sleep(0.02)
+                await asyncio.sleep(0.3)  # no seventh fetch while the seventh line is unread
+                fetching = sum(srv.hits.values())
+                held[0].go.set()
+                srv.gate.set()
+                return fetching, await wait_done(runner, task.task_id)
+            finally:
+                for h in held:
+                    h.go.set()
+                await runner.close()
+
+        fetching, d = asyncio.run(scenario())
+    assert fetching == 6, fetching
+    assert (d["state"], d["succeeded"]) == ("SUCCEEDED", 12), d
+    assert runner._budget.used == 0 and len(env.records()) == 12

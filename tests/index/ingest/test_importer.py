@@ -950,6 +950,29 @@ class HeldSource(io.BytesIO):
         self.lines -= 1
         return super().readline(size)
 
+    def close(self) -> None:
+        """Kept readable: a read under way when the runner closes the stream may still return lines
+        (a network stream's buffered data)."""
+
+
+def hold_source(monkeypatch: pytest.MonkeyPatch, runner: ImportRunner, lines: int) -> list[HeldSource]:
+    """Make the runner's import read (not the count of a local source before it) a HeldSource."""
+    held: list[HeldSource] = []
+    opens: list[str] = []
+    opened = runner._open
+
+    def open_held(source: str, stop: Any = None) -> Any:
+        stream = opened(source, stop)
+        opens.append(source)
+        if len(opens) == 1:  # the count of a local source's records, before the import reads it
+            return stream
+        held.append(HeldSource(stream.read(), lines=lines))
+        stream.close()
+        return held[-1]
+
+    monkeypatch.setattr(runner, "_open", open_held)
+    return held
+
 
 def test_lines_are_fetched_while_their_chunk_is_still_being_read(
     env: Env, monkeypatch: pytest.MonkeyPatch
@@ -959,20 +982,7 @@ def test_lines_are_fetched_while_their_chunk_is_still_being_read(
     with loopback_server() as srv:
         source = env.jsonl([{"image_id": f"w{i}", "image_uri": srv.img(i, gated=True)} for i in range(12)])
         runner = env.runner(chunk_lines=256, fetch_threads=8)
-        held: list[HeldSource] = []
-        opens: list[str] = []
-        opened = runner._open
-
-        def open_held(source: str, stop: Any = None) -> Any:
-            stream = opened(source, stop)
-            opens.append(source)
-            if len(opens) == 1:  # the count of a local source's records, before the import reads it
-                return stream
-            held.append(HeldSource(stream.read(), lines=6))
-            stream.close()
-            return held[-1]
-
-        monkeypatch.setattr(runner, "_open", open_held)
+        held = hold_source(monkeypatch, runner, lines=6)
 
         async def scenario() -> tuple[int, dict]:
             await runner.start()
@@ -995,3 +1005,37 @@ def test_lines_are_fetched_while_their_chunk_is_still_being_read(
     assert fetching == 6, fetching
     assert (d["state"], d["succeeded"]) == ("SUCCEEDED", 12), d
     assert runner._budget.used == 0 and len(env.records()) == 12
+
+
+def test_cancel_while_a_chunk_fills_stops_its_fetches_and_starts_no_more(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task cancelled while its first chunk is still being read (6 lines fetching, the 7th held):
+    it ends CANCELLED with nothing committed and its bytes given back, and the lines its reader's
+    thread reads after the cancel (once the source answers again) start no fetch."""
+    with loopback_server() as srv:
+        source = env.jsonl([{"image_id": f"c{i}", "image_uri": srv.img(i, gated=True)} for i in range(12)])
+        runner = env.runner(chunk_lines=256, fetch_threads=8)
+        held = hold_source(monkeypatch, runner, lines=6)
+
+        async def scenario() -> tuple[dict, int]:
+            await runner.start()
+            try:
+                task = await runner.create("lib", env.uid, source, True)
+                async with asyncio.timeout(30):
+                    while not held or not held[0].held.is_set() or sum(srv.hits.values()) < 6:
+                        await asyncio.sleep(0.02)
+                d = await runner.cancel(task.task_id)
+                held[0].go.set()  # the reader's thread reads the other 6 lines now
+                srv.gate.set()
+                await asyncio.sleep(0.5)  # their fetches would have reached the server by now
+                return d, sum(srv.hits.values())
+            finally:
+                for h in held:
+                    h.go.set()
+                await runner.close()
+
+        d, fetched = asyncio.run(scenario())
+    assert (d["state"], d["succeeded"], d["failed"]) == ("CANCELLED", 0, 0), d
+    assert fetched == 6, fetched
+    assert runner._budget.used == 0 and env.records() == []

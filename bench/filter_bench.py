@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from filters import FilterLimits, TagColumns, evaluate, parse_filter
+from filters.work import DEFAULT_MAX_WORK, filter_work
 
 
 def _pool(rng: random.Random, count: int, length: int) -> list[str]:
@@ -85,9 +86,39 @@ def worst(rows: int, distinct: int, length: int) -> None:
         "nested or of =": [{"or": fill(lambda i: {"field": "l", "op": "!=", "value": pool[i]}, 1, 1)}],
     }
     print(f"worst: {rows} rows, {distinct} distinct strings of {length} chars (s: 1 per row, l: 2 per row)")
+    print(f"  (work units against the default max_filter_work of {DEFAULT_MAX_WORK:,})")
     for name, raw in filters.items():
         node = parse_filter(raw)  # within the default budget, or this raises
-        print(f"  {name}: {len(raw)} top-level nodes: {1000 * _best(node, columns):.1f} ms", flush=True)
+        work = filter_work(node, columns)
+        ms = 1000 * _best(node, columns)
+        verdict = "allowed" if work <= DEFAULT_MAX_WORK else "refused"
+        print(
+            f"  {name}: {len(raw)} top-level nodes: {ms:.1f} ms; {work / 1e6:.1f}M work units "
+            f"({1e6 * ms / work:.2f} ns/unit), {verdict}",
+            flush=True,
+        )
+        if work > DEFAULT_MAX_WORK:  # the largest prefix of the same conditions that the budget allows
+            allowed = _largest_allowed(raw, columns)
+            node = parse_filter(allowed)
+            print(
+                f"    largest allowed prefix: {len(allowed)} top-level nodes, "
+                f"{filter_work(node, columns) / 1e6:.1f}M units: {1000 * _best(node, columns):.1f} ms",
+                flush=True,
+            )
+
+
+def _largest_allowed(raw: list[Any], columns: TagColumns) -> list[Any]:
+    """The longest prefix of the top-level list `raw` within the default work budget."""
+    low, high = 0, len(raw)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if filter_work(parse_filter(raw[:middle]), columns) <= DEFAULT_MAX_WORK:
+            low = middle
+        else:
+            high = middle - 1
+    if low == 0 and isinstance(raw[0], dict) and "or" in raw[0]:
+        return [{"or": _largest_allowed(raw[0]["or"], columns)}]
+    return raw[:low]
 
 
 def main() -> None:

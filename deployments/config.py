@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, field_validato
 from deployments.schemas import LibraryName
 from filters import FilterLimits, TagLimits
 from filters.tree import COST_UNITS, DEFAULT_MAX_COST, MAX_COST_BOUND
+from filters.work import DEFAULT_MAX_WORK, MAX_WORK_BOUND, WORK_UNITS
 from index.detect.faces import FaceConfig
 from index.detect.modes import DetectionConfig, ItemDetectorConfig
 from index.ingest.fetch import FetchPolicy
@@ -78,6 +79,15 @@ class Limits(BaseModel):
         le=MAX_COST_BOUND,
         description=f"evaluation budget of one tag_filter, checked before it runs (400 above it), in cost "
         f"units: {COST_UNITS}",
+    )
+    max_filter_work: int = Field(
+        DEFAULT_MAX_WORK,
+        ge=1,
+        le=MAX_WORK_BOUND,
+        description="evaluation budget of one tag_filter over the tags of the library (each shard) it "
+        "runs on, checked by the LibraryIndex before it runs (400 above it): unlike max_filter_cost it "
+        "counts the data (rows, entries, distinct strings and their length); the default keeps the "
+        f"worst allowed filter near 100 ms at 1M rows; in work units: {WORK_UNITS}",
     )
     max_tags: int = Field(64, gt=0, description="keys per tag object")
     max_tag_key_length: int = Field(128, gt=0, description="characters in a tag name")

@@ -139,12 +139,13 @@ class LibraryIndex:
         min_score: float | None,
         return_frame: bool,
         recall_target: float | None = None,
+        max_filter_work: int | None = None,
     ) -> dict[str, Any]:
         """``{"results": [...], "replica": id, "applied_seq": n}``: the replica and the sequence it had
         caught up to travel with the answer, for logs and for the read-your-writes tests."""
         reader = await self._reader()
         query = QueryVector(vector, vector_kind, query_kind)
-        request = ShardRequest(top_k, node, min_score, return_frame, recall_target)
+        request = ShardRequest(top_k, node, min_score, return_frame, recall_target, max_filter_work)
         results = await asyncio.to_thread(search_reader, reader, self.calibration, query, request)
         return {
             "results": results,

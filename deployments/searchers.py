@@ -45,6 +45,7 @@ def _search_kwargs(query: QueryVector | StoredVector, request: ShardRequest) -> 
         "min_score": request.min_score,
         "return_frame": request.return_frame,
         "recall_target": request.recall_target,
+        "max_filter_work": request.max_filter_work,
     }
 
 

@@ -110,6 +110,7 @@ class _Column:
         "_utf8",
         "_utf8_done",
         "_utf8_unencodable",
+        "chars",
         "dictionary",
         "kind",
         "single_valued",
@@ -130,6 +131,8 @@ class _Column:
         # String columns only: code -> string and string -> code (codes never change once given).
         self.strings: list[str] = []
         self.dictionary: dict[str, int] = {}
+        # The total length of `strings` in characters: what a scan over the distinct strings reads.
+        self.chars = 0
         self._reset_caches()
 
     def _reset_caches(self) -> None:
@@ -153,6 +156,8 @@ class _Column:
         fields = state[1] if isinstance(state, tuple) else state
         for name, value in fields.items():
             setattr(self, name, value)
+        if "chars" not in fields:  # pickled before the column counted its characters
+            self.chars = sum(map(len, self.strings))
         self._reset_caches()
 
     @classmethod
@@ -165,6 +170,7 @@ class _Column:
         column._last_slot = int(slots[-1]) if len(slots) else -1
         column.strings = strings
         column.dictionary = {text: code for code, text in enumerate(strings)}
+        column.chars = sum(map(len, strings))
         return column
 
     def add(self, slot: int, value: Any) -> None:
@@ -173,6 +179,7 @@ class _Column:
             if code is None:
                 code = self.dictionary[value] = len(self.strings)
                 self.strings.append(value)
+                self.chars += len(value)
             value = code
         if slot == self._last_slot:
             self.single_valued = False
@@ -197,6 +204,11 @@ class _Column:
         self._last_slot = int(slots[keep - 1]) if keep else -1
         self.slots.truncate(keep)
         self.values.truncate(keep)
+
+    @property
+    def entries(self) -> int:
+        """How many entries the column holds, queued ones included (no conversion)."""
+        return len(self.slots.view) + len(self._pending_slots)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """``(slots, values)`` of every entry, queued ones included. Read-only views: do not modify."""
@@ -348,6 +360,15 @@ class TagColumns:
             if moved is not None:
                 result._columns[key] = moved
         return result
+
+    def field_size(self, field: str, kind: Kind) -> tuple[int, int, int]:
+        """``(entries, distinct strings, their characters)`` of `field`'s column of `kind` (the last two
+        are 0 for numbers and booleans; all three are 0 when there is no such column). O(1): what
+        `filters.work` prices a condition by, before evaluating it."""
+        column = self._columns.get((field, kind))
+        if column is None:
+            return 0, 0, 0
+        return column.entries, len(column.strings), column.chars
 
     # --- Row masks: the primitives `filters.evaluate` builds every operator from. Each returns a new
     # bool array of len(self) the caller may modify: True where ANY entry of that kind passes.

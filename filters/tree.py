@@ -132,8 +132,8 @@ def condition_cost(op: str, value: Any) -> int:
     """A condition's share of `FilterLimits.max_cost` (see `FilterLimits.max_cost`'s description).
 
     The units stand for evaluation work that does not depend on the data: how much a condition costs
-    also grows with the rows, list elements and distinct strings of the field it tests, which a budget
-    checked before evaluation cannot know (bench/README.md gives the time per unit by row shape).
+    also grows with the rows, list elements and distinct strings of the field it tests, which this
+    budget cannot know: `filters.work` prices the filter against the columns (``max_filter_work``).
     """
     if op in ("contains", "not contains"):
         return _SLOW_SCAN_COST if isinstance(value, str) and value.endswith("\x00") else _SCAN_COST

@@ -38,6 +38,7 @@ def shard_request(body: SearchCommon, limits: Limits) -> ShardRequest:
         min_score=body.min_score,
         return_frame=body.return_frame,
         recall_target=body.recall_target,
+        max_filter_work=limits.max_filter_work,
     )
 
 

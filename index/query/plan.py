@@ -70,13 +70,16 @@ class StoredVector:
 @dataclass(frozen=True)
 class ShardRequest:
     """What every shard asked is asked, besides the query: each answers its own best ``top_k`` of the
-    records passing ``node`` (a parsed ``tag_filter``; None: all), cut at ``min_score``."""
+    records passing ``node`` (a parsed ``tag_filter``; None: all), cut at ``min_score``. A shard whose
+    tags make ``node`` cost more than ``max_filter_work`` work units (`filters.work`; None: no bound)
+    refuses it (InvalidParameter) before evaluating it."""
 
     top_k: int
     node: object = None
     min_score: float | None = None
     return_frame: bool = False
     recall_target: float | None = None
+    max_filter_work: int | None = None
 
 
 class ShardSearcher(Protocol):

@@ -204,11 +204,12 @@ class LibraryReader:
         node: object = None,
         vector_kind: str | None = None,
         recall_target: float | None = None,
+        max_filter_work: int | None = None,
     ) -> SearchHits:
         """Catch up, then return the top-k among rows passing ``node`` (see VectorTable.search)."""
         with self._lock:
             self._catch_up_locked()
-            return self._table.search(query, k, node, vector_kind, recall_target)
+            return self._table.search(query, k, node, vector_kind, recall_target, max_filter_work)
 
     def vector_of(self, row_id: int) -> np.ndarray | None:
         with self._lock:

@@ -19,7 +19,14 @@ def search_reader(
 ) -> list[Result]:
     """The shard's best ``request.top_k`` result objects (catch-up, planner, records from the store),
     scored for the query's kind and cut at ``min_score``, each carrying ``RANK_KEY``."""
-    hits = reader.search(query.vector, request.top_k, request.node, query.vector_kind, request.recall_target)
+    hits = reader.search(
+        query.vector,
+        request.top_k,
+        request.node,
+        query.vector_kind,
+        request.recall_target,
+        max_filter_work=request.max_filter_work,
+    )
     scores = calibration.for_query(query.query_kind, hits.cosines)
     return result_objects(
         reader, hits, scores, min_score=request.min_score, return_frame=request.return_frame, with_rank=True

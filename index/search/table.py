@@ -14,8 +14,9 @@ The writer bounds the tail (``IndexConfig.snapshot_max_tail_rows``), so its exac
 
 The query planner (`VectorTable.search`, DESIGN.md "Filtered search"):
 
-1. Evaluate the filter to a bool mask over all slots (vectorised, `filters.evaluate`), AND the live
-   bitmap and the vector kind in, count the passing rows m.
+1. Price the filter against these tags (`filters.work`; over ``max_filter_work``: InvalidParameter,
+   nothing evaluated), evaluate it to a bool mask over all slots (vectorised, `filters.evaluate`), AND
+   the live bitmap and the vector kind in, count the passing rows m.
 2. m = 0: no results. m <= ``max(exact_max_candidates, exact_max_fraction * slots)``: exact search over
    just those rows (their vectors are gathered in chunks).
 3. Otherwise the plan (`VectorTable.plan`): the cheapest setting the base's calibration measured to
@@ -40,7 +41,9 @@ from itertools import islice
 import faiss
 import numpy as np
 
-from filters import TagColumns, evaluate
+from filters import FilterError, TagColumns, evaluate
+from filters.work import check_work
+from index.errors import InvalidParameter
 from index.search.ann import DEFAULT_CONFIG, EXACT, EXACT_ROW_COST, AnnBase, IndexConfig, Plan, build_base
 from index.search.calibration import Calibration, calibrate, holdout, sample
 from index.search.changes import VECTOR_KINDS, Change
@@ -356,10 +359,16 @@ class VectorTable:
             return None
         return self.gather(np.array([slot]))[0].copy()
 
-    def candidates(self, node: object, vector_kind: str | None) -> np.ndarray:
+    def candidates(
+        self, node: object, vector_kind: str | None, max_filter_work: int | None = None
+    ) -> np.ndarray:
         """The bool mask of slots a query may return: live, of the query's kind, passing the filter.
 
         Returns ``self.live`` itself (not a copy) when nothing narrows it: treat the result as read-only.
+
+        Raises:
+            InvalidParameter: evaluating ``node`` over these tags would cost more than
+                ``max_filter_work`` work units (`filters.work`; None: no bound); nothing is evaluated.
         """
         mask = self.live
         if vector_kind is not None:
@@ -367,6 +376,11 @@ class VectorTable:
             if self._kinds_seen != {code}:  # a library of one kind needs no kind mask
                 mask = mask & (self.kinds == code)
         if node is not None:
+            if max_filter_work is not None:
+                try:
+                    check_work(node, self.tags, max_filter_work)  # type: ignore[arg-type]
+                except FilterError as exc:
+                    raise InvalidParameter(str(exc)) from None
             passed = evaluate(node, self.tags)  # type: ignore[arg-type]
             passed &= mask
             mask = passed
@@ -379,16 +393,18 @@ class VectorTable:
         node: object = None,
         vector_kind: str | None = None,
         recall_target: float | None = None,
+        max_filter_work: int | None = None,
     ) -> SearchHits:
         """Top-k by inner product among the live rows of ``vector_kind`` that pass ``node``.
 
         The filter is applied before ranking: the result is the top-k of the rows that pass it, exact
         whenever the planner searches exactly, approximate otherwise, with the effort the calibration
         measured to reach ``recall_target`` (None: ``IndexConfig.recall_target``; 1.0: always exact).
-        See the module docstring for the plan.
+        See the module docstring for the plan. Raises InvalidParameter for a filter over
+        ``max_filter_work`` (`candidates`).
         """
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
-        mask = self.candidates(node, vector_kind)
+        mask = self.candidates(node, vector_kind, max_filter_work)
         m = self.live_count if mask is self.live else int(np.count_nonzero(mask))
         k = min(k, m)
         if k == 0:

@@ -33,6 +33,7 @@ LIMITS = {
     "max_filter_conditions": 4,
     "max_filter_in_values": 3,
     "max_filter_cost": 20,
+    "max_filter_work": 150,
     "max_tags": 2,
     "max_tag_key_length": 5,
     "max_tag_list_length": 2,
@@ -147,6 +148,23 @@ def test_filter_cost_budget(strict):
 
     accepted(search(strict, tag_filter=contains(2)))  # 1 for the list + 2 x 8
     refused(search(strict, tag_filter=contains(3)), "budget of 20 units (max_filter_cost)")
+
+
+def test_filter_work_budget_counts_the_library_tags(strict):
+    """max_filter_work prices the filter against the library's tags: with 4 distinct 6-character strings
+    in "w", one 'contains' on it costs 5 x 24 characters + 16 x 4 strings + 8 x 4 entries + 2 per row,
+    over the budget of 150, while an equality (3 per row at most) stays under it for < 50 rows."""
+    for i, word in enumerate(["alpha1", "bravo2", "charl3", "delta4"]):
+        accepted(add(strict, image_id=f"w{i}", image_base64=small_png(200 + i), tags={"w": word}))
+    accepted(search(strict, tag_filter=[{"field": "w", "op": "=", "value": "alpha1"}]))
+    accepted(search(strict, tag_filter=[{"field": "absent", "op": "contains", "value": "a"}]))  # no data
+    refused(
+        search(strict, tag_filter=[{"field": "w", "op": "contains", "value": "a"}]),
+        "tag_filter: filter is too expensive to evaluate over this library's tags",
+    )
+    refused(
+        search(strict, tag_filter={"field": "w", "op": ">", "value": "b"}), "budget of 150 (max_filter_work)"
+    )
 
 
 def test_tag_count_and_sizes(strict):

@@ -8,6 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.config import AppArgs, Limits
+from deployments.routes.search import shard_request
+from deployments.schemas import SearchByText
 
 
 def test_limits_reach_the_objects_that_enforce_them():
@@ -32,6 +34,9 @@ def test_limits_reach_the_objects_that_enforce_them():
     flt = limits.filter_limits()
     assert (flt.max_depth, flt.max_conditions, flt.max_in_values, flt.max_string_length) == (2, 3, 4, 8)
     assert flt.max_cost == 9
+    # max_filter_work needs the data: it travels with every shard's request to the LibraryIndex.
+    body = SearchByText(library_name="lib", query_text="x", tag_filter=[])
+    assert shard_request(body, limits.model_copy(update={"max_filter_work": 1234})).max_filter_work == 1234
     tags = limits.tag_limits()
     assert (tags.max_keys, tags.max_key_length, tags.max_list_length, tags.max_string_length) == (5, 6, 7, 8)
 
@@ -46,6 +51,8 @@ def test_limits_reach_the_objects_that_enforce_them():
         ({"image_formats": ["NOPE"]}, "image_formats"),
         ({"max_concurrent_requests": 0}, "max_concurrent_requests"),
         ({"max_tag": 5}, "max_tag"),  # a typo is an error, not a silently ignored key
+        ({"max_filter_work": 0}, "max_filter_work"),
+        ({"max_filter_work": 10**12 + 1}, "max_filter_work"),
     ],
 )
 def test_bad_limits_are_refused(limits, field):

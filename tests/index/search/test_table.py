@@ -6,7 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import index.search.table as table_module
 from filters import TagError, parse_filter
+from filters.work import filter_work
+from index.errors import InvalidParameter
 from index.search.ann import IndexConfig
 from index.search.changes import Change
 from index.search.table import VectorTable
@@ -126,6 +129,22 @@ def test_no_row_passes(data, built, kind):
     t = built[kind]
     hits = t.search(queries[0], 10, parse_filter({"field": "p", "op": ">", "value": 5000}))
     assert (hits.row_ids.tolist(), hits.candidates, hits.path) == ([], 0, "empty")
+
+
+def test_a_filter_over_max_filter_work_is_refused_before_it_runs(data, built, monkeypatch):
+    queries = data[2]
+    t = built[None]
+    node = parse_filter(
+        [{"field": "l", "op": "contains", "value": "y"}, {"field": "p", "op": "<", "value": 500}]
+    )
+    work = filter_work(node, t.tags)
+    allowed = t.search(queries[0], 10, node, max_filter_work=work)
+    assert allowed.row_ids.tolist() == t.search(queries[0], 10, node).row_ids.tolist()  # no bound: the same
+    evaluated = []
+    monkeypatch.setattr(table_module, "evaluate", lambda *args: evaluated.append(args))
+    with pytest.raises(InvalidParameter, match=r"^tag_filter: .*budget of [\d,]+ \(max_filter_work\)"):
+        t.search(queries[0], 10, node, max_filter_work=work - 1)
+    assert evaluated == []
 
 
 def test_planner_picks_exact_for_few_candidates_and_the_index_for_many(data):

@@ -83,7 +83,7 @@ def build_app(raw_args: dict[str, Any]) -> Application:
         open_storage(storage).close()
     scores = ScoreCalibration(text_center=args.text_score_center, text_scale=args.text_score_scale)
     index = LibraryIndex.options(**opts.get("LibraryIndex", {})).bind(  # type: ignore[attr-defined]
-        storage, scores, args.index
+        storage, scores, args.index, max_filter_work=args.limits.max_filter_work
     )
     # Big shards (args.dedicated_shards): a deployment each, which loads its shard before Serve routes
     # to it. Options: the entry's, then deployment_options under the deployment's name.
@@ -93,7 +93,13 @@ def build_app(raw_args: dict[str, Any]) -> Application:
             shard,
             LibraryIndex.options(  # type: ignore[attr-defined]
                 name=name, **(entry.deployment | opts.get(name, {}))
-            ).bind(storage, scores, args.index, (entry.library, shard)),
+            ).bind(
+                storage,
+                scores,
+                args.index,
+                (entry.library, shard),
+                max_filter_work=args.limits.max_filter_work,
+            ),
         )
         for entry in args.dedicated_shards
         for shard, name in entry.deployment_names().items()

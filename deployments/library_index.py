@@ -51,6 +51,7 @@ class LibraryIndex:
         calibration: ScoreCalibration,
         index_config: IndexConfig,
         dedicated: tuple[str, int] | None = None,
+        max_filter_work: int | None = None,
     ) -> None:
         self.storage = open_storage(storage)
         self.catalog = self.storage.catalog
@@ -60,6 +61,9 @@ class LibraryIndex:
             faiss.omp_set_num_threads(index_config.search_threads)  # this replica's process only
         self._loads: deque[str] = deque(maxlen=LOADS_KEPT)
         self.dedicated = dedicated
+        # limits.max_filter_work, from the builder's args rather than per request: a request never carries
+        # a keyword that an older replica lacks while a rolling update replaces them.
+        self.max_filter_work = max_filter_work
         self._own: tuple[str, LibraryReader] | None = None
         self._own_lock = asyncio.Lock()
         if dedicated is not None:
@@ -139,13 +143,12 @@ class LibraryIndex:
         min_score: float | None,
         return_frame: bool,
         recall_target: float | None = None,
-        max_filter_work: int | None = None,
     ) -> dict[str, Any]:
         """``{"results": [...], "replica": id, "applied_seq": n}``: the replica and the sequence it had
         caught up to travel with the answer, for logs and for the read-your-writes tests."""
         reader = await self._reader()
         query = QueryVector(vector, vector_kind, query_kind)
-        request = ShardRequest(top_k, node, min_score, return_frame, recall_target, max_filter_work)
+        request = ShardRequest(top_k, node, min_score, return_frame, recall_target, self.max_filter_work)
         results = await asyncio.to_thread(search_reader, reader, self.calibration, query, request)
         return {
             "results": results,

@@ -37,7 +37,9 @@ class IndexHandles:
 
 
 def _search_kwargs(query: QueryVector | StoredVector, request: ShardRequest) -> dict[str, Any]:
-    """``LibraryIndex.search``'s keyword arguments (its signature is kept for rolling updates)."""
+    """``LibraryIndex.search``'s keyword arguments (its signature is kept for rolling updates, so
+    ``request.max_filter_work`` does not travel: each LibraryIndex enforces the budget its builder args
+    gave it, the same value)."""
     return {
         "query_kind": query.query_kind,
         "top_k": request.top_k,
@@ -45,7 +47,6 @@ def _search_kwargs(query: QueryVector | StoredVector, request: ShardRequest) -> 
         "min_score": request.min_score,
         "return_frame": request.return_frame,
         "recall_target": request.recall_target,
-        "max_filter_work": request.max_filter_work,
     }
 
 

@@ -5,6 +5,7 @@ comes), the other routes keep working."""
 from __future__ import annotations
 
 import time
+import uuid
 
 import pytest
 import requests
@@ -13,7 +14,7 @@ from ray import serve
 from deployments.app import build_app
 from tests.app.conftest import Client, app_args, import_dir, wait_health_view
 
-NAME = "unready"
+NAME = "unready"  # with a suffix per test: see unready_app
 #: Far below Serve's wait for a replica (the proxy's request timeout): it tells a refusal from a hang on
 #: any machine, without timing how fast the refusal is.
 HANG_S = 30.0
@@ -29,16 +30,21 @@ def unready_app(serve_port, tmp_path):
     # serve.run would wait forever for the Importer; _run without blocking returns once it is submitted.
     args = app_args(str(tmp_path), deployment_options=options)
     args["limits"]["unavailable_wait_s"] = WAIT_S
+    # An app name of its own per test: the previous test's app is deleted without waiting (its Importer
+    # never started), and under the same name and route its Ingress could still answer this test's
+    # requests with that test's storage root and import_roots (seen once on a fresh clone: a source
+    # refused as outside the import roots instead of the 503).
+    name = f"{NAME}-{uuid.uuid4().hex[:8]}"
     serve._run(
         build_app(args),
-        name=NAME,
-        route_prefix="/" + NAME,
+        name=name,
+        route_prefix="/" + name,
         _blocking=False,
     )
-    base = f"http://127.0.0.1:{serve_port}/{NAME}"
+    base = f"http://127.0.0.1:{serve_port}/{name}"
     wait_health_view(base, "Encoder")  # the ingress answers /health (503) with the controller's view
     yield base, tmp_path
-    serve.delete(NAME, _blocking=False)
+    serve.delete(name, _blocking=False)
 
 
 def test_health_is_503_and_names_the_missing_deployment(unready_app):

@@ -974,6 +974,13 @@ def hold_source(monkeypatch: pytest.MonkeyPatch, runner: ImportRunner, lines: in
     return held
 
 
+async def until_held_and_fetching(held: list[HeldSource], srv: Any, fetches: int) -> None:
+    """Wait (30 s at most) until the source is held and ``fetches`` fetches have reached ``srv``."""
+    async with asyncio.timeout(30):
+        while not held or not held[0].held.is_set() or sum(srv.hits.values()) < fetches:
+            await asyncio.sleep(0.02)
+
+
 def test_lines_are_fetched_while_their_chunk_is_still_being_read(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -988,9 +995,7 @@ def test_lines_are_fetched_while_their_chunk_is_still_being_read(
             await runner.start()
             try:
                 task = await runner.create("lib", env.uid, source, True)
-                async with asyncio.timeout(30):
-                    while not held or not held[0].held.is_set() or sum(srv.hits.values()) < 6:
-                        await asyncio.sleep(0.02)
+                await until_held_and_fetching(held, srv, 6)
                 await asyncio.sleep(0.3)  # no seventh fetch while the seventh line is unread
                 fetching = sum(srv.hits.values())
                 held[0].go.set()
@@ -1022,9 +1027,7 @@ def test_cancel_while_a_chunk_fills_stops_its_fetches_and_starts_no_more(
             await runner.start()
             try:
                 task = await runner.create("lib", env.uid, source, True)
-                async with asyncio.timeout(30):
-                    while not held or not held[0].held.is_set() or sum(srv.hits.values()) < 6:
-                        await asyncio.sleep(0.02)
+                await until_held_and_fetching(held, srv, 6)
                 d = await runner.cancel(task.task_id)
                 held[0].go.set()  # the reader's thread reads the other 6 lines now
                 srv.gate.set()
